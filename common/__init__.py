@@ -1,0 +1,1 @@
+"""rlsolo's shared machinery: namedarraytuple, environments, samplers, replay, kernels, logging."""
