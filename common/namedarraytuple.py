@@ -1,0 +1,191 @@
+"""namedarraytuple: a namedtuple of arrays that indexes, assigns and converts like one array.
+
+    Samples = namedarraytuple("Samples", ["observation", "action", "reward"])
+    batch = Samples(observation=np.zeros((T, B, 4)), action=np.zeros((T, B)), reward=None)
+    batch[3]            # Samples(observation=[B, 4], action=[B], reward=None)
+    batch[:, 0] = 1.0   # broadcast into every non-None field
+    batch[t] = step     # field-by-field copy from a Samples (or any structure with the same fields)
+
+Fields may themselves be namedarraytuples (nested structures recurse) or None (skipped everywhere).
+Indexing the tuple by position is `x.get(i)`; `x.items()` gives `(name, value)` pairs, so those two
+names cannot be fields. The same class works for numpy arrays and torch tensors, and instances pickle
+(also to processes started with `spawn`) as long as the class is bound to a module-level name equal
+to its type name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import namedtuple
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+RESERVED_NAMES = ("get", "items")
+
+
+def namedarraytuple(typename: str, field_names: Sequence[str] | str, module: str | None = None) -> type:
+    """Return a namedtuple class whose indexing and item assignment apply to every non-None field."""
+    base = namedtuple(typename, field_names)
+    for name in base._fields:
+        if name in RESERVED_NAMES:
+            raise ValueError(f"namedarraytuple {typename!r}: field name {name!r} is reserved; rename it")
+
+    def __getitem__(self, loc):
+        try:
+            return type(self)(*(None if field is None else field[loc] for field in self))
+        except IndexError as error:
+            for name, field in zip(self._fields, self):
+                if field is None:
+                    continue
+                try:
+                    _ = field[loc]
+                except IndexError:
+                    raise IndexError(f"namedarraytuple {typename}: field {name!r}: {error}") from error
+            raise
+
+    def __setitem__(self, loc, value):
+        if not (isinstance(value, tuple) and getattr(value, "_fields", None) == self._fields):
+            value = tuple(None if field is None else value for field in self)
+        for name, field, field_value in zip(self._fields, self, value):
+            if field is None:
+                continue
+            try:
+                field[loc] = field_value
+            except (ValueError, IndexError, TypeError, RuntimeError) as error:
+                raise type(error)(f"namedarraytuple {typename}: field {name!r}: {error}") from error
+
+    def __contains__(self, key):
+        return key in self._fields
+
+    def get(self, index):
+        """The field at position `index` (plain tuple indexing)."""
+        return tuple.__getitem__(self, index)
+
+    def items(self):
+        """(name, value) pairs, like dict.items()."""
+        return zip(self._fields, self)
+
+    namespace = {
+        "__getitem__": __getitem__,
+        "__setitem__": __setitem__,
+        "__contains__": __contains__,
+        "get": get,
+        "items": items,
+        "__slots__": (),
+        "__doc__": f"namedarraytuple {typename}({', '.join(base._fields)})",
+    }
+    cls = type(typename, (base,), namespace)
+    # Pickle looks the class up as module.typename: point it at the module that defined it.
+    if module is None:
+        try:
+            module = sys._getframe(1).f_globals.get("__name__", "__main__")
+        except (AttributeError, ValueError):
+            module = "__main__"
+    cls.__module__ = module
+    base.__module__ = module
+    base.__qualname__ = base.__name__ = f"{typename}_base"
+    return cls
+
+
+def is_namedarraytuple(obj: Any) -> bool:
+    """True for instances of classes made by namedarraytuple."""
+    return isinstance(obj, tuple) and hasattr(obj, "_fields") and hasattr(type(obj), "items")
+
+
+def is_namedtuple_class(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")
+
+
+def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
+    """Apply `fn` to every leaf (array / tensor / scalar) of a (nested) namedtuple; None stays None."""
+    if buffer is None:
+        return None
+    if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
+        return type(buffer)(*(buffer_map(fn, field) for field in buffer))
+    if isinstance(buffer, tuple | list):
+        return type(buffer)(buffer_map(fn, field) for field in buffer)
+    return fn(buffer)
+
+
+def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_memory: bool = False) -> Any:
+    """Zero-filled buffer shaped `leading_dims + leaf.shape` for every leaf of `example`, same dtypes.
+
+    Leaves keep their kind (numpy in, numpy out; torch in, torch out). With `share_memory=True` every
+    leaf is a torch tensor in shared memory: those pickle by reference to child processes (also under
+    `spawn`); take numpy views in the child with `numpify_buffer`.
+    """
+    if isinstance(leading_dims, int):
+        leading_dims = (leading_dims,)
+    leading_dims = tuple(leading_dims)
+
+    def allocate(leaf):
+        if isinstance(leaf, torch.Tensor):
+            tensor = torch.zeros(leading_dims + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
+            return tensor.share_memory_() if share_memory else tensor
+        array = np.asarray(leaf)
+        if share_memory:
+            dtype = torch.from_numpy(np.zeros(1, dtype=array.dtype)).dtype
+            return torch.zeros(leading_dims + array.shape, dtype=dtype).share_memory_()
+        return np.zeros(leading_dims + array.shape, dtype=array.dtype)
+
+    return buffer_map(allocate, example)
+
+
+def torchify_buffer(buffer: Any) -> Any:
+    """numpy leaves → torch tensors sharing their memory (zero copy); tensors pass through."""
+
+    def to_torch(leaf):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+        if isinstance(leaf, np.ndarray):
+            return torch.from_numpy(leaf)
+        return torch.as_tensor(leaf)
+
+    return buffer_map(to_torch, buffer)
+
+
+def numpify_buffer(buffer: Any) -> Any:
+    """torch leaves (on CPU) → numpy arrays sharing their memory (zero copy); arrays pass through."""
+
+    def to_numpy(leaf):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.detach().cpu().numpy()
+        return leaf
+
+    return buffer_map(to_numpy, buffer)
+
+
+def buffer_to(buffer: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> Any:
+    """Move every tensor leaf to `device` (numpy leaves are converted to tensors first)."""
+    if device is None:
+        return buffer
+    return buffer_map(lambda leaf: torch.as_tensor(leaf).to(device, non_blocking=non_blocking), buffer)
+
+
+def infer_leading_dims(tensor: torch.Tensor, n_dim: int) -> tuple[int, int, int, bool]:
+    """For a model input whose trailing `n_dim` dims are one sample, find its leading dims.
+
+    Accepts [...], [B, ...] and [T, B, ...]. Returns (n_leading, T, B, has_leading) so that the model
+    can flatten to [T*B, ...] and `restore_leading_dims` can undo it.
+    """
+    n_leading = tensor.dim() - n_dim
+    if n_leading not in (0, 1, 2):
+        raise ValueError(f"expected 0, 1 or 2 leading dims before a {n_dim}-dim sample, got {tuple(tensor.shape)}")
+    T, B = (1, 1) if n_leading == 0 else ((1, tensor.shape[0]) if n_leading == 1 else tensor.shape[:2])
+    return n_leading, T, B, n_leading > 0
+
+
+def restore_leading_dims(tensors: Any, n_leading: int, T: int = 1, B: int = 1) -> Any:
+    """Reshape [T*B, ...] outputs back to the input's leading dims ([...], [B, ...] or [T, B, ...])."""
+
+    def reshape(tensor):
+        if n_leading == 2:
+            return tensor.reshape((T, B) + tuple(tensor.shape[1:]))
+        if n_leading == 0:
+            return tensor.squeeze(0)
+        return tensor
+
+    return buffer_map(reshape, tensors)
