@@ -1,0 +1,327 @@
+"""Environment construction: classic control, MuJoCo and Atari (ALE) behind one `make_env`.
+
+Every env returned by `make_env` is a single (non-vectorized) gymnasium env that puts
+`info["episode"] = {"r": raw return, "l": length}` on the step where an episode really ends
+(terminated or truncated), and only then. For Atari the statistic sees the raw game score and the
+true game over: it sits inside episodic life and reward clipping.
+
+Atari stack, innermost first (DeepMind preprocessing):
+    ALE (frameskip=1, grayscale) -> no-op reset -> max-and-skip 4 -> [time limit] -> episode statistics
+    -> episodic life (training) -> fire reset -> 84x84 -> sign reward clip (training) -> frame stack
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import ale_py
+import cv2
+import gymnasium as gym
+import numpy as np
+from gymnasium import error as gym_error
+from gymnasium.envs.registration import EnvSpec
+from gymnasium.wrappers import TimeLimit
+
+gym.register_envs(ale_py)
+
+_NOOP, _FIRE, _FIRE_RESET_SECOND_ACTION = 0, 1, 2
+_NO_FRAMESKIP_V4 = re.compile(r"^(?P<game>[A-Za-z0-9]+)NoFrameskip-v4$")
+
+
+class UsageError(Exception):
+    """Bad user input (env id, flags); scripts print its one-line message and exit without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+class EpisodeStatistics(gym.Wrapper):
+    """Adds `info["episode"] = {"r": float return, "l": int steps}` on the step an episode ends."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.episode_return = 0.0
+        self.episode_length = 0
+
+    def reset(self, **kwargs):
+        self.episode_return = 0.0
+        self.episode_length = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        if terminated or truncated:
+            info = {**info, "episode": {"r": self.episode_return, "l": self.episode_length}}
+        return obs, reward, terminated, truncated, info
+
+
+class NoopReset(gym.Wrapper):
+    """On reset, take a random number (1..noop_max) of no-op actions so starts differ."""
+
+    def __init__(self, env: gym.Env, noop_max: int = 30):
+        super().__init__(env)
+        self.noop_max = noop_max
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(int(self.np_random.integers(1, self.noop_max + 1))):
+            obs, _, terminated, truncated, info = self.env.step(_NOOP)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+class MaxAndSkip(gym.Wrapper):
+    """Repeat the action `skip` frames; sum rewards; observe the pixel-wise max of the last two frames."""
+
+    def __init__(self, env: gym.Env, skip: int = 4):
+        super().__init__(env)
+        self.skip = skip
+        self.frames = np.zeros((2, *env.observation_space.shape), dtype=env.observation_space.dtype)
+
+    def step(self, action):
+        total_reward = 0.0
+        for i in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total_reward += float(reward)
+            if i >= self.skip - 2:
+                self.frames[i - (self.skip - 2)] = obs
+            if terminated or truncated:
+                # Ended early: the last frame is the one that counts (the buffer may hold a stale frame).
+                return obs, total_reward, terminated, truncated, info
+        return self.frames.max(axis=0), total_reward, terminated, truncated, info
+
+
+class EpisodicLife(gym.Wrapper):
+    """Training only: a life loss ends the episode for the agent; reset() then continues the same game."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.ale = env.unwrapped.ale
+        self.lives = 0
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, terminated, truncated, info = self.env.step(_NOOP)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.game_over = False
+        self.lives = self.ale.lives()
+        return obs, info
+
+
+class FireReset(gym.Wrapper):
+    """Press FIRE after reset, for games that wait for it before play starts."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(_FIRE)
+        if terminated or truncated:
+            self.env.reset()
+        obs, _, terminated, truncated, info = self.env.step(_FIRE_RESET_SECOND_ACTION)
+        if terminated or truncated:
+            obs, info = self.env.reset()
+        return obs, info
+
+
+class WarpFrame(gym.ObservationWrapper):
+    """Resize a grayscale frame to `size`x`size` (uint8)."""
+
+    def __init__(self, env: gym.Env, size: int = 84):
+        super().__init__(env)
+        self.size = size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
+
+    def observation(self, observation):
+        return cv2.resize(observation, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+
+class SignReward(gym.RewardWrapper):
+    """Clip rewards to {-1, 0, +1} by their sign."""
+
+    def reward(self, reward):
+        return float(np.sign(reward))
+
+
+class FrameStack(gym.Wrapper):
+    """Stack the last `k` observations along a new leading axis: [k, *obs_shape]; oldest first."""
+
+    def __init__(self, env: gym.Env, k: int):
+        super().__init__(env)
+        space = env.observation_space
+        self.frames = np.zeros((k, *space.shape), dtype=space.dtype)
+        self.observation_space = gym.spaces.Box(
+            np.repeat(space.low[None], k, axis=0), np.repeat(space.high[None], k, axis=0), dtype=space.dtype
+        )
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.frames[:] = obs
+        return self.frames.copy(), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.frames[:-1] = self.frames[1:]
+        self.frames[-1] = obs
+        return self.frames.copy(), reward, terminated, truncated, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_atari_spec(spec: EnvSpec) -> bool:
+    entry_point = spec.entry_point
+    return entry_point is ale_py.env.AtariEnv or entry_point == "ale_py.env:AtariEnv"
+
+
+def _resolve(env_id: str) -> tuple[EnvSpec, dict]:
+    """The registered spec for `env_id` and the kwargs needed on top of it; UsageError if unknown."""
+    name = env_id
+    if ":" in env_id:
+        module, name = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise UsageError(
+                f"environment id {env_id!r}: cannot import module {module!r} ({e}): run from the directory "
+                f"that contains it (or install it), and check that it registers {name!r}"
+            ) from None
+    match = _NO_FRAMESKIP_V4.match(name)
+    if match and name not in gym.registry and f"ALE/{match['game']}-v5" in gym.registry:
+        # What NoFrameskip-v4 meant, for ale-py versions that no longer register it.
+        name = f"ALE/{match['game']}-v5"
+        return gym.spec(name), {"repeat_action_probability": 0.0, "full_action_space": False}
+    try:
+        return gym.spec(name), {}
+    except gym_error.Error as e:
+        reason = " ".join(str(e).split())
+        raise UsageError(
+            f"unknown environment id {env_id!r} ({reason}): check the spelling (gymnasium ids look like "
+            f"'CartPole-v1', Atari ids like 'ALE/Pong-v5'), or pass a custom env as 'module:EnvId-v0'"
+        ) from None
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether `env_id` names an ALE game (either id style). Raises UsageError for unknown ids."""
+    spec, _ = _resolve(env_id)
+    return _is_atari_spec(spec)
+
+
+def _wrap_atari(env: gym.Env, training: bool, frame_stack: int, max_episode_steps: int | None) -> gym.Env:
+    env = NoopReset(env, noop_max=30)
+    env = MaxAndSkip(env, skip=4)
+    if max_episode_steps is not None:
+        env = TimeLimit(env, max_episode_steps)
+    env = EpisodeStatistics(env)
+    if training:
+        env = EpisodicLife(env)
+    meanings = env.unwrapped.get_action_meanings()
+    if len(meanings) >= 3 and meanings[_FIRE] == "FIRE":
+        env = FireReset(env)
+    env = WarpFrame(env, size=84)
+    if training:
+        env = SignReward(env)
+    return FrameStack(env, frame_stack)
+
+
+def make_env(
+    env_id: str,
+    seed: int = 0,
+    *,
+    training: bool = True,
+    frame_stack: int = 4,
+    max_episode_steps: int | None = None,
+    render_mode: str | None = None,
+) -> gym.Env:
+    """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics.
+
+    Atari ids (`ALE/<Game>-v5`, `<Game>NoFrameskip-v4`) get DeepMind preprocessing: observations are
+    uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping.
+    `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. 4 frames).
+    The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
+    """
+    if frame_stack < 1:
+        raise UsageError(f"frame_stack must be >= 1, got {frame_stack}")
+    if max_episode_steps is not None and max_episode_steps < 1:
+        raise UsageError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+    spec, kwargs = _resolve(env_id)
+    try:
+        if _is_atari_spec(spec):
+            # frameskip=1: MaxAndSkip skips; v5's sticky actions (repeat_action_probability) are kept.
+            env = gym.make(spec, frameskip=1, obs_type="grayscale", render_mode=render_mode, **kwargs)
+            env = _wrap_atari(env, training, frame_stack, max_episode_steps)
+        else:
+            env = gym.make(spec, max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
+            env = EpisodeStatistics(env)
+    except gym_error.DependencyNotInstalled as e:
+        reason = " ".join(str(e).split())
+        raise UsageError(f"environment {env_id!r} needs a package that is not installed: {reason}") from None
+    env.action_space.seed(seed)
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Space checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _env_name(env: gym.Env) -> str:
+    spec = env.unwrapped.spec
+    return spec.id if spec is not None else type(env.unwrapped).__name__
+
+
+def require_discrete_actions(env: gym.Env, script: str) -> int:
+    """The number of actions of a Discrete action space; UsageError naming the fix otherwise."""
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Discrete):
+        raise UsageError(
+            f"{script} needs a discrete action space, but {_env_name(env)} has {space}: "
+            f"use a continuous-action script (ppo.py, sac.py, td3.py, ddpg.py)"
+        )
+    return int(space.n)
+
+
+def require_continuous_actions(env: gym.Env, script: str) -> tuple[int, ...]:
+    """The action shape of a bounded, finite Box action space; UsageError naming the fix otherwise."""
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box):
+        raise UsageError(
+            f"{script} needs a continuous (Box) action space, but {_env_name(env)} has {space}: "
+            f"use a discrete-action script (ppo.py, a2c.py, dqn.py, c51.py)"
+        )
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise UsageError(
+            f"{script} needs finite action bounds, but {_env_name(env)} has {space}: "
+            f"wrap the env to give its action space finite low and high bounds"
+        )
+    return tuple(space.shape)
+
+
+def observation_shape(env: gym.Env) -> tuple[int, ...]:
+    """The shape of one observation (Atari: (frame_stack, 84, 84))."""
+    shape = env.observation_space.shape
+    if shape is None:
+        raise UsageError(
+            f"{_env_name(env)} has observation space {env.observation_space}, but rlsolo needs array "
+            f"observations: flatten it with gymnasium.wrappers.FlattenObservation in a custom env"
+        )
+    return tuple(shape)

@@ -1,0 +1,39 @@
+"""Test-only memory tasks, registered with gymnasium on import.
+
+`CartPoleNoVelocity-v0`: CartPole-v1 (500-step limit) that observes only cart position and pole angle;
+the velocities must be inferred from history, so a feed-forward policy on one observation cannot
+balance the pole well while a recurrent one can. Use it as
+`make_env("tests.memory_envs:CartPoleNoVelocity-v0")` from the repository root.
+"""
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+VISIBLE = [0, 2]  # cart position, pole angle (CartPole observes [x, x_dot, theta, theta_dot])
+
+
+class CartPoleNoVelocityEnv(CartPoleEnv):
+    """CartPole with the cart and pole velocities hidden: observation [x, theta], shape (2,)."""
+
+    def __init__(self, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        high = self.observation_space.high[VISIBLE]
+        self.observation_space = gym.spaces.Box(-high, high, dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        return obs[VISIBLE], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs[VISIBLE], reward, terminated, truncated, info
+
+
+if "CartPoleNoVelocity-v0" not in gym.registry:
+    gym.register(
+        id="CartPoleNoVelocity-v0",
+        entry_point=CartPoleNoVelocityEnv,
+        max_episode_steps=500,
+        reward_threshold=475.0,
+    )
