@@ -1,0 +1,245 @@
+"""PPO: clipped proximal policy optimization with GAE, for vector observations.
+
+Schulman et al. 2017, https://arxiv.org/abs/1707.06347. Discrete actions get a categorical policy,
+continuous (Box) actions a diagonal Gaussian with a state-independent log-std.
+
+    python algos/ppo.py --env-id CartPole-v1
+    python algos/ppo.py --env-id InvertedPendulum-v5 --total-timesteps 100000
+    python algos/ppo.py --sampler parallel-cpu --n-workers 2 --n-envs 8 --track
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributions import Categorical, Normal
+
+from common.config import CommonArgs, UsageError, resolve_device, run, seed_everything
+from common.envs import make_env
+from common.kernels import explained_variance, gae_advantages
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to, namedarraytuple
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    n_envs: int = 8
+    """total number of training environments"""
+    num_steps: int = 64
+    """environment steps per environment per rollout"""
+    learning_rate: float = 1e-3
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """optimization epochs per rollout"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """policy ratio clipping"""
+    clip_vloss: bool = True
+    """clip the value loss around the old values"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the approximate KL exceeds this"""
+    hidden_size: int = 64
+    """width of the actor and critic MLPs"""
+
+
+AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int):
+        super().__init__()
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+
+        def mlp(out: int, std: float) -> nn.Sequential:
+            return nn.Sequential(
+                layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
+                layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+                layer_init(nn.Linear(hidden, out), std=std),
+            )
+
+        self.critic = mlp(1, 1.0)
+        self.actor = mlp(n_out, 0.01)
+        if self.continuous:
+            self.log_std = nn.Parameter(torch.zeros(n_out))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs.float()).squeeze(-1)
+
+    def distribution(self, obs: torch.Tensor):
+        out = self.actor(obs.float())
+        if self.continuous:
+            return Normal(out, self.log_std.exp().expand_as(out))
+        return Categorical(logits=out)
+
+    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
+
+    def entropy(self, dist) -> torch.Tensor:
+        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
+
+
+def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
+    """Sample (or, deterministically, take the mode of) the policy; record log-prob and value."""
+    dist = model.distribution(obs)
+    if deterministic:
+        action = dist.mean if model.continuous else dist.probs.argmax(-1)
+    else:
+        action = dist.sample()
+    return action, AgentInfo(model.log_prob(dist, action), model.value(obs)), None
+
+
+def make_ppo_env(env_id: str, seed: int, training: bool = True) -> gym.Env:
+    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
+    env = make_env(env_id, seed, training=training)
+    return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
+
+
+def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, old_value, args: Args):
+    """Clipped surrogate + (clipped) value loss - entropy bonus; returns (loss, stats)."""
+    dist = model.distribution(obs)
+    log_prob = model.log_prob(dist, action)
+    entropy = model.entropy(dist).mean()
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    if args.norm_adv:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    policy_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    value = model.value(obs)
+    if args.clip_vloss:
+        value_clipped = old_value + (value - old_value).clamp(-args.clip_coef, args.clip_coef)
+        value_loss = 0.5 * torch.max((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    else:
+        value_loss = 0.5 * ((value - returns) ** 2).mean()
+    loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
+    return loss, (policy_loss, value_loss, entropy, approx_kl, clipfrac)
+
+
+def main(args: Args) -> dict:
+    device = resolve_device(args)
+    seed_everything(args.seed, args.torch_deterministic)
+    env_fn = partial(make_ppo_env, args.env_id, training=True)
+    eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
+    probe = env_fn(args.seed)
+    if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
+        raise UsageError(f"algos/ppo.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
+    if len(probe.observation_space.shape) != 1:
+        raise UsageError(f"algos/ppo.py needs vector observations, {args.env_id} has shape "
+                         f"{probe.observation_space.shape}: use ppo_atari.py for images")
+    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size).to(device)
+    probe.close()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
+
+    global_step = 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step = checkpoint["global_step"]
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": capture_rng_state(), "global_step": global_step}
+
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step)
+    logger = RunLogger(args, "ppo", args.total_timesteps, start_step=global_step)
+    batch_size = args.n_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    next_eval = args.eval_every or None
+    try:
+        while global_step < args.total_timesteps:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+            batch, episodes = sampler.collect()
+            global_step += batch_size
+            logger.log_episodes(global_step, episodes)
+
+            batch = buffer_to(batch, device)
+            value = batch.agent_info.value
+            with torch.no_grad():
+                # The value of each step's true next observation: the next step's value inside an
+                # episode, a fresh evaluation at the batch end and where an episode was truncated.
+                next_value = torch.cat([value[1:], model.value(batch.next_observation[-1:])])
+                truncated = batch.truncated
+                if truncated.any():
+                    next_value[truncated] = model.value(batch.next_observation[truncated])
+                advantage, returns = gae_advantages(batch.reward, value, next_value, batch.terminated,
+                                                    truncated, args.gamma, args.gae_lambda)
+
+            flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
+            obs, action = flat(batch.observation), flat(batch.action)
+            old_log_prob, old_value = flat(batch.agent_info.log_prob), flat(value)
+            advantage, returns = flat(advantage), flat(returns)
+            for _epoch in range(args.update_epochs):
+                permutation = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, minibatch_size):
+                    mb = permutation[start:start + minibatch_size]
+                    loss, stats = loss_fn(model, obs[mb], action[mb], old_log_prob[mb], advantage[mb],
+                                          returns[mb], old_value[mb], args)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                if args.target_kl is not None and stats[3] > args.target_kl:
+                    break
+            sampler.sync(model)
+
+            policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
+            logger.log(global_step, {
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
+                "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                "losses/explained_variance": explained_variance(old_value, returns),
+            })
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)
+                returns_eval = [e.ret for e in episodes_eval]
+                logger.log(global_step, {"eval/episodic_return": float(np.mean(returns_eval))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)

@@ -1,0 +1,200 @@
+"""The shared command-line flags every script composes into its own `Args`, and the script entry point.
+
+A script writes
+
+    @dataclass
+    class Args(CommonArgs):
+        learning_rate: float = 2.5e-4
+        \"\"\"the optimizer's learning rate\"\"\"
+
+    if __name__ == "__main__":
+        run(main, Args)
+
+and gets `--env-id`, `--seed`, `--sampler`, `--track`, `--resume` ... from the groups below. `run` parses
+the flags (tyro), reloads a saved config for `--resume <run dir>`, validates the combination and turns
+every `UsageError` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+import tyro
+
+from common.envs import UsageError
+
+__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "run", "resolve_device"]
+
+SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
+
+
+@dataclass
+class ExperimentArgs:
+    env_id: str = "CartPole-v1"
+    """environment id: gymnasium (CartPole-v1, Hopper-v5), Atari (ALE/Pong-v5, PongNoFrameskip-v4), 'module:Id-v0'"""
+    seed: int = 1
+    """seed of the run (environments, networks, exploration)"""
+    total_timesteps: int = 100_000
+    """environment steps to train for, summed over all environments"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the networks live: 'auto' picks CUDA when present"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic` and seed every generator"""
+    compile: bool = False
+    """torch.compile the update step (off by default on CPU)"""
+
+
+@dataclass
+class SamplerArgs:
+    sampler: SamplerKind = "serial"
+    """how environments are stepped: serial | parallel-cpu | parallel-gpu | alternating-gpu"""
+    n_envs: int = 1
+    """total number of training environments (split over --n-workers by the parallel samplers)"""
+    n_workers: int = 2
+    """worker processes of the parallel samplers (ignored by serial)"""
+    n_gpus: int = 0
+    """number of GPUs to train on (0: use --device as it is)"""
+    cpu_affinity: bool = False
+    """pin each sampler worker to one CPU core"""
+    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
+    """multiprocessing start method of the sampler workers (spawn is required for CUDA)"""
+
+
+@dataclass
+class LoggingArgs:
+    output_dir: str = "runs"
+    """where run directories are created"""
+    run_name: str | None = None
+    """name of the run directory (default: <script>__<env>__<seed>__<time>)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "rlsolo"
+    """W&B project"""
+    wandb_entity: str | None = None
+    """W&B entity (team or user)"""
+    capture_video: bool = False
+    """record evaluation episodes to <run dir>/videos/"""
+    save_model: bool = True
+    """write checkpoints (periodically and at the end) into the run directory"""
+    checkpoint_every_s: float = 30.0
+    """seconds between periodic checkpoints"""
+    resume: str | None = None
+    """continue the run saved in this directory (its saved config is used)"""
+    eval_every: int = 0
+    """environment steps between evaluations during training (0: only at the end)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes (after training and at every --eval-every)"""
+    log_every_s: float = 2.0
+    """seconds between console progress lines"""
+
+
+@dataclass
+class CommonArgs(ExperimentArgs, SamplerArgs, LoggingArgs):
+    """The flags shared by every script."""
+
+
+ArgsT = TypeVar("ArgsT", bound=CommonArgs)
+
+
+def script_name() -> str:
+    """Name of the running script without directory and extension (e.g. 'ppo')."""
+    return Path(sys.argv[0]).stem or "script"
+
+
+def resolve_device(args: CommonArgs) -> torch.device:
+    """The torch device for `--device` / `--n-gpus`, with one-line errors for impossible requests."""
+    n_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.n_gpus > n_visible:
+        raise UsageError(
+            f"--n-gpus {args.n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus"
+            + (" or use --device cpu" if n_visible == 0 else "")
+        )
+    if args.device == "cuda" or args.n_gpus > 0:
+        if n_visible == 0:
+            raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
+        return torch.device("cuda")
+    if args.device == "auto":
+        return torch.device("cuda" if n_visible > 0 else "cpu")
+    return torch.device("cpu")
+
+
+def validate(args: CommonArgs) -> None:
+    """Check the shared flags against each other; raise UsageError naming the problem and the fix."""
+    if args.n_envs < 1:
+        raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
+    if args.total_timesteps < 1:
+        raise UsageError(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    if args.sampler != "serial":
+        if args.n_workers < 1:
+            raise UsageError(f"--n-workers must be at least 1, got {args.n_workers}")
+        groups = 2 if args.sampler == "alternating-gpu" else 1
+        if args.n_envs % (args.n_workers * groups) != 0:
+            raise UsageError(
+                f"--n-envs {args.n_envs} does not split evenly over --n-workers {args.n_workers}"
+                + (" in two alternating groups" if groups == 2 else "")
+                + f": use a multiple of {args.n_workers * groups}"
+            )
+    if args.n_gpus > 1:
+        raise UsageError(
+            f"--n-gpus {args.n_gpus}: multi-GPU data-parallel training is not available in this version; "
+            "use --n-gpus 1"
+        )
+    if args.eval_episodes < 0:
+        raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+
+
+def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
+    """Parse the command line; with --resume, reload the run's saved config (only --resume is taken from argv)."""
+    args = tyro.cli(args_cls, args=argv)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"--resume {args.resume}: no config.json there; pass the directory of a saved run")
+        saved = json.loads(config_path.read_text())
+        known = {f.name for f in dataclasses.fields(args_cls)}
+        args = args_cls(**{k: v for k, v in saved.items() if k in known})
+        args.resume = str(run_dir)
+        args.output_dir = str(run_dir.parent)
+        args.run_name = run_dir.name
+    if args.run_name is None:
+        env = args.env_id.replace("/", "-").replace(":", "-")
+        args.run_name = f"{script_name()}__{env}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(args)
+    return args
+
+
+def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] | None = None) -> None:
+    """Parse flags and call `main(args)`; bad input ends with `error: ...` on stderr and exit code 2."""
+    try:
+        args = parse_args(args_cls, argv)
+        main(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        sys.stdout.flush()
+
+
+def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch; make cuDNN deterministic when asked."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    torch.backends.cudnn.benchmark = not torch_deterministic

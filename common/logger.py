@@ -1,0 +1,247 @@
+"""Run directory, console progress, CSV and Weights & Biases logging, checkpoints.
+
+Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `checkpoint.pt` (written
+atomically: a run killed at any moment leaves the previous checkpoint intact) and, at the end,
+`summary.json`. Metric names follow the usual convention: `charts/episodic_return`, `charts/SPS`,
+`losses/<name>`, `eval/<name>`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def capture_rng_state() -> dict:
+    """The state of Python's, numpy's and torch's global generators, loadable with weights_only=True."""
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write `state` to <run_dir>/checkpoint.pt atomically (temporary file, fsync, rename)."""
+    path = Path(run_dir) / CHECKPOINT
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
+    """Load a checkpoint saved by `save_checkpoint` (weights_only=True); None if there is none yet."""
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def git_commit() -> str | None:
+    """The repository's current commit, if the code runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class RunLogger:
+    """Console progress, progress.csv and (with --track) W&B for one run; only the main process logs."""
+
+    def __init__(self, args: Any, script: str, total_steps: int, start_step: int = 0):
+        self.args = args
+        self.run_dir = Path(args.output_dir) / args.run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.time()
+        self.last_print = 0.0
+        self.last_checkpoint = self.start_time
+        self.last_sps_time, self.last_sps_step = self.start_time, start_step
+        self.recent_returns: list[float] = []
+        self.latest: dict[str, float] = {}
+        self.interactive = sys.stdout.isatty()
+        config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+        config_path = self.run_dir / "config.json"
+        if args.resume is None or not config_path.exists():
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        self.csv_path = self.run_dir / "progress.csv"
+        self.columns: list[str] = []
+        if self.csv_path.exists() and args.resume is not None:
+            with open(self.csv_path, newline="") as f:
+                header = next(csv.reader(f), None)
+            self.columns = header or []
+        self.wandb_run = None
+        if args.track:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=args.run_name,
+                id=args.run_name.replace("/", "-")[-64:],
+                resume="allow",
+                config=config,
+                dir=str(self.run_dir),
+                tags=[script, args.env_id, args.sampler] + ([f"git-{git_commit()}"] if git_commit() else []),
+                group=f"{script}__{args.env_id.replace('/', '-')}",
+                save_code=True,
+            )
+
+    # ---------------------------------------------------------------- metrics
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record scalar metrics (floats, ints or 0-dim tensors, converted with a single host sync)."""
+        values = to_floats(metrics)
+        self.latest.update(values)
+        row = {"global_step": step, "wall_time_s": round(time.time() - self.start_time, 3), **values}
+        self._write_csv(row)
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def log_episodes(self, step: int, episodes: Iterable[tuple[float, int]]) -> None:
+        """Log finished training episodes (raw return, length) as charts/episodic_return and _length."""
+        episodes = list(episodes)
+        if not episodes:
+            return
+        returns = [float(r) for r, _ in episodes]
+        lengths = [int(n) for _, n in episodes]
+        self.recent_returns = (self.recent_returns + returns)[-100:]
+        self.log(step, {"charts/episodic_return": float(np.mean(returns)),
+                        "charts/episodic_length": float(np.mean(lengths))})
+
+    def _write_csv(self, row: dict) -> None:
+        new = [k for k in row if k not in self.columns]
+        if new:
+            old_rows = []
+            if self.csv_path.exists() and self.columns:
+                with open(self.csv_path, newline="") as f:
+                    old_rows = list(csv.DictReader(f))
+            self.columns += new
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(old_rows)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+
+    # ---------------------------------------------------------------- console
+    def sps(self, step: int) -> float:
+        """Environment steps per second since the start of this process."""
+        elapsed = time.time() - self.start_time
+        return (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+
+    def progress(self, step: int, force: bool = False) -> None:
+        """Print a progress line (at most every --log-every-s seconds) and log charts/SPS."""
+        now = time.time()
+        if not force and now - self.last_print < self.args.log_every_s:
+            return
+        sps = (step - self.last_sps_step) / max(now - self.last_sps_time, 1e-9)
+        self.last_sps_time, self.last_sps_step = now, step
+        self.last_print = now
+        self.log(step, {"charts/SPS": sps})
+        fraction = min(step / max(self.total_steps, 1), 1.0)
+        bar = "#" * int(20 * fraction) + "." * (20 - int(20 * fraction))
+        overall_sps = self.sps(step)
+        eta = (self.total_steps - step) / overall_sps if overall_sps > 0 else float("inf")
+        ret = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "-"
+        line = (
+            f"[{bar}] {100 * fraction:5.1f}% {step}/{self.total_steps} steps | {sps:.0f} SPS | "
+            f"return {ret} | eta {format_duration(eta) if math.isfinite(eta) else '-'}"
+        )
+        print(("\r" + line) if self.interactive else line, end="" if self.interactive else "\n", flush=True)
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Save a checkpoint now (when --save-model)."""
+        if self.args.save_model:
+            save_checkpoint(self.run_dir, state)
+        self.last_checkpoint = time.time()
+
+    def maybe_checkpoint(self, make_state: Callable[[], Mapping[str, Any]]) -> None:
+        """Save a checkpoint if --checkpoint-every-s seconds have passed since the last one."""
+        if self.args.save_model and time.time() - self.last_checkpoint >= self.args.checkpoint_every_s:
+            self.checkpoint(make_state())
+
+    # ---------------------------------------------------------------- end
+    def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
+        """Write summary.json (global_step, wall_time_s, sps + `summary`) and close the loggers."""
+        if self.interactive:
+            print()
+        result = {
+            "global_step": int(step),
+            "wall_time_s": round(time.time() - self.start_time, 3),
+            "sps": round(self.sps(step), 2),
+            **to_floats(summary),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(result)
+            self.wandb_run.finish()
+            self.wandb_run = None
+        print(f"run directory: {self.run_dir}")
+        print("summary: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        return result
+
+    def close(self) -> None:
+        """Close W&B if the run ends early (error, Ctrl-C)."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1)
+            self.wandb_run = None
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Convert metric values to floats; all tensors are moved to the host in one transfer."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    values = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).cpu().tolist()
+        values.update(zip(tensors, stacked))
+    return values
