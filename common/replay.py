@@ -1,0 +1,712 @@
+"""Replay buffers: uniform and prioritized n-step, frame-deduplicated (Atari), sequence (R2D1); shared memory.
+
+Every buffer is a ring `[size // n_envs, n_envs]` in time, written one whole `[T, B]` sampler batch per
+`append` (no per-env loop). What is stored per step:
+
+    observation[t]   the observation the policy saw (frame buffers: its newest frame only)
+    action, reward, terminated, truncated, prev_action, prev_reward  (agent_info is not stored)
+    final observation  only where an episode ends, in a small FIFO pool: the true last observation
+                       (frame buffers: its newest frame), so truncated episodes bootstrap correctly.
+
+The next observation of step t is `observation[t + 1]` unless step t ended an episode, then it is the
+pool entry. Items (n-step transitions, or sequences) are sampled by their first step; a first step is
+valid when every step the item reads is stored and current: not older than the ring (plus the frame
+history of a stack), not younger than the write cursor allows, and no pool entry it needs was evicted.
+Prioritized buffers keep invalid items at zero priority in the sum tree, so they are never drawn.
+
+With `share_memory=True` every array, the sum tree and the cursors live in shared memory and a
+cross-process read-write lock guards append / sample / update_priorities; the buffer object pickles
+to `spawn` children (pass it as a Process argument) and they keep writing the same memory.
+Sampling draws from torch's global RNG (`torch.manual_seed` makes it reproducible).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.namedarraytuple import buffer_from_example, buffer_map, namedarraytuple, numpify_buffer, torchify_buffer
+
+ReplaySamples = namedarraytuple(
+    "ReplaySamples",
+    [
+        "observation",  # [N, ...] observation at the window's first step t
+        "action",  # [N, ...] action taken at t
+        "prev_action",  # [N, ...]
+        "prev_reward",  # [N]
+        "n_step_return",  # [N] sum_{j<m} gamma^j r_{t+j}, the window cut at the first episode end
+        "done",  # [N] 1.0 where the episode terminated within the window
+        "bootstrap_observation",  # [N, ...] true next observation of the window's last step
+        "discount",  # [N] gamma^m * (1 - terminated at the window's last step)
+        "weight",  # [N] importance weight (ones for uniform sampling)
+        "index",  # [N] long: flat index to pass back to update_priorities
+    ],
+)
+
+SequenceSamples = namedarraytuple(
+    "SequenceSamples",
+    [
+        "observation",  # [L, N, ...]
+        "action",  # [L, N, ...]
+        "reward",  # [L, N]
+        "terminated",  # [L, N] bool
+        "truncated",  # [L, N] bool
+        "prev_action",  # [L, N, ...]
+        "prev_reward",  # [L, N]
+        "next_observation",  # [L, N, ...] true next observation where the step ended an episode, else zeros
+        "rnn_state",  # [N, ...] (nested) recurrent state before the sequence's first step
+        "weight",  # [N]
+        "index",  # [N] long
+    ],
+)
+
+_STEP_FIELDS = ("action", "reward", "terminated", "truncated", "prev_action", "prev_reward")
+_STEPS, _FINALS, _EVICTED = 0, 1, 2  # counters: steps appended, pool entries written, last evicted step
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks: sum tree, read-write lock
+# --------------------------------------------------------------------------------------------------
+
+
+class SumTree:
+    """Binary sum tree over `capacity` non-negative float64 leaves, stored in one array (root at 1)."""
+
+    def __init__(self, capacity: int, array: np.ndarray | None = None):
+        self.capacity = capacity
+        self.n_leaves = 1 << max(0, (capacity - 1).bit_length())
+        self.depth = self.n_leaves.bit_length() - 1
+        self.array = np.zeros(2 * self.n_leaves) if array is None else array
+        if self.array.shape != (2 * self.n_leaves,) or self.array.dtype != np.float64:
+            raise ValueError(f"SumTree array must be float64 [{2 * self.n_leaves}], got {self.array.shape}")
+
+    @staticmethod
+    def array_size(capacity: int) -> int:
+        """Length of the backing array for `capacity` leaves."""
+        return 2 << max(0, (capacity - 1).bit_length())
+
+    @property
+    def total(self) -> float:
+        """Sum of all leaves."""
+        return float(self.array[1])
+
+    def get(self, index: np.ndarray) -> np.ndarray:
+        """Leaf values at `index` [N]."""
+        return self.array[self.n_leaves + index]
+
+    def update(self, index: np.ndarray, value: np.ndarray | float) -> None:
+        """Set leaves `index` [N] to `value` [N] (last write wins on duplicates), then re-sum their ancestors."""
+        node = np.asarray(index, dtype=np.int64) + self.n_leaves
+        self.array[node] = value
+        for _ in range(self.depth):
+            node = np.unique(node >> 1)
+            self.array[node] = self.array[2 * node] + self.array[2 * node + 1]
+
+    def find(self, prefix: np.ndarray) -> np.ndarray:
+        """Leaf index [N] where the running sum of leaves passes each `prefix` [N]; never a zero leaf."""
+        prefix = np.array(prefix, dtype=np.float64)
+        node = np.ones(prefix.shape, dtype=np.int64)
+        for _ in range(self.depth):
+            left = 2 * node
+            left_sum = self.array[left]
+            # Going right only into a positive subtree means rounding at a boundary cannot reach a zero leaf.
+            go_right = (prefix >= left_sum) & (self.array[left + 1] > 0)
+            prefix = np.where(go_right, prefix - left_sum, prefix)
+            node = left + go_right
+        return node - self.n_leaves
+
+    def sample(self, batch_size: int) -> np.ndarray:
+        """Stratified draw of `batch_size` leaf indices [N], one per equal slice of the total mass."""
+        uniform = torch.rand(batch_size, dtype=torch.float64).numpy()
+        return self.find((np.arange(batch_size) + uniform) * (self.total / batch_size))
+
+
+class ReadWriteLock:
+    """Many readers or one writer, across processes; a waiting writer goes before new readers."""
+
+    def __init__(self):
+        # Spawn-context primitives: they pickle to spawn children (and are inherited by fork children).
+        context = multiprocessing.get_context("spawn")
+        self._condition = context.Condition(context.Lock())
+        self._state = context.RawArray("l", 3)  # active readers, active writer, waiting writers
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        """Hold the lock shared for the body of a `with` block."""
+        with self._condition:
+            while self._state[1] or self._state[2]:
+                self._condition.wait()
+            self._state[0] += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._state[0] -= 1
+                if self._state[0] == 0:
+                    self._condition.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """Hold the lock exclusively for the body of a `with` block."""
+        with self._condition:
+            self._state[2] += 1
+            while self._state[0] or self._state[1]:
+                self._condition.wait()
+            self._state[2] -= 1
+            self._state[1] = 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._state[1] = 0
+                self._condition.notify_all()
+
+
+def _flat_tensors(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every leaf of a (nested) tuple / namedtuple of tensors."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+        return
+    names = value._fields if hasattr(value, "_fields") else range(len(value))
+    for name, field in zip(names, value):
+        yield from _flat_tensors(f"{prefix}.{name}", field)
+
+
+# --------------------------------------------------------------------------------------------------
+# Uniform n-step replay (the base every other buffer extends)
+# --------------------------------------------------------------------------------------------------
+
+
+class UniformReplayBuffer:
+    """n-step transitions sampled uniformly from a `[size // n_envs, n_envs]` ring."""
+
+    interval = 1  # items (transitions) may start at every step; sequence buffers override
+
+    def __init__(
+        self, example: Any, size: int, n_envs: int, n_step: int = 1, gamma: float = 0.99, share_memory: bool = False
+    ):
+        if n_envs < 1 or n_step < 1:
+            raise ValueError(f"n_envs and n_step must be >= 1, got n_envs={n_envs}, n_step={n_step}")
+        self.n_envs = n_envs
+        self.n_rows = size // n_envs // self.interval * self.interval  # ring length in time
+        self.size = self.n_rows * n_envs
+        self.n_step = n_step
+        self.gamma = gamma
+        self.share_memory = share_memory
+        min_rows = self._tail + self._history + 1
+        if self.n_rows < min_rows:
+            raise ValueError(
+                f"replay size {size} holds {self.n_rows} steps per env, fewer than one item needs ({min_rows}); "
+                f"raise size to at least {min_rows * n_envs}"
+            )
+        example = torchify_buffer(example)
+        if example.next_observation is None:
+            raise ValueError("replay needs samples with next_observation (the true final observation at episode ends)")
+        self.observation_example = example.observation
+        stored = self._compress(example.observation)
+        n_finals = self._final_capacity()
+        ring = (self.n_rows, n_envs)
+        self._tensors = {"observation": buffer_from_example(stored, ring, share_memory)}
+        for name in _STEP_FIELDS:
+            self._tensors[name] = buffer_from_example(getattr(example, name), ring, share_memory)
+        self._tensors["final_observation"] = buffer_from_example(stored, (n_finals,), share_memory)
+        self._tensors["final_index"] = self._zeros((self.n_rows, n_envs), torch.int64)
+        self._tensors["final_step"] = self._zeros((n_finals,), torch.int64)
+        self._tensors["counters"] = self._zeros((3,), torch.int64)
+        self._tensors["counters"][_EVICTED] = -1
+        self._lock = ReadWriteLock() if share_memory else None
+        self._bind()
+
+    # ---- layout hooks (frame and sequence buffers override these) ----
+
+    @property
+    def _tail(self) -> int:
+        """Newest steps that cannot start an item: the n-step window and the next observation after it."""
+        return self.n_step + 1
+
+    @property
+    def _history(self) -> int:
+        """Steps before an item's first step that it also reads (frame stacks)."""
+        return 0
+
+    def _final_capacity(self) -> int:
+        """Pool entries for final observations; one per stored step can never be evicted early."""
+        return self.size
+
+    def _compress(self, observation: Any) -> Any:
+        """What is stored of an observation `[..., *obs_shape]`."""
+        return observation
+
+    def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        """Observations of steps (row [M], env [M]): [M, *obs_shape]."""
+        return self.observation[row, env]
+
+    def _next_observation(self, row: np.ndarray, env: np.ndarray, observation: np.ndarray | None = None) -> np.ndarray:
+        """True next observations of steps (row [M], env [M]) whose observations are `observation`: [M, ...]."""
+        return self._stored_next(row, env)
+
+    # ---- storage plumbing ----
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.zeros(shape, dtype=dtype)
+        return tensor.share_memory_() if self.share_memory else tensor
+
+    def _bind(self) -> None:
+        """Expose every stored tensor as a numpy view attribute of the same name (zero copy)."""
+        for name, value in self._tensors.items():
+            setattr(self, name, numpify_buffer(value))
+
+    def __getstate__(self) -> dict:
+        state = {name: value for name, value in self.__dict__.items() if name not in self._tensors}
+        # Shared tensors pickle by reference; private ones are cloned so pickling never moves the
+        # originals into shared memory behind this object's numpy views.
+        clone = (lambda x: x) if self.share_memory else torch.clone
+        state["_tensors"] = {name: buffer_map(clone, value) for name, value in self._tensors.items()}
+        state.pop("tree", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()
+
+    def _flat_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, value in self._tensors.items():
+            yield from _flat_tensors(key, value)
+
+    def _reading(self):
+        return self._lock.read() if self._lock is not None else nullcontext()
+
+    def _writing(self):
+        return self._lock.write() if self._lock is not None else nullcontext()
+
+    # ---- validity ----
+
+    def _unit_range(self) -> tuple[int, int]:
+        """Valid items as (first global unit, count); unit u starts at global step u * interval."""
+        steps = int(self.counters[_STEPS])
+        first = max(max(0, steps - self.n_rows) + self._history, int(self.counters[_EVICTED]) + 1)
+        last = steps - self._tail
+        first_unit = -(-first // self.interval)
+        return first_unit, max(0, last // self.interval - first_unit + 1)
+
+    def __len__(self) -> int:
+        with self._reading():
+            return self._unit_range()[1] * self.n_envs
+
+    # ---- append ----
+
+    def append(self, samples: Any) -> None:
+        """Store a sampler batch: a namedarraytuple with leading dims [T, B] (B = n_envs)."""
+        with self._writing():
+            self._append(samples)
+
+    def _append(self, samples: Any) -> tuple[int, int]:
+        """Write `samples` [T, B]; returns (global step of its first stored row, rows stored)."""
+        samples = numpify_buffer(samples)
+        n_steps, n_envs = samples.reward.shape[:2]
+        if n_envs != self.n_envs:
+            raise ValueError(f"replay was built for {self.n_envs} envs, got a batch with {n_envs}")
+        steps_before = int(self.counters[_STEPS])
+        units_before = self._unit_range()
+        skip = max(0, n_steps - self.n_rows)  # a batch longer than the ring: only its tail survives
+        samples = samples[skip:]
+        first_step = steps_before + skip
+        rows = (first_step + np.arange(n_steps - skip)) % self.n_rows
+        self.observation[rows] = self._compress(samples.observation)
+        for name in _STEP_FIELDS:
+            getattr(self, name)[rows] = getattr(samples, name)
+        self._store_finals(samples, rows, first_step)
+        self.counters[_STEPS] = first_step + len(rows)
+        self._after_append(units_before, steps_before)
+        return first_step, len(rows)
+
+    def _store_finals(self, samples: Any, rows: np.ndarray, first_step: int) -> None:
+        """Put the final observation of every episode end into the FIFO pool; note what it evicts."""
+        time, env = np.nonzero(samples.terminated | samples.truncated)
+        n_new = len(time)
+        if n_new == 0:
+            return
+        capacity = len(self.final_step)
+        written = int(self.counters[_FINALS])
+        steps = first_step + time
+        if written + n_new > capacity:
+            # Items reading an evicted entry end at or before its step: they all become invalid.
+            evicted = written + n_new - capacity - 1
+            evicted_step = steps[evicted - written] if evicted >= written else self.final_step[evicted % capacity]
+            self.counters[_EVICTED] = max(int(self.counters[_EVICTED]), int(evicted_step))
+        keep = slice(max(0, n_new - capacity), n_new)
+        slots = (written + np.arange(n_new)[keep]) % capacity
+        self.final_observation[slots] = self._compress(samples.next_observation[time[keep], env[keep]])
+        self.final_step[slots] = steps[keep]
+        self.final_index[rows[time[keep]], env[keep]] = slots
+        self.counters[_FINALS] = written + n_new
+
+    def _after_append(self, units_before: tuple[int, int], steps_before: int) -> None:
+        """Hook run inside the write lock after the cursors moved (prioritized buffers update the tree)."""
+
+    # ---- sample ----
+
+    def sample(self, batch_size: int) -> Any:
+        """`batch_size` items drawn uniformly from the valid ones (torch CPU tensors)."""
+        return self._sample(batch_size)
+
+    def _sample(self, batch_size: int, beta: float = 0.0) -> Any:
+        with self._reading():
+            index, weight = self._draw(batch_size, beta)
+            return self._gather(index, weight)
+
+    def _draw(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        """Flat item indices [N] (ring unit * n_envs + env) and their importance weights [N]."""
+        first_unit, n_units = self._unit_range()
+        if n_units == 0:
+            raise ValueError(f"replay has no valid items yet: append at least {self._tail + self._history + 1} steps")
+        draw = torch.randint(n_units * self.n_envs, (batch_size,)).numpy()
+        unit = (first_unit + draw // self.n_envs) % (self.n_rows // self.interval)
+        return unit * self.n_envs + draw % self.n_envs, np.ones(batch_size, dtype=np.float32)
+
+    def _stored_next(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        """What is stored of the true next observation of steps (row [M], env [M])."""
+        ended = self.terminated[row, env] | self.truncated[row, env]
+        next_stored = self.observation[(row + 1) % self.n_rows, env]
+        next_stored[ended] = self.final_observation[self.final_index[row[ended], env[ended]]]
+        return next_stored
+
+    def _gather(self, index: np.ndarray, weight: np.ndarray) -> Any:
+        """n-step transitions starting at flat indices `index` [N]."""
+        row, env = index // self.n_envs, index % self.n_envs
+        n_step_return = np.zeros(len(index), dtype=np.float32)
+        in_window = np.ones(len(index), dtype=bool)
+        done = np.zeros(len(index), dtype=bool)
+        window_length = np.zeros(len(index), dtype=np.int64)
+        last = row
+        for j in range(self.n_step):
+            step = (row + j) % self.n_rows
+            n_step_return += np.where(in_window, self.gamma**j * self.reward[step, env], 0.0).astype(np.float32)
+            last = np.where(in_window, step, last)
+            window_length += in_window
+            terminated = self.terminated[step, env]
+            done |= in_window & terminated
+            in_window &= ~(terminated | self.truncated[step, env])
+        observation = self._observation(row, env)
+        # With n_step 1 the window's last step is its first: reuse the observation (frame stacks).
+        bootstrap = self._next_observation(last, env, observation if self.n_step == 1 else None)
+        discount = (self.gamma**window_length * ~done).astype(np.float32)
+        return ReplaySamples(
+            observation=torch.from_numpy(observation),
+            action=torch.from_numpy(self.action[row, env]),
+            prev_action=torch.from_numpy(self.prev_action[row, env]),
+            prev_reward=torch.from_numpy(self.prev_reward[row, env]),
+            n_step_return=torch.from_numpy(n_step_return),
+            done=torch.from_numpy(done.astype(np.float32)),
+            bootstrap_observation=torch.from_numpy(bootstrap),
+            discount=torch.from_numpy(discount),
+            weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
+            index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
+        )
+
+    # ---- checkpoint ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every stored tensor (cloned) and the layout, as plain tensors and ints (`weights_only` loadable)."""
+        with self._reading():
+            state = {name: tensor.clone() for name, tensor in self._flat_tensors()}
+        return {"n_rows": self.n_rows, "n_envs": self.n_envs, **state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy a `state_dict()` into this buffer's (possibly shared) memory; the layout must match."""
+        if (state.get("n_rows"), state.get("n_envs")) != (self.n_rows, self.n_envs):
+            raise ValueError(
+                f"replay checkpoint holds {state.get('n_rows')} x {state.get('n_envs')} steps, this buffer "
+                f"{self.n_rows} x {self.n_envs}: build the buffer with the checkpoint's size and n_envs"
+            )
+        with self._writing():
+            for name, tensor in self._flat_tensors():
+                if name not in state or state[name].shape != tensor.shape:
+                    raise ValueError(f"replay checkpoint: {name!r} missing or shaped differently; rebuild the buffer")
+                tensor.copy_(state[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Prioritized replay (Schaul et al. 2016)
+# --------------------------------------------------------------------------------------------------
+
+
+class PrioritizedReplayBuffer(UniformReplayBuffer):
+    """n-step transitions drawn with probability ∝ (priority + eps)^alpha, with importance weights.
+
+    New items enter at the largest priority seen so far (`default_priority` before any update); items not
+    yet valid (the newest steps behind the write cursor) are held at zero in the sum tree until they are.
+    """
+
+    eps = 1e-6
+
+    def __init__(
+        self,
+        example: Any,
+        size: int,
+        n_envs: int,
+        n_step: int = 1,
+        gamma: float = 0.99,
+        share_memory: bool = False,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        default_priority: float = 1.0,
+        **kwargs: Any,
+    ):
+        self.alpha = alpha
+        self.beta = beta
+        self.default_priority = default_priority
+        super().__init__(example, size, n_envs, n_step=n_step, gamma=gamma, share_memory=share_memory, **kwargs)
+        n_items = self.size // self.interval
+        self._tensors["priority"] = self._zeros((n_items,), torch.float64)  # (p + eps)^alpha, valid or not
+        self._tensors["sum_tree"] = self._zeros((SumTree.array_size(n_items),), torch.float64)
+        self._tensors["max_priority"] = self._zeros((1,), torch.float64)
+        self._tensors["max_priority"][0] = default_priority**alpha
+        self._bind()
+
+    def _bind(self) -> None:
+        super()._bind()
+        if "sum_tree" in self._tensors:
+            self.tree = SumTree(self.size // self.interval, self.sum_tree)
+
+    def sample(self, batch_size: int, beta: float | None = None) -> Any:
+        """`batch_size` items drawn by priority; `beta` (default self.beta) sets the importance-weight exponent."""
+        return self._sample(batch_size, self.beta if beta is None else beta)
+
+    def _draw(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        n_valid = self._unit_range()[1] * self.n_envs
+        total = self.tree.total
+        if n_valid == 0 or total <= 0:
+            raise ValueError(f"replay has no valid items yet: append at least {self._tail + self._history + 1} steps")
+        index = self.tree.sample(batch_size)
+        weight = (n_valid * self.tree.get(index) / total) ** -beta
+        return index, (weight / weight.max()).astype(np.float32)
+
+    def update_priorities(self, index: torch.Tensor | np.ndarray, priority: torch.Tensor | np.ndarray) -> None:
+        """Set the priority of sampled items `index` [N] to `priority` [N] >= 0 (e.g. |TD error|)."""
+        index = torch.as_tensor(index).detach().cpu().long().numpy()
+        value = (torch.as_tensor(priority).detach().cpu().double().numpy() + self.eps) ** self.alpha
+        with self._writing():
+            first_unit, n_units = self._unit_range()
+            # An item overwritten or invalidated since it was sampled keeps zero tree mass.
+            valid = (index // self.n_envs - first_unit) % (self.n_rows // self.interval) < n_units
+            self.priority[index] = value
+            self.tree.update(index, value * valid)
+            self.max_priority[0] = max(self.max_priority[0], value.max(initial=0.0))
+
+    def _after_append(self, units_before: tuple[int, int], steps_before: int) -> None:
+        """New items get the max priority; the tree is refreshed where items were written or changed validity."""
+        first_before, count_before = units_before
+        first_unit, n_valid_units = self._unit_range()
+        ring_units = self.n_rows // self.interval
+        end_unit = -(-int(self.counters[_STEPS]) // self.interval)  # one past the newest unit written
+        oldest_unit = end_unit - ring_units
+        written = np.arange(max(-(-steps_before // self.interval), oldest_unit), end_unit)
+        priority = self.priority.reshape(ring_units, self.n_envs)
+        priority[written % ring_units] = self.max_priority[0]
+        changed = np.concatenate(
+            [
+                np.arange(first_before, first_unit),  # left the valid range at the old end
+                np.arange(first_before + count_before, first_unit + n_valid_units),  # became valid at the new end
+                written,
+            ]
+        )
+        changed = np.unique(changed[changed >= oldest_unit])
+        valid = (changed >= first_unit) & (changed < first_unit + n_valid_units)
+        rows = changed % ring_units
+        index = (rows[:, None] * self.n_envs + np.arange(self.n_envs)).ravel()
+        self.tree.update(index, (priority[rows] * valid[:, None]).ravel())
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame-deduplicated replay (Atari frame stacks)
+# --------------------------------------------------------------------------------------------------
+
+
+class FrameReplayBuffer(UniformReplayBuffer):
+    """Uniform n-step replay of frame stacks `[K, H, W]` that stores each frame once.
+
+    Only the newest frame of every observation is kept (plus the newest frame of each episode's final
+    observation, in a pool of `final_capacity` frames, default size // 16); stacks are rebuilt when sampled
+    from the frames of the same episode, earlier slots zero (`frame_padding="zero"`) or repeating the
+    episode's first frame (`"repeat"`, what envs.FrameStack does after a reset). If episodes end more often
+    than the pool can hold, the oldest items whose final frame was evicted stop being sampled.
+    Other arguments go to the buffer class it is combined with (UniformReplayBuffer: n_step, gamma,
+    share_memory; PrioritizedReplayBuffer adds alpha, beta, default_priority; SequenceReplayBuffer...).
+    """
+
+    def __init__(
+        self,
+        example: Any,
+        size: int,
+        n_envs: int,
+        *args: Any,
+        frame_padding: str = "zero",
+        final_capacity: int | None = None,
+        **kwargs: Any,
+    ):
+        if frame_padding not in ("zero", "repeat"):
+            raise ValueError(f"frame_padding must be 'zero' or 'repeat', got {frame_padding!r}")
+        shape = tuple(example.observation.shape)
+        if len(shape) < 2:
+            raise ValueError(f"frame replay needs stacked observations [K, *frame_shape], got {shape}")
+        self.frame_stack = shape[0]
+        self._newest_frame = (Ellipsis, -1) + (slice(None),) * (len(shape) - 1)
+        self.frame_padding = frame_padding
+        self.final_capacity = final_capacity
+        super().__init__(example, size, n_envs, *args, **kwargs)
+
+    @property
+    def _history(self) -> int:
+        return self.frame_stack - 1
+
+    def _final_capacity(self) -> int:
+        return self.final_capacity or max(self.size // 16, self.n_envs)
+
+    def _compress(self, observation: Any) -> Any:
+        return observation[self._newest_frame]
+
+    def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        stack = np.empty((len(row), self.frame_stack, *self.observation.shape[2:]), dtype=self.observation.dtype)
+        stack[:, -1] = self.observation[row, env]
+        same_episode = np.ones(len(row), dtype=bool)
+        for k in range(1, self.frame_stack):
+            earlier = (row - k) % self.n_rows
+            same_episode &= ~(self.terminated[earlier, env] | self.truncated[earlier, env])
+            slot = self.frame_stack - 1 - k
+            stack[:, slot] = self.observation[earlier, env]
+            outside = ~same_episode
+            stack[outside, slot] = 0 if self.frame_padding == "zero" else stack[outside, slot + 1]
+        return stack
+
+    def _next_observation(self, row: np.ndarray, env: np.ndarray, observation: np.ndarray | None = None) -> np.ndarray:
+        # The next stack is this step's stack shifted by one frame: within an episode the newest frame is
+        # the next step's, at an episode end it is the final frame from the pool.
+        stack = self._observation(row, env) if observation is None else observation
+        return np.concatenate([stack[:, 1:], self._stored_next(row, env)[:, None]], axis=1)
+
+
+class PrioritizedFrameReplayBuffer(FrameReplayBuffer, PrioritizedReplayBuffer):
+    """FrameReplayBuffer sampled by priority: arguments of both (alpha, beta, default_priority, frame_padding...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence replay (R2D1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_leaves(destination: Any, index: Any, source: Any) -> None:
+    """destination[index] = source for every leaf of matching (nested) structures."""
+    if isinstance(destination, np.ndarray):
+        destination[index] = source
+        return
+    for destination_leaf, source_leaf in zip(destination, source):
+        if destination_leaf is not None:
+            _write_leaves(destination_leaf, index, source_leaf)
+
+
+class SequenceReplayBuffer(UniformReplayBuffer):
+    """Sequences of `burn_in + train_length + n_step` steps for recurrent Q-learning (R2D1).
+
+    Sequences start every `rnn_state_interval` steps, where the recurrent state the agent had before that
+    step is stored; they may cross episode boundaries (the learner resets on terminated / truncated) but
+    never the write cursor. `size // n_envs` is rounded down to a multiple of `rnn_state_interval`.
+    """
+
+    def __init__(
+        self,
+        example: Any,
+        size: int,
+        n_envs: int,
+        rnn_state_example: Any,
+        burn_in: int = 40,
+        train_length: int = 40,
+        n_step: int = 5,
+        rnn_state_interval: int = 40,
+        share_memory: bool = False,
+        **kwargs: Any,
+    ):
+        if rnn_state_interval < 1 or burn_in < 0 or train_length < 1:
+            raise ValueError("need rnn_state_interval >= 1, burn_in >= 0 and train_length >= 1")
+        self.interval = rnn_state_interval
+        self.burn_in = burn_in
+        self.train_length = train_length
+        self.sequence_length = burn_in + train_length + n_step
+        super().__init__(example, size, n_envs, n_step=n_step, share_memory=share_memory, **kwargs)
+        self._tensors["rnn_state"] = buffer_from_example(
+            torchify_buffer(rnn_state_example), (self.n_rows // self.interval, n_envs), share_memory
+        )
+        self._bind()
+
+    @property
+    def _tail(self) -> int:
+        return self.sequence_length
+
+    def append(self, samples: Any, rnn_state: Any) -> None:
+        """Store a sampler batch [T, B] and the (nested) rnn state [T, B, ...] the agent had before each step."""
+        rnn_state = numpify_buffer(rnn_state)
+        with self._writing():
+            first_step, n_stored = self._append(samples)
+            steps = np.arange(first_step, first_step + n_stored)
+            starts = steps % self.interval == 0
+            source = samples.reward.shape[0] - n_stored + np.nonzero(starts)[0]
+            units = (steps[starts] // self.interval) % (self.n_rows // self.interval)
+            _write_leaves(self.rnn_state, units, buffer_map(lambda leaf: leaf[source], rnn_state))
+
+    def _gather(self, index: np.ndarray, weight: np.ndarray) -> Any:
+        """Sequences [L, N, ...] starting at items `index` [N], with their stored rnn state [N, ...]."""
+        unit, env = index // self.n_envs, index % self.n_envs
+        length, batch = self.sequence_length, len(index)
+        row = ((unit * self.interval)[None] + np.arange(length)[:, None]) % self.n_rows
+        env_of_row = np.broadcast_to(env, row.shape)
+        flat_row, flat_env = row.ravel(), env_of_row.ravel()
+        observation = self._observation(flat_row, flat_env)
+        ended = self.terminated[flat_row, flat_env] | self.truncated[flat_row, flat_env]
+        next_observation = np.zeros_like(observation)
+        next_observation[ended] = self._next_observation(flat_row[ended], flat_env[ended], observation[ended])
+
+        def time_major(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array.reshape(length, batch, *array.shape[1:]))
+
+        return SequenceSamples(
+            observation=time_major(observation),
+            action=torch.from_numpy(self.action[row, env_of_row]),
+            reward=torch.from_numpy(self.reward[row, env_of_row]),
+            terminated=torch.from_numpy(self.terminated[row, env_of_row]),
+            truncated=torch.from_numpy(self.truncated[row, env_of_row]),
+            prev_action=torch.from_numpy(self.prev_action[row, env_of_row]),
+            prev_reward=torch.from_numpy(self.prev_reward[row, env_of_row]),
+            next_observation=time_major(next_observation),
+            rnn_state=buffer_map(lambda leaf: torch.from_numpy(leaf[unit, env]), self.rnn_state),
+            weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
+            index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
+        )
+
+
+class PrioritizedSequenceReplayBuffer(SequenceReplayBuffer, PrioritizedReplayBuffer):
+    """SequenceReplayBuffer sampled by priority; a sequence's priority is eta max|δ| + (1 - eta) mean|δ|."""
+
+    def __init__(self, example: Any, size: int, n_envs: int, rnn_state_example: Any, *, eta: float = 0.9, **kwargs):
+        self.eta = eta
+        super().__init__(example, size, n_envs, rnn_state_example, **kwargs)
+
+    def update_priorities(self, index: torch.Tensor | np.ndarray, td_abs: torch.Tensor | np.ndarray) -> None:
+        """Set the priorities of sampled sequences `index` [N] from their absolute TD errors `td_abs` [L', N]."""
+        td_abs = torch.as_tensor(td_abs).detach().cpu().double().abs()
+        priority = self.eta * td_abs.max(dim=0).values + (1.0 - self.eta) * td_abs.mean(dim=0)
+        super().update_priorities(index, priority)
+
+
+class FrameSequenceReplayBuffer(FrameReplayBuffer, SequenceReplayBuffer):
+    """SequenceReplayBuffer of frame stacks, each frame stored once (see FrameReplayBuffer)."""
+
+
+class PrioritizedFrameSequenceReplayBuffer(FrameReplayBuffer, PrioritizedSequenceReplayBuffer):
+    """PrioritizedSequenceReplayBuffer of frame stacks, each frame stored once (see FrameReplayBuffer)."""
