@@ -112,12 +112,13 @@ class SumTree:
         prefix = np.array(prefix, dtype=np.float64)
         node = np.ones(prefix.shape, dtype=np.int64)
         for _ in range(self.depth):
-            left = 2 * node
-            left_sum = self.array[left]
+            node *= 2  # the left child
+            left_sum = self.array[node]
             # Going right only into a positive subtree means rounding at a boundary cannot reach a zero leaf.
-            go_right = (prefix >= left_sum) & (self.array[left + 1] > 0)
-            prefix = np.where(go_right, prefix - left_sum, prefix)
-            node = left + go_right
+            go_right = prefix >= left_sum
+            go_right &= self.array[node + 1] > 0
+            prefix -= left_sum * go_right
+            node += go_right
         return node - self.n_leaves
 
     def sample(self, batch_size: int) -> np.ndarray:
@@ -167,7 +168,7 @@ class ReadWriteLock:
                 self._condition.notify_all()
 
 
-def _flat_tensors(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def _named_leaves(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(dotted name, tensor) for every leaf of a (nested) tuple / namedtuple of tensors."""
     if value is None:
         return
@@ -176,7 +177,7 @@ def _flat_tensors(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]
         return
     names = value._fields if hasattr(value, "_fields") else range(len(value))
     for name, field in zip(names, value):
-        yield from _flat_tensors(f"{prefix}.{name}", field)
+        yield from _named_leaves(f"{prefix}.{name}", field)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +186,13 @@ def _flat_tensors(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]
 
 
 class UniformReplayBuffer:
-    """n-step transitions sampled uniformly from a `[size // n_envs, n_envs]` ring."""
+    """n-step transitions sampled uniformly from a `[size // n_envs, n_envs]` ring.
+
+    `example` is one step of the sampler's batch (`batch[0, 0]`); `append(batch)` stores a `[T, B]` batch,
+    `sample(batch_size)` returns ReplaySamples, `len()` counts the transitions that can be sampled. The
+    final-observation pool holds one entry per stored step, so it never evicts (fine for vector
+    observations; FrameReplayBuffer is the one for images).
+    """
 
     interval = 1  # items (transitions) may start at every step; sequence buffers override
 
@@ -209,7 +216,6 @@ class UniformReplayBuffer:
         example = torchify_buffer(example)
         if example.next_observation is None:
             raise ValueError("replay needs samples with next_observation (the true final observation at episode ends)")
-        self.observation_example = example.observation
         stored = self._compress(example.observation)
         n_finals = self._final_capacity()
         ring = (self.n_rows, n_envs)
@@ -248,9 +254,20 @@ class UniformReplayBuffer:
         """Observations of steps (row [M], env [M]): [M, *obs_shape]."""
         return self.observation[row, env]
 
-    def _next_observation(self, row: np.ndarray, env: np.ndarray, observation: np.ndarray | None = None) -> np.ndarray:
-        """True next observations of steps (row [M], env [M]) whose observations are `observation`: [M, ...]."""
-        return self._stored_next(row, env)
+    def _next_observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        """True next observations of steps (row [M], env [M]): [M, *obs_shape]."""
+        next_observation = self.observation[(row + 1) % self.n_rows, env]
+        self._put_finals(next_observation, row, env)
+        return next_observation
+
+    def _ended(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        """Whether steps (row, env) ended an episode (terminated or truncated), any index shape."""
+        return self.terminated[row, env] | self.truncated[row, env]
+
+    def _put_finals(self, target: np.ndarray, row: np.ndarray, env: np.ndarray) -> None:
+        """Overwrite target [M, ...] with the stored final observation where step (row [M], env [M]) ended."""
+        ended = self._ended(row, env)
+        target[ended] = self.final_observation[self.final_index[row[ended], env[ended]]]
 
     # ---- storage plumbing ----
 
@@ -269,7 +286,7 @@ class UniformReplayBuffer:
         # originals into shared memory behind this object's numpy views.
         clone = (lambda x: x) if self.share_memory else torch.clone
         state["_tensors"] = {name: buffer_map(clone, value) for name, value in self._tensors.items()}
-        state.pop("tree", None)
+        state.pop("tree", None)  # prioritized buffers rebuild it around the shared array in _bind
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -278,7 +295,7 @@ class UniformReplayBuffer:
 
     def _flat_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key, value in self._tensors.items():
-            yield from _flat_tensors(key, value)
+            yield from _named_leaves(key, value)
 
     def _reading(self):
         return self._lock.read() if self._lock is not None else nullcontext()
@@ -371,42 +388,31 @@ class UniformReplayBuffer:
         unit = (first_unit + draw // self.n_envs) % (self.n_rows // self.interval)
         return unit * self.n_envs + draw % self.n_envs, np.ones(batch_size, dtype=np.float32)
 
-    def _stored_next(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
-        """What is stored of the true next observation of steps (row [M], env [M])."""
-        ended = self.terminated[row, env] | self.truncated[row, env]
-        next_stored = self.observation[(row + 1) % self.n_rows, env]
-        next_stored[ended] = self.final_observation[self.final_index[row[ended], env[ended]]]
-        return next_stored
-
     def _gather(self, index: np.ndarray, weight: np.ndarray) -> Any:
         """n-step transitions starting at flat indices `index` [N]."""
         row, env = index // self.n_envs, index % self.n_envs
-        n_step_return = np.zeros(len(index), dtype=np.float32)
-        in_window = np.ones(len(index), dtype=bool)
-        done = np.zeros(len(index), dtype=bool)
-        window_length = np.zeros(len(index), dtype=np.int64)
-        last = row
-        for j in range(self.n_step):
-            step = (row + j) % self.n_rows
-            n_step_return += np.where(in_window, self.gamma**j * self.reward[step, env], 0.0).astype(np.float32)
-            last = np.where(in_window, step, last)
-            window_length += in_window
-            terminated = self.terminated[step, env]
-            done |= in_window & terminated
-            in_window &= ~(terminated | self.truncated[step, env])
+        window = (row[:, None] + np.arange(self.n_step)) % self.n_rows  # [N, n_step]
+        terminated = self.terminated[window, env[:, None]]
+        ended = terminated | self.truncated[window, env[:, None]]
+        # Step j of the window counts while no episode ended at steps 0..j-1 of it.
+        in_window = np.ones_like(ended)
+        in_window[:, 1:] = ~np.logical_or.accumulate(ended[:, :-1], axis=1)
+        n_step_return = (self.reward[window, env[:, None]] * in_window) @ (self.gamma ** np.arange(self.n_step))
+        window_length = in_window.sum(axis=1)
+        last = window_length - 1
+        done = terminated[np.arange(len(index)), last]
+        discount = self.gamma**window_length * ~done
         observation = self._observation(row, env)
-        # With n_step 1 the window's last step is its first: reuse the observation (frame stacks).
-        bootstrap = self._next_observation(last, env, observation if self.n_step == 1 else None)
-        discount = (self.gamma**window_length * ~done).astype(np.float32)
+        bootstrap = self._next_observation(window[np.arange(len(index)), last], env)
         return ReplaySamples(
             observation=torch.from_numpy(observation),
             action=torch.from_numpy(self.action[row, env]),
             prev_action=torch.from_numpy(self.prev_action[row, env]),
             prev_reward=torch.from_numpy(self.prev_reward[row, env]),
-            n_step_return=torch.from_numpy(n_step_return),
+            n_step_return=torch.from_numpy(n_step_return.astype(np.float32)),
             done=torch.from_numpy(done.astype(np.float32)),
             bootstrap_observation=torch.from_numpy(bootstrap),
-            discount=torch.from_numpy(discount),
+            discount=torch.from_numpy(discount.astype(np.float32)),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
             index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
         )
@@ -573,24 +579,36 @@ class FrameReplayBuffer(UniformReplayBuffer):
     def _compress(self, observation: Any) -> Any:
         return observation[self._newest_frame]
 
-    def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
-        stack = np.empty((len(row), self.frame_stack, *self.observation.shape[2:]), dtype=self.observation.dtype)
-        stack[:, -1] = self.observation[row, env]
-        same_episode = np.ones(len(row), dtype=bool)
-        for k in range(1, self.frame_stack):
-            earlier = (row - k) % self.n_rows
-            same_episode &= ~(self.terminated[earlier, env] | self.truncated[earlier, env])
-            slot = self.frame_stack - 1 - k
-            stack[:, slot] = self.observation[earlier, env]
-            outside = ~same_episode
-            stack[outside, slot] = 0 if self.frame_padding == "zero" else stack[outside, slot + 1]
+    def _stack(self, newest: np.ndarray, env: np.ndarray, ended_before: np.ndarray) -> np.ndarray:
+        """Stacks [M, K, ...] with newest frame at row `newest` [M], cut at the first True of `ended_before` [M, K-1].
+
+        `ended_before[:, k - 1]` says whether an episode ended at the k-th older frame: that frame and all
+        older ones belong to an earlier episode.
+        """
+        n_older = (~np.logical_or.accumulate(ended_before, axis=1)).sum(axis=1)
+        offset = np.arange(self.frame_stack - 1, -1, -1)  # oldest frame first
+        outside = offset > n_older[:, None]
+        if self.frame_padding == "repeat":
+            offset = np.minimum(offset, n_older[:, None])  # the episode's first frame fills the earlier slots
+        stack = self.observation[(newest[:, None] - offset) % self.n_rows, env[:, None]]
+        if self.frame_padding == "zero":
+            stack[outside] = 0
         return stack
 
-    def _next_observation(self, row: np.ndarray, env: np.ndarray, observation: np.ndarray | None = None) -> np.ndarray:
-        # The next stack is this step's stack shifted by one frame: within an episode the newest frame is
-        # the next step's, at an episode end it is the final frame from the pool.
-        stack = self._observation(row, env) if observation is None else observation
-        return np.concatenate([stack[:, 1:], self._stored_next(row, env)[:, None]], axis=1)
+    def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        older = (row[:, None] - np.arange(1, self.frame_stack)) % self.n_rows
+        return self._stack(row, env, self._ended(older, env[:, None]))
+
+    def _next_observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
+        # The next stack is this step's stack shifted by one frame. Its newest frame is the next step's
+        # within an episode and the pooled final frame at an episode end; in both cases this step's own
+        # frame belongs to it, so only ends before this step cut the stack.
+        older = (row[:, None] - np.arange(self.frame_stack - 1)) % self.n_rows
+        ended_before = self._ended(older, env[:, None])
+        ended_before[:, :1] = False
+        stack = self._stack((row + 1) % self.n_rows, env, ended_before)
+        self._put_finals(stack[:, -1], row, env)
+        return stack
 
 
 class PrioritizedFrameReplayBuffer(FrameReplayBuffer, PrioritizedReplayBuffer):
@@ -668,9 +686,9 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         env_of_row = np.broadcast_to(env, row.shape)
         flat_row, flat_env = row.ravel(), env_of_row.ravel()
         observation = self._observation(flat_row, flat_env)
-        ended = self.terminated[flat_row, flat_env] | self.truncated[flat_row, flat_env]
+        ended = self._ended(flat_row, flat_env)
         next_observation = np.zeros_like(observation)
-        next_observation[ended] = self._next_observation(flat_row[ended], flat_env[ended], observation[ended])
+        next_observation[ended] = self._next_observation(flat_row[ended], flat_env[ended])
 
         def time_major(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array.reshape(length, batch, *array.shape[1:]))
@@ -693,7 +711,9 @@ class SequenceReplayBuffer(UniformReplayBuffer):
 class PrioritizedSequenceReplayBuffer(SequenceReplayBuffer, PrioritizedReplayBuffer):
     """SequenceReplayBuffer sampled by priority; a sequence's priority is eta max|δ| + (1 - eta) mean|δ|."""
 
-    def __init__(self, example: Any, size: int, n_envs: int, rnn_state_example: Any, *, eta: float = 0.9, **kwargs):
+    def __init__(
+        self, example: Any, size: int, n_envs: int, rnn_state_example: Any, *, eta: float = 0.9, **kwargs: Any
+    ):
         self.eta = eta
         super().__init__(example, size, n_envs, rnn_state_example, **kwargs)
 
