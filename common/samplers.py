@@ -4,6 +4,7 @@
     batch, episodes = sampler.collect()   # batch: Samples of [T, B] torch CPU tensors; episodes: [Episode]
     ... optimize ...
     sampler.sync(model)                   # new parameters reach the workers / the inference copy
+    sampler.evaluate(n_episodes)          # deterministic evaluation episodes (or module-level `evaluate`)
     sampler.close()
 
 `env_fn(seed)` builds one environment (see `common.envs.make_env`); `policy_step` is a module-level
@@ -16,7 +17,40 @@ function of the script:
 the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of [B, ...]
 tensors that the sampler zeroes for environments whose episode ended (it also zeroes their previous
 action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
-`policy_step`.
+`policy_step`, in every kind. `sampler.example` is one step of the batch (no leading dims): replay buffers
+are allocated from it.
+
+Kinds (`--sampler`):
+
+- `serial`: one process steps every env and runs the policy, batched over all envs, on `device`.
+- `parallel-cpu`: `--n-workers` processes each step a contiguous slice of the envs and run the policy on
+  it, with their own CPU copy of the model and one torch thread each. The copy's parameters and buffers
+  live in shared memory; `sync(model)` copies the training model's state_dict into them (between collects,
+  when the workers are idle). Each worker keeps the rnn state of its envs.
+- `parallel-gpu`: the workers only step envs; at every step the main process runs the policy once for all
+  envs on `device` (the training model itself, as in serial: `sync` has nothing to copy).
+- `alternating-gpu`: the envs form two halves, [0, B/2) and [B/2, B), and every worker holds a slice of
+  each. While the workers step their envs of one half, the main process runs the policy for the other
+  half, so env stepping and inference overlap (rlpyt's alternating sampler). B must split into 2 x workers.
+
+Env i (column i of the batch) is built by `env_fn(seed + i)` and reset with seed `seed + i` whatever the
+kind and the worker split, so a policy that is a fixed function of its inputs yields the same batch from
+every kind, bit for bit. Episodes are listed in the order they ended: by step, then by env index (the
+serial order). Stochastic policies draw from the main process's generators, except in parallel-cpu where
+each worker has its own, seeded from (seed, worker index).
+
+The parallel kinds move observations, actions, rewards, flags, agent info and episode statistics through
+preallocated shared memory: the [T, B] batch itself, each worker writing its columns. Per step, semaphores
+hand each half of the batch between the workers and the main process (env-only kinds); one small pipe
+message per worker starts and ends each collect. A worker that raises sends its traceback and exits; one
+that dies is noticed by its exit code; either way the main process raises `SamplerError` within a fraction
+of a second, and `close()` ends every worker. Main waits poll the workers' liveness; worker waits poll the
+main process's, so workers exit by themselves when it is gone. Workers ignore SIGINT: Ctrl-C reaches the
+main process, whose `finally: sampler.close()` stops them. `close()` is idempotent and also runs at exit.
+Start methods: spawn (the default; required for CUDA), forkserver and fork. Under spawn and forkserver the
+script's `policy_step`, model classes and `env_fn` are pickled by reference (`__main__` is re-imported in
+the workers as `__mp_main__`): they must be module-level, and the script must guard `main()` with
+`if __name__ == "__main__"`.
 
 The batch returned by `collect` is a view of the sampler's preallocated buffer: the next `collect`
 overwrites it, so copy what must outlive one iteration (replay buffers do).
@@ -24,11 +58,24 @@ overwrites it, so copy what must outlive one iteration (replay buffers do).
 
 from __future__ import annotations
 
+import atexit
+import copy
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+import weakref
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_handles
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.multiprocessing as torch_mp
 
 from common.envs import UsageError
 from common.namedarraytuple import (
@@ -44,8 +91,14 @@ Samples = namedarraytuple(
     ["observation", "next_observation", "action", "reward", "terminated", "truncated",
      "prev_action", "prev_reward", "agent_info"],
 )
+# Where episodes ended inside a batch ([T, B] each): the parallel kinds report them through shared memory.
+EpisodeStats = namedarraytuple("EpisodeStats", ["ended", "ret", "length"])
 
 EVAL_SEED_OFFSET = 1_000_003
+PARALLEL_KINDS = ("parallel-cpu", "parallel-gpu", "alternating-gpu")
+MAIN_POLL_S = 0.05  # a main-process wait checks that the workers live this often
+WORKER_POLL_S = 0.5  # a worker wait checks that the main process lives this often
+CLOSE_TIMEOUT_S = 2.0  # workers get this long to exit on request before they are terminated
 
 
 class Episode(NamedTuple):
@@ -53,6 +106,10 @@ class Episode(NamedTuple):
 
     ret: float
     length: int
+
+
+class SamplerError(RuntimeError):
+    """A sampler worker raised or died; the message carries its traceback or exit status."""
 
 
 PolicyStep = Callable[..., tuple[torch.Tensor, Any, Any]]
@@ -158,12 +215,78 @@ def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluation_plan(n_episodes: int, seed: int, max_envs: int = 8) -> tuple[list[int], list[int]]:
+    """Seeds of the evaluation envs and how many episodes each runs: episode k is one of env k % E."""
+    n_envs = min(n_episodes, max_envs)
+    quotas = [n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)]
+    return [seed + EVAL_SEED_OFFSET + i for i in range(n_envs)], quotas
+
+
+def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, seeds: list[int],
+                 quotas: list[int], device: torch.device, **policy_kwargs: Any) -> list[list[Episode]]:
+    """Deterministic episodes, batched: env i (seed seeds[i]) runs its first quotas[i]; returns them per env."""
+    group = EnvGroup(env_fn, seeds)
+    n_envs = len(seeds)
+    was_training = getattr(model, "training", False)
+    try:
+        obs = np.empty_like(group.observation)
+        prev_action, prev_reward = np.empty_like(group.prev_action), np.empty_like(group.prev_reward)
+        next_obs = np.empty_like(group.observation)
+        reward = np.zeros(n_envs, np.float32)
+        terminated, truncated = np.zeros(n_envs, bool), np.zeros(n_envs, bool)
+        per_env: list[list[Episode]] = [[] for _ in range(n_envs)]
+        rnn_state = None
+        if hasattr(model, "eval"):
+            model.eval()
+        while any(len(per_env[i]) < quotas[i] for i in range(n_envs)):
+            group.write_inputs(obs, prev_action, prev_reward)
+            action, _, rnn_state = call_policy(
+                policy_step, model, obs, prev_action, prev_reward, rnn_state, device,
+                deterministic=True, **policy_kwargs,
+            )
+            episodes, done = group.step(action, next_obs, reward, terminated, truncated)
+            for b, episode in zip(group.finished_envs, episodes):
+                if len(per_env[b]) < quotas[b]:
+                    per_env[b].append(episode)
+            rnn_state = zero_rnn_state(rnn_state, torch.from_numpy(done))
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+        group.close()
+    return per_env
+
+
+def evaluate(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_episodes: int, seed: int,
+             device: torch.device | None = None, max_envs: int = 8, **policy_kwargs: Any) -> list[Episode]:
+    """Run `n_episodes` deterministic episodes (batched over up to `max_envs` envs); returns their stats.
+
+    Episode k is the k-th of env k % E, so the set of episodes does not depend on their lengths.
+    """
+    if n_episodes <= 0:
+        return []
+    device = device if device is not None else next(model.parameters()).device
+    seeds, quotas = evaluation_plan(n_episodes, seed, max_envs)
+    per_env = run_episodes(env_fn, policy_step, model, seeds, quotas, device, **policy_kwargs)
+    return [episode for episodes in per_env for episode in episodes]
+
+
+# --------------------------------------------------------------------------------------------------
+# Serial
+# --------------------------------------------------------------------------------------------------
+
+
 class SerialSampler:
     """Everything in one process: the envs are stepped in a loop, the policy runs batched on `device`."""
 
     def __init__(self, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_envs: int,
-                 horizon: int, seed: int, device: torch.device):
+                 horizon: int, seed: int, device: torch.device, eval_env_fn: Callable[[int], Any] | None = None):
         self.policy_step, self.model, self.device, self.horizon = policy_step, model, device, horizon
+        self.seed, self.eval_env_fn = seed, eval_env_fn or env_fn
         self.group = EnvGroup(env_fn, [seed + i for i in range(n_envs)])
         self.example = samples_example(self.group, policy_step, model, device)
         self.samples_np = buffer_from_example(self.example, (horizon, n_envs))
@@ -195,6 +318,13 @@ class SerialSampler:
         """The serial sampler runs the training model itself: nothing to copy."""
         self.model = model
 
+    def evaluate(self, n_episodes: int, seed: int | None = None, max_envs: int = 8,
+                 **policy_kwargs: Any) -> list[Episode]:
+        """Deterministic episodes of the eval envs (the module-level `evaluate`, with this sampler's model)."""
+        seed = self.seed if seed is None else seed
+        return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device, max_envs,
+                        **policy_kwargs)
+
     def state(self) -> dict:
         return {}
 
@@ -202,52 +332,490 @@ class SerialSampler:
         self.group.close()
 
 
+# --------------------------------------------------------------------------------------------------
+# Parallel: the worker side
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSpec:
+    """What one worker needs; pickled once, at start (shared tensors and semaphores go by reference)."""
+
+    index: int
+    env_only: bool  # parallel-gpu / alternating-gpu: the main process runs the policy
+    env_fn: Callable[[int], Any]
+    eval_env_fn: Callable[[int], Any]
+    policy_step: PolicyStep
+    model: Any  # parallel-cpu: the shared CPU copy; else None
+    columns: list[tuple[int, int]]  # [start, stop) of its envs in each half of the batch
+    seed: int
+    horizon: int
+    samples: Samples  # [T, B] shared
+    episode_stats: EpisodeStats  # [T, B] shared
+    stop_flag: torch.Tensor  # [1] shared; set by close()
+    obs_ready: list  # per half: the worker has written the step's policy inputs (env-only kinds)
+    act_ready: list  # per half: the main process has written the step's actions (env-only kinds)
+    conn: Any
+    main_pid: int
+    cpu: int | None
+
+
+class WorkerStopped(Exception):
+    """The main process is gone or asked the worker to stop."""
+
+
+class MainWatch:
+    """Worker-side waits that give up when the main process dies or sets the stop flag."""
+
+    def __init__(self, main_pid: int, stop_flag: np.ndarray):
+        self.main_pid, self.parent_pid, self.stop_flag = main_pid, os.getppid(), stop_flag
+
+    def check(self) -> None:
+        if self.stop_flag[0] or os.getppid() != self.parent_pid or not pid_exists(self.main_pid):
+            raise WorkerStopped
+
+    def acquire(self, semaphore: Any) -> None:
+        while not semaphore.acquire(timeout=WORKER_POLL_S):
+            self.check()
+        if self.stop_flag[0]:
+            raise WorkerStopped
+
+    def receive(self, conn: Any) -> tuple[str, Any]:
+        while not conn.poll(WORKER_POLL_S):
+            self.check()
+        try:
+            return conn.recv()
+        except EOFError:
+            raise WorkerStopped from None
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EnvSlice:
+    """A worker's envs in one contiguous range of batch columns, with numpy views of those columns."""
+
+    def __init__(self, spec: WorkerSpec, start: int, stop: int, samples: Samples, stats: EpisodeStats,
+                 obs_ready: Any, act_ready: Any):
+        self.group = EnvGroup(spec.env_fn, [spec.seed + i for i in range(start, stop)])
+        self.samples, self.stats = samples[:, start:stop], stats[:, start:stop]
+        self.obs_ready, self.act_ready = obs_ready, act_ready
+        self.rnn_state = None
+
+    def write_inputs(self, t: int) -> None:
+        step = self.samples[t]
+        self.group.write_inputs(step.observation, step.prev_action, step.prev_reward)
+
+    def step(self, t: int) -> np.ndarray:
+        """Step with the actions of step t; record results and finished episodes; returns the done mask."""
+        step, stats = self.samples[t], self.stats[t]
+        episodes, done = self.group.step(
+            step.action, step.next_observation, step.reward, step.terminated, step.truncated
+        )
+        stats.ended[:] = False
+        for b, episode in zip(self.group.finished_envs, episodes):
+            stats.ended[b], stats.ret[b], stats.length[b] = True, episode.ret, episode.length
+        return done
+
+
+def collect_with_policy(spec: WorkerSpec, slices: list[EnvSlice], watch: MainWatch, training: bool,
+                        policy_kwargs: dict) -> None:
+    """parallel-cpu: run the policy and step the envs for a whole batch, without the main process."""
+    cpu = torch.device("cpu")
+    if hasattr(spec.model, "train"):
+        spec.model.train(training)
+    for t in range(spec.horizon):
+        if watch.stop_flag[0]:
+            raise WorkerStopped
+        for envs in slices:
+            step = envs.samples[t]
+            envs.write_inputs(t)
+            action, agent_info, envs.rnn_state = call_policy(
+                spec.policy_step, spec.model, step.observation, step.prev_action, step.prev_reward,
+                envs.rnn_state, cpu, **policy_kwargs,
+            )
+            step.action[:] = action
+            if agent_info is not None:
+                step.agent_info[:] = agent_info
+            done = envs.step(t)
+            envs.rnn_state = zero_rnn_state(envs.rnn_state, torch.from_numpy(done))
+
+
+def step_envs_only(slices: list[EnvSlice], horizon: int, watch: MainWatch) -> None:
+    """Env-only kinds: per step and half, publish the inputs, wait for the actions, step."""
+    for envs in slices:
+        envs.write_inputs(0)
+        envs.obs_ready.release()
+    for t in range(horizon):
+        for envs in slices:
+            watch.acquire(envs.act_ready)
+            envs.step(t)
+            if t + 1 < horizon:  # the last step's results are announced by the end-of-collect reply
+                envs.write_inputs(t + 1)
+                envs.obs_ready.release()
+
+
+def seed_worker(seed: int, index: int) -> None:
+    """Give each worker its own random streams (policy sampling), derived from the run seed."""
+    low, high = np.random.SeedSequence([seed & (2**64 - 1), index]).generate_state(2)
+    random.seed(int(low))
+    np.random.seed(int(low))
+    torch.manual_seed((int(high) << 32) | int(low))
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """A worker process: build its envs, then serve collect / evaluate / close commands from the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+    conn, slices, exit_code = spec.conn, [], 0
+    try:
+        if spec.cpu is not None:
+            os.sched_setaffinity(0, {spec.cpu})
+        seed_worker(spec.seed, spec.index)
+        watch = MainWatch(spec.main_pid, spec.stop_flag.numpy())
+        samples, stats = numpify_buffer(spec.samples), numpify_buffer(spec.episode_stats)
+        for half, (start, stop) in enumerate(spec.columns):
+            obs_ready = spec.obs_ready[half] if spec.env_only else None
+            act_ready = spec.act_ready[half] if spec.env_only else None
+            slices.append(EnvSlice(spec, start, stop, samples, stats, obs_ready, act_ready))
+        conn.send(("ready", None))
+        while True:
+            command, payload = watch.receive(conn)
+            result = None
+            if command == "close":
+                break
+            if command == "collect" and spec.env_only:
+                step_envs_only(slices, spec.horizon, watch)
+            elif command == "collect":
+                collect_with_policy(spec, slices, watch, **payload)
+            elif command == "evaluate":
+                seeds, quotas, policy_kwargs = payload
+                result = run_episodes(spec.eval_env_fn, spec.policy_step, spec.model, seeds, quotas,
+                                      torch.device("cpu"), **policy_kwargs)
+            else:
+                raise ValueError(f"sampler worker got an unknown command {command!r}")
+            conn.send(("done", result))
+    except WorkerStopped:
+        pass
+    except BaseException:
+        with suppress(OSError, ValueError):
+            conn.send(("error", traceback.format_exc()))
+        exit_code = 1
+    for envs in slices:
+        with suppress(Exception):
+            envs.group.close()
+    # Skip the interpreter's teardown (a second or more with torch loaded): nothing is left to clean up.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel: the main side
+# --------------------------------------------------------------------------------------------------
+
+
+_LIVE_SAMPLERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def close_live_samplers() -> None:
+    """At interpreter exit, stop the workers of samplers that were not closed."""
+    for sampler in list(_LIVE_SAMPLERS):
+        sampler.close()
+
+
+class ParallelSampler:
+    """Worker processes step the envs (and, in parallel-cpu, run the policy): see the module docstring."""
+
+    def __init__(self, kind: str, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_envs: int,
+                 horizon: int, seed: int, device: torch.device, n_workers: int, cpu_affinity: bool = False,
+                 start_method: str = "spawn", eval_env_fn: Callable[[int], Any] | None = None):
+        if kind not in PARALLEL_KINDS:
+            raise UsageError(f"unknown parallel sampler {kind!r}: use one of {', '.join(PARALLEL_KINDS)}")
+        n_halves = 2 if kind == "alternating-gpu" else 1
+        if n_workers < 1 or n_envs % (n_halves * n_workers) != 0:
+            raise UsageError(
+                f"--sampler {kind}: --n-envs {n_envs} does not split evenly over --n-workers {n_workers}"
+                + (" in two alternating halves" if n_halves == 2 else "")
+                + f": use a multiple of {n_halves * max(n_workers, 1)}"
+            )
+        self.kind, self.policy_step, self.model, self.device = kind, policy_step, model, device
+        self.n_envs, self.horizon, self.seed, self.n_workers = n_envs, horizon, seed, n_workers
+        self.eval_env_fn = eval_env_fn or env_fn
+        self.training = getattr(model, "training", False)
+        self.shared_model = None
+        self.processes: list = []
+        self.conns: list = []
+        self.obs_ready: list[list] = []  # [worker][half]
+        self.act_ready: list[list] = []
+        self.stop_flag = torch.zeros(1, dtype=torch.int32).share_memory_()
+        self.broken: str | None = None
+        self.closed = False
+        self.owner_pid = os.getpid()
+        half = n_envs // n_halves
+        self.halves = [slice(h * half, (h + 1) * half) for h in range(n_halves)]
+        self.rnn_state: list[Any] = [None] * n_halves  # env-only kinds: the main process runs the policy
+        _LIVE_SAMPLERS.add(self)
+        try:
+            self._start(env_fn, cpu_affinity, start_method)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def _start(self, env_fn: Callable[[int], Any], cpu_affinity: bool, start_method: str) -> None:
+        probe = EnvGroup(env_fn, [self.seed])  # env 0's twin: the shapes and dtypes of one step
+        try:
+            self.example = samples_example(probe, self.policy_step, self.model, self.device)
+        finally:
+            probe.close()
+        dims = (self.horizon, self.n_envs)
+        self.samples = buffer_from_example(self.example, dims, share_memory=True)
+        no_episode = EpisodeStats(np.bool_(False), np.float64(0), np.int64(0))
+        self.episode_stats = buffer_from_example(no_episode, dims, share_memory=True)
+        self.samples_np, self.stats_np = numpify_buffer(self.samples), numpify_buffer(self.episode_stats)
+        env_only = self.kind != "parallel-cpu"
+        if not env_only:
+            self.shared_model = copy.deepcopy(self.model).cpu().share_memory()
+
+        context = torch_mp.get_context(start_method)
+        if start_method == "forkserver":
+            context.set_forkserver_preload(["__main__", "common.samplers"])
+        cpus = sorted(os.sched_getaffinity(0)) if cpu_affinity else None
+        n_halves, per_worker = len(self.halves), self.n_envs // (len(self.halves) * self.n_workers)
+        for w in range(self.n_workers):
+            columns = [(half.start + w * per_worker, half.start + (w + 1) * per_worker) for half in self.halves]
+            obs_ready = [context.Semaphore(0) for _ in range(n_halves)] if env_only else []
+            act_ready = [context.Semaphore(0) for _ in range(n_halves)] if env_only else []
+            main_conn, worker_conn = context.Pipe()
+            spec = WorkerSpec(
+                index=w, env_only=env_only, env_fn=env_fn, eval_env_fn=self.eval_env_fn,
+                policy_step=self.policy_step, model=self.shared_model, columns=columns, seed=self.seed,
+                horizon=self.horizon, samples=self.samples, episode_stats=self.episode_stats,
+                stop_flag=self.stop_flag, obs_ready=obs_ready, act_ready=act_ready, conn=worker_conn,
+                main_pid=os.getpid(), cpu=None if cpus is None else cpus[w % len(cpus)],
+            )
+            process = context.Process(target=worker_main, args=(spec,), name=f"sampler-worker-{w}", daemon=True)
+            self.obs_ready.append(obs_ready)
+            self.act_ready.append(act_ready)
+            self.conns.append(main_conn)
+            process.start()
+            self.processes.append(process)
+            worker_conn.close()
+        self._wait_replies(range(self.n_workers))
+
+    # ---- collecting ----
+
+    def collect(self, **policy_kwargs: Any) -> tuple[Samples, list[Episode]]:
+        """Step every environment `horizon` times; returns the [T, B] batch and finished episodes."""
+        self._check_usable()
+        try:
+            if self.kind == "parallel-cpu":
+                self._send_all(("collect", {"training": self.training, "policy_kwargs": policy_kwargs}))
+                self._wait_replies(range(self.n_workers))
+            else:
+                self._send_all(("collect", None))
+                self._serve_policy(policy_kwargs)
+        except BaseException as error:
+            self.broken = self.broken or f"a collect was interrupted ({type(error).__name__})"
+            raise
+        return self.samples, self._finished_episodes()
+
+    def _serve_policy(self, policy_kwargs: dict) -> None:
+        """Env-only kinds: per step, for each half, wait for its inputs, run the policy, hand out the actions."""
+        for t in range(self.horizon):
+            for h, columns in enumerate(self.halves):
+                for ready in self.obs_ready:
+                    self._acquire(ready[h])
+                if t > 0:
+                    self.rnn_state[h] = zero_rnn_state(self.rnn_state[h], self._done(t - 1, columns))
+                step = self.samples_np[t, columns]
+                action, agent_info, self.rnn_state[h] = call_policy(
+                    self.policy_step, self.model, step.observation, step.prev_action, step.prev_reward,
+                    self.rnn_state[h], self.device, **policy_kwargs,
+                )
+                step.action[:] = action
+                if agent_info is not None:
+                    step.agent_info[:] = agent_info
+                for ready in self.act_ready:
+                    ready[h].release()
+        self._wait_replies(range(self.n_workers))
+        for h, columns in enumerate(self.halves):
+            self.rnn_state[h] = zero_rnn_state(self.rnn_state[h], self._done(self.horizon - 1, columns))
+
+    def _done(self, t: int, columns: slice) -> torch.Tensor:
+        return torch.from_numpy(self.samples_np.terminated[t, columns] | self.samples_np.truncated[t, columns])
+
+    def _finished_episodes(self) -> list[Episode]:
+        times, envs = np.nonzero(self.stats_np.ended)  # row-major: by step, then env index
+        ret, length = self.stats_np.ret, self.stats_np.length
+        return [Episode(float(ret[t, b]), int(length[t, b])) for t, b in zip(times, envs)]
+
+    def sync(self, model: Any) -> None:
+        """parallel-cpu: copy the model's parameters and buffers into the workers' shared copy."""
+        self.model = model
+        self.training = getattr(model, "training", False)
+        if self.shared_model is not None:
+            self.shared_model.load_state_dict(model.state_dict())
+
+    def evaluate(self, n_episodes: int, seed: int | None = None, max_envs: int = 8,
+                 **policy_kwargs: Any) -> list[Episode]:
+        """Deterministic episodes of the eval envs; the same episodes as the module-level `evaluate`.
+
+        parallel-cpu runs them in the workers (env i of the evaluation in worker i * W // E, with the
+        parameters of the last `sync`); the env-only kinds run them in the main process.
+        """
+        seed = self.seed if seed is None else seed
+        if self.shared_model is None:
+            return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device,
+                            max_envs, **policy_kwargs)
+        if n_episodes <= 0:
+            return []
+        self._check_usable()
+        seeds, quotas = evaluation_plan(n_episodes, seed, max_envs)
+        chunks = [chunk for chunk in np.array_split(np.arange(len(seeds)), self.n_workers) if len(chunk)]
+        try:
+            for w, chunk in enumerate(chunks):
+                self._send(w, ("evaluate", ([seeds[i] for i in chunk], [quotas[i] for i in chunk], policy_kwargs)))
+            replies = self._wait_replies(range(len(chunks)))
+        except BaseException as error:
+            self.broken = self.broken or f"an evaluation was interrupted ({type(error).__name__})"
+            raise
+        return [episode for per_env in replies for episodes in per_env for episode in episodes]
+
+    def state(self) -> dict:
+        return {}
+
+    # ---- talking to the workers ----
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise SamplerError("the sampler is closed")
+        if self.broken is not None:
+            raise SamplerError(f"the sampler cannot continue: {self.broken}")
+
+    def _send(self, w: int, message: tuple) -> None:
+        try:
+            self.conns[w].send(message)
+        except (OSError, ValueError):
+            raise self._failure(w) from None
+
+    def _send_all(self, message: tuple) -> None:
+        for w in range(self.n_workers):
+            self._send(w, message)
+
+    def _receive(self, w: int) -> Any:
+        try:
+            kind, payload = self.conns[w].recv()
+        except (EOFError, OSError):
+            raise self._failure(w) from None
+        if kind == "error":
+            raise self._fail(f"sampler worker {w} (pid {self.processes[w].pid}) raised:\n{payload}")
+        return payload
+
+    def _wait_replies(self, workers: Any) -> list:
+        """Each listed worker's next reply, in order; raises SamplerError as soon as one of them fails."""
+        workers = list(workers)
+        replies: dict[int, Any] = {}
+        while len(replies) < len(workers):
+            pending = [w for w in workers if w not in replies]
+            handles = [self.conns[w] for w in pending] + [self.processes[w].sentinel for w in pending]
+            wait_for_handles(handles, timeout=1.0)
+            for w in pending:
+                if self.conns[w].poll():
+                    replies[w] = self._receive(w)
+                elif self.processes[w].exitcode is not None:
+                    raise self._failure(w)
+        return [replies[w] for w in workers]
+
+    def _acquire(self, semaphore: Any) -> None:
+        while not semaphore.acquire(timeout=MAIN_POLL_S):
+            self._check_workers()
+
+    def _check_workers(self) -> None:
+        for w, process in enumerate(self.processes):
+            if self.conns[w].poll():
+                self._receive(w)  # mid-collect, only an error can arrive: it raises
+                raise self._fail(f"sampler worker {w} replied out of turn")
+            if process.exitcode is not None:
+                raise self._failure(w)
+
+    def _failure(self, w: int) -> SamplerError:
+        """The error for a worker whose pipe broke or whose process ended: its traceback if it sent one."""
+        process = self.processes[w]
+        with suppress(EOFError, OSError, ValueError):
+            if self.conns[w].poll(0.5):
+                kind, payload = self.conns[w].recv()
+                if kind == "error":
+                    return self._fail(f"sampler worker {w} (pid {process.pid}) raised:\n{payload}")
+        process.join(0.5)
+        code = process.exitcode
+        status = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return self._fail(
+            f"sampler worker {w} (pid {process.pid}) died ({status}) without a Python traceback: "
+            "it was killed, ran out of memory or crashed in native code"
+        )
+
+    def _fail(self, message: str) -> SamplerError:
+        self.broken = self.broken or message
+        return SamplerError(message)
+
+    def close(self) -> None:
+        """Stop the workers (asked first, then terminated) and free their resources; safe to call again."""
+        if self.closed or os.getpid() != self.owner_pid:
+            return
+        self.closed = True
+        _LIVE_SAMPLERS.discard(self)
+        self.stop_flag[0] = 1
+        for semaphores in self.act_ready:  # wake workers that wait for actions mid-collect
+            for semaphore in semaphores:
+                semaphore.release()
+        for conn in self.conns:
+            with suppress(OSError, ValueError):
+                conn.send(("close", None))
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in self.conns:
+            conn.close()
+        # Dropping the semaphores unlinks their names (spawn / forkserver keep them in /dev/shm until then).
+        self.processes, self.conns, self.obs_ready, self.act_ready = [], [], [], []
+
+
 def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, horizon: int,
-                 device: torch.device | None = None, seed: int | None = None):
-    """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps."""
+                 device: torch.device | None = None, seed: int | None = None,
+                 eval_env_fn: Callable[[int], Any] | None = None):
+    """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps.
+
+    `device` (default: the model's) is where the main process runs the policy (serial, parallel-gpu,
+    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`.
+    """
     device = device if device is not None else next(model.parameters()).device
     seed = args.seed if seed is None else seed
     if args.sampler == "serial":
-        return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device)
-    raise UsageError(f"--sampler {args.sampler} is not available in this version; use --sampler serial")
-
-
-def evaluate(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_episodes: int, seed: int,
-             device: torch.device | None = None, max_envs: int = 8, **policy_kwargs: Any) -> list[Episode]:
-    """Run `n_episodes` deterministic episodes (batched over up to `max_envs` envs); returns their stats.
-
-    Episode k is the k-th of env k % E, so the set of episodes does not depend on their lengths.
-    """
-    if n_episodes <= 0:
-        return []
-    device = device if device is not None else next(model.parameters()).device
-    n_envs = min(n_episodes, max_envs)
-    quota = [n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)]
-    group = EnvGroup(env_fn, [seed + EVAL_SEED_OFFSET + i for i in range(n_envs)])
-    try:
-        obs = np.empty_like(group.observation)
-        prev_action, prev_reward = np.empty_like(group.prev_action), np.empty_like(group.prev_reward)
-        next_obs = np.empty_like(group.observation)
-        reward = np.zeros(n_envs, np.float32)
-        terminated, truncated = np.zeros(n_envs, bool), np.zeros(n_envs, bool)
-        per_env: list[list[Episode]] = [[] for _ in range(n_envs)]
-        rnn_state = None
-        was_training = getattr(model, "training", False)
-        if hasattr(model, "eval"):
-            model.eval()
-        while any(len(per_env[i]) < quota[i] for i in range(n_envs)):
-            group.write_inputs(obs, prev_action, prev_reward)
-            action, _, rnn_state = call_policy(
-                policy_step, model, obs, prev_action, prev_reward, rnn_state, device,
-                deterministic=True, **policy_kwargs,
-            )
-            episodes, done = group.step(action, next_obs, reward, terminated, truncated)
-            for b, episode in zip(group.finished_envs, episodes):
-                if len(per_env[b]) < quota[b]:
-                    per_env[b].append(episode)
-            rnn_state = zero_rnn_state(rnn_state, torch.from_numpy(done))
-        if was_training and hasattr(model, "train"):
-            model.train()
-    finally:
-        group.close()
-    return [episode for episodes in per_env for episode in episodes]
+        return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device, eval_env_fn)
+    if args.sampler in PARALLEL_KINDS:
+        return ParallelSampler(
+            args.sampler, env_fn, policy_step, model, args.n_envs, horizon, seed, device, args.n_workers,
+            cpu_affinity=getattr(args, "cpu_affinity", False), start_method=getattr(args, "start_method", "spawn"),
+            eval_env_fn=eval_env_fn,
+        )
+    raise UsageError(f"unknown --sampler {args.sampler!r}: use serial, {', '.join(PARALLEL_KINDS)}")
