@@ -151,9 +151,12 @@ def test_every_kind_matches_serial_on_pong(kind, n_workers):
 
 def test_sync_copies_parameters_and_buffers_to_workers():
     model = ProbeModel(n_actions=2)
-    sampler = make_sampler(sampler_args("parallel-cpu", start_method="fork"), partial(make_env, "CartPole-v1"),
-                           memory_policy, model, horizon=5)
+    args = sampler_args("parallel-cpu", start_method="fork")
+    args.cpu_affinity = True
+    sampler = make_sampler(args, partial(make_env, "CartPole-v1"), memory_policy, model, horizon=5)
     try:
+        cpus = sorted(os.sched_getaffinity(0))
+        assert [os.sched_getaffinity(pid) for pid in sampler.worker_pids] == [{cpus[0]}, {cpus[1 % len(cpus)]}]
         assert torch.all(sampler.collect()[0].agent_info.parameter == 1.0)
         with torch.no_grad():
             model.weight.fill_(2.0)
@@ -237,6 +240,32 @@ def test_env_raising_in_reset_fails_construction():
         ParallelSampler("parallel-cpu", env_fn, memory_policy, ProbeModel(2), n_envs=2, horizon=5, seed=0,
                         device=CPU, n_workers=2, start_method="fork")
     assert all(process_gone(pid) for pid in set(children_of(os.getpid())) - before)
+
+
+def test_workers_exit_when_the_main_process_is_killed():
+    script = (
+        "import time, torch\n"
+        "from functools import partial\n"
+        "from sampler_helpers import ProbeModel, memory_policy\n"
+        "from common.envs import make_env\n"
+        "from common.samplers import ParallelSampler\n"
+        "sampler = ParallelSampler('parallel-gpu', partial(make_env, 'CartPole-v1'), memory_policy, ProbeModel(2),\n"
+        "                          n_envs=2, horizon=5, seed=0, device=torch.device('cpu'), n_workers=2,\n"
+        "                          start_method='fork')\n"
+        "sampler.collect()\n"
+        "print(*sampler.worker_pids, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+    finally:
+        process.kill()
+        process.wait()
+    assert len(pids) == 2, process.stderr.read()
+    assert all(process_gone(pid, timeout_s=5.0) for pid in pids), "workers outlived the main process"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""Sampler throughput on Atari: agent steps per second of rlsolo's samplers against gymnasium and ale-py.
+
+Every configuration steps `--n-envs` copies of `--env-id` (through `common.envs.make_env`: DeepMind
+preprocessing, 4x84x84 uint8 observations, 4 frames per agent step) and stores a [T, B] batch of
+observations, actions and rewards, either with a Nature-CNN actor-critic on CPU (sampled actions, log-prob
+and value, as in PPO) or with random actions (no network):
+
+- rlsolo: `serial`, `parallel-cpu`, `parallel-gpu`, `alternating-gpu` (`--n-workers` workers);
+- gymnasium: `SyncVectorEnv` and `AsyncVectorEnv` (shared-memory observations) of the same envs, driven by
+  a CleanRL-style loop with the same policy;
+- ale-py: the C++ `AtariVectorEnv` (`--n-workers` threads, the same preprocessing), same loop.
+
+Where the main process runs the policy, it is measured with 1 and with `nproc` torch threads, and the
+better is kept (that choice is the user's). The last lines print the ratios the targets are stated in.
+
+    python benchmark/sampler_throughput.py                     # about 4 minutes on 2 cores
+    python benchmark/sampler_throughput.py --n-envs 16 --seconds 10 --policies cnn
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.distributions import Categorical
+
+from common.envs import make_env
+from common.namedarraytuple import namedarraytuple
+from common.samplers import PARALLEL_KINDS, ParallelSampler, SerialSampler
+
+AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
+OURS = ("serial",) + PARALLEL_KINDS
+
+
+@dataclass
+class Args:
+    env_id: str = "ALE/Pong-v5"
+    """Atari game, as make_env takes it"""
+    n_envs: int = 8
+    """environments in every configuration"""
+    n_workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """worker processes of our parallel samplers, threads of ale-py's vector env (default: the usable cores)"""
+    horizon: int = 64
+    """steps per environment in one collect (one rollout of the gymnasium loops)"""
+    seconds: float = 6.0
+    """measured time per configuration (after one warm-up rollout)"""
+    policies: tuple[str, ...] = ("cnn", "random")
+    """cnn: Nature-CNN actor-critic on CPU; random: uniform random actions, no network"""
+    configs: tuple[str, ...] = OURS + ("gym-sync", "gym-async", "ale-vector")
+    """configurations to measure"""
+    start_method: str = "forkserver"
+    """start method of our samplers' workers (throughput does not depend on it; forkserver starts fast)"""
+    seed: int = 1
+    """seed of the envs and the network"""
+
+
+class NatureCNN(nn.Module):
+    """Mnih et al. 2015 torso with PPO's actor and critic heads."""
+
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.n_actions = n_actions
+        self.torso = nn.Sequential(
+            nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+        )
+        self.actor = nn.Linear(512, n_actions)
+        self.critic = nn.Linear(512, 1)
+
+
+class RandomActions(nn.Module):
+    def __init__(self, n_actions: int):
+        super().__init__()
+        self.n_actions = n_actions
+
+
+def cnn_policy(model: NatureCNN, observation, prev_action, prev_reward, rnn_state, deterministic=False):
+    hidden = model.torso(observation.float() / 255.0)
+    distribution = Categorical(logits=model.actor(hidden))
+    action = distribution.sample()
+    return action, AgentInfo(distribution.log_prob(action), model.critic(hidden).squeeze(-1)), None
+
+
+def random_policy(model: RandomActions, observation, prev_action, prev_reward, rnn_state, deterministic=False):
+    return torch.randint(model.n_actions, (observation.shape[0],)), None, None
+
+
+def measure(rollout: Callable[[], None], steps_per_rollout: int, seconds: float) -> float:
+    """Agent steps per second of repeated rollouts, after one warm-up rollout."""
+    rollout()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rollout()
+        n += 1
+    return n * steps_per_rollout / (time.perf_counter() - start)
+
+
+def ours(kind: str, env_fn, policy, model, args: Args) -> float:
+    device = torch.device("cpu")
+    if kind == "serial":
+        sampler = SerialSampler(env_fn, policy, model, args.n_envs, args.horizon, args.seed, device)
+    else:
+        sampler = ParallelSampler(kind, env_fn, policy, model, args.n_envs, args.horizon, args.seed, device,
+                                  args.n_workers, start_method=args.start_method)
+    try:
+        return measure(sampler.collect, args.n_envs * args.horizon, args.seconds)
+    finally:
+        sampler.close()
+
+
+def vector_loop(envs, policy, model, args: Args) -> float:
+    """A CleanRL-style rollout loop: store obs, run the policy, step, store action / reward / done."""
+    obs, _ = envs.reset(seed=args.seed)
+    T, B = args.horizon, args.n_envs
+    observations = np.zeros((T, B) + obs.shape[1:], obs.dtype)
+    actions, rewards, dones = np.zeros((T, B), np.int64), np.zeros((T, B), np.float32), np.zeros((T, B), bool)
+    log_probs, values = np.zeros((T, B), np.float32), np.zeros((T, B), np.float32)
+    prev_action, prev_reward = torch.zeros(B, dtype=torch.int64), torch.zeros(B)
+    state = {"obs": obs}
+
+    def rollout():
+        for t in range(T):
+            observations[t] = state["obs"]
+            with torch.no_grad():
+                action, info, _ = policy(model, torch.from_numpy(state["obs"]), prev_action, prev_reward, None)
+            actions[t] = action.numpy()
+            if info is not None:
+                log_probs[t], values[t] = info.log_prob.numpy(), info.value.numpy()
+            state["obs"], rewards[t], terminated, truncated, _ = envs.step(actions[t])
+            dones[t] = terminated | truncated
+
+    try:
+        return measure(rollout, T * B, args.seconds)
+    finally:
+        envs.close()
+
+
+def make_vector_env(config: str, args: Args):
+    if config == "ale-vector":
+        from ale_py.vector_env import AtariVectorEnv
+
+        name = args.env_id.split("/")[-1].split("-")[0].replace("NoFrameskip", "")
+        game = "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
+        sticky = 0.25 if args.env_id.startswith("ALE/") else 0.0
+        # make_env's training preprocessing: sticky actions of v5, noop reset, max-and-skip 4, episodic
+        # life, fire reset, 84x84 grey, reward clipping, stack 4.
+        return AtariVectorEnv(game, args.n_envs, num_threads=args.n_workers, repeat_action_probability=sticky,
+                              episodic_life=True, reward_clipping=True, use_fire_reset=True, noop_max=30,
+                              frameskip=4, maxpool=True, stack_num=4, img_height=84, img_width=84)
+    env_fns = [partial(make_env, args.env_id, args.seed + i) for i in range(args.n_envs)]
+    if config == "gym-sync":
+        return gym.vector.SyncVectorEnv(env_fns)
+    return gym.vector.AsyncVectorEnv(env_fns, shared_memory=True)
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main(args: Args) -> None:
+    probe = make_env(args.env_id, args.seed)
+    n_actions = int(probe.action_space.n)
+    probe.close()
+    env_fn = partial(make_env, args.env_id)
+    n_cpus = len(os.sched_getaffinity(0))
+    print(f"{args.env_id}, {args.n_envs} envs, {args.n_workers} workers, horizon {args.horizon}, "
+          f"{args.seconds:g} s per configuration; {n_cpus} CPUs ({cpu_model()}); torch {torch.__version__}, "
+          f"gymnasium {gym.__version__}; {time.strftime('%Y-%m-%d %H:%M')}, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"{'policy':<8} {'sampler':<16} {'main threads':>12} {'steps/s':>9}")
+    results: dict[tuple[str, str], float] = {}
+    for policy_name in args.policies:
+        torch.manual_seed(args.seed)
+        model, policy = (NatureCNN(n_actions), cnn_policy) if policy_name == "cnn" else \
+            (RandomActions(n_actions), random_policy)
+        for config in args.configs:
+            # Workers of parallel-cpu run the policy with one thread each; elsewhere the main process runs it.
+            thread_counts = [1] if policy_name == "random" or config == "parallel-cpu" else sorted({1, n_cpus})
+            best, best_threads = 0.0, 1
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                if config in OURS:
+                    sps = ours(config, env_fn, policy, model, args)
+                else:
+                    sps = vector_loop(make_vector_env(config, args), policy, model, args)
+                if sps > best:
+                    best, best_threads = sps, threads
+            results[policy_name, config] = best
+            print(f"{policy_name:<8} {config:<16} {best_threads:>12} {best:>9.0f}", flush=True)
+    torch.set_num_threads(n_cpus)
+
+    def best_of(policy_name: str, configs) -> tuple[float, str]:
+        candidates = [(results[policy_name, c], c) for c in configs if (policy_name, c) in results]
+        return max(candidates) if candidates else (float("nan"), "-")
+
+    for policy_name in args.policies:
+        our_sps, our_config = best_of(policy_name, OURS)
+        ale_sps, _ = best_of(policy_name, ["ale-vector"])
+        print(f"{policy_name}: best rlsolo ({our_config}) / ale-py AtariVectorEnv = {our_sps / ale_sps:.2f}")
+    for policy_name in args.policies:
+        our_sps, our_config = best_of(policy_name, OURS)
+        gym_sps, gym_config = best_of(policy_name, ["gym-sync", "gym-async"])
+        print(f"{policy_name}: best rlsolo ({our_config}) / best gymnasium ({gym_config}) = {our_sps / gym_sps:.2f}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
