@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
-from common.config import CommonArgs, UsageError, resolve_device, run, seed_everything
+from common.config import CommonArgs, UsageError, run, setup
 from common.envs import make_env
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
@@ -146,8 +146,7 @@ def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, 
 
 
 def main(args: Args) -> dict:
-    device = resolve_device(args)
-    seed_everything(args.seed, args.torch_deterministic)
+    device = setup(args)
     env_fn = partial(make_ppo_env, args.env_id, training=True)
     eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
     probe = env_fn(args.seed)

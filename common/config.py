@@ -31,7 +31,7 @@ import tyro
 
 from common.envs import UsageError
 
-__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "run", "resolve_device"]
+__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "run", "resolve_device", "setup"]
 
 SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
@@ -50,6 +50,8 @@ class ExperimentArgs:
     """set `torch.backends.cudnn.deterministic` and seed every generator"""
     compile: bool = False
     """torch.compile the update step (off by default on CPU)"""
+    torch_threads: int = 1
+    """torch intra-op threads of the main process (small networks on CPU run fastest on one)"""
 
 
 @dataclass
@@ -187,14 +189,17 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
         sys.stdout.flush()
 
 
-def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
-    """Seed Python, numpy and torch; make cuDNN deterministic when asked."""
+def setup(args: CommonArgs) -> torch.device:
+    """Seed Python, numpy and torch, set torch's thread count and return the device to train on."""
     import random
 
     import numpy as np
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    torch.backends.cudnn.benchmark = not torch_deterministic
+    device = resolve_device(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(args.torch_threads, 1))
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    return device

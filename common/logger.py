@@ -119,6 +119,8 @@ class RunLogger:
             with open(self.csv_path, newline="") as f:
                 header = next(csv.reader(f), None)
             self.columns = header or []
+        if args.resume is not None:
+            print(f"resumed from step {start_step} ({self.run_dir})", flush=True)
         self.wandb_run = None
         if args.track:
             import wandb

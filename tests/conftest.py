@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def run_script(script: str, *flags: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python algos/<script>.py <flags>` from the repository root; return the finished process."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "algos" / f"{script}.py"), *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def run_in(tmp_path):
+    """Run a script with its output under tmp_path; returns (process, run_dir, summary or None)."""
+
+    def _run(script: str, *flags: str, run_name: str = "run", **kwargs):
+        proc = run_script(script, *flags, "--output-dir", str(tmp_path), "--run-name", run_name, **kwargs)
+        run_dir = tmp_path / run_name
+        summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+        return proc, run_dir, summary
+
+    return _run

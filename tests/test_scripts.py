@@ -1,0 +1,98 @@
+"""Script behaviour: run directory contents, bad input, continuous actions, resume after SIGKILL."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, read_summary, run_script
+
+SCRIPTS = ["ppo", "dqn"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_the_shared_flags(script):
+    out = run_script(script, "--help", timeout=120).stdout
+    for flag in ["--env-id", "--seed", "--total-timesteps", "--sampler", "--n-envs", "--track", "--resume"]:
+        assert flag in out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_env_id_is_a_one_line_error(script):
+    proc = run_script(script, "--env-id", "NoSuchEnv-v0", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "NoSuchEnv-v0" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_dqn_refuses_continuous_actions():
+    proc = run_script("dqn", "--env-id", "Pendulum-v1", check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "discrete" in proc.stderr
+
+
+def test_uneven_worker_split_is_refused():
+    proc = run_script("ppo", "--sampler", "parallel-cpu", "--n-envs", "3", "--n-workers", "2", check=False, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--n-envs 3" in proc.stderr
+
+
+def test_run_directory_has_config_progress_checkpoint_and_summary(run_in):
+    _, run_dir, summary = run_in("ppo", "--total-timesteps", "2048", "--eval-episodes", "3", "--seed", "3")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["seed"] == 3 and config["total_timesteps"] == 2048
+    for key in ["global_step", "wall_time_s", "sps", "final_eval_return", "final_eval_return_std"]:
+        assert key in summary
+    assert summary["global_step"] >= 2048 and summary["sps"] > 0
+    with open(run_dir / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"global_step", "losses/policy_loss", "charts/episodic_return"} <= set(rows[0]) | set(rows[-1])
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["global_step"] == summary["global_step"]
+
+
+def test_ppo_continuous_actions_run_a_gaussian_policy(run_in):
+    _, run_dir, summary = run_in("ppo", "--env-id", "Pendulum-v1", "--total-timesteps", "4096", "--eval-episodes", "2")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert "log_std" in checkpoint["model"]  # the Gaussian head was built and trained
+    assert -2000 < summary["final_eval_return"] < 0  # Pendulum returns are negative, 200 steps each
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigkill_then_resume_finishes_the_budget(tmp_path, script):
+    total = 30_000
+    cmd = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--total-timesteps", str(total),
+           "--output-dir", str(tmp_path), "--run-name", "killed", "--checkpoint-every-s", "0.5",
+           "--eval-episodes", "2", "--save-model"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        killed_at = None
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "checkpoint.pt").exists():
+                step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"]
+                if step >= total // 3:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = step
+                    break
+            time.sleep(0.2)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_at is not None, f"no checkpoint past a third of the budget: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists()
+
+    resumed = run_script(script, "--resume", str(run_dir), timeout=600)
+    summary = read_summary(run_dir)
+    assert summary["global_step"] >= total
+    assert f"resumed from step {killed_at}" in resumed.stdout or "resumed from step" in resumed.stdout
+    # The resumed process only ran the rest of the budget.
+    first_logged = int(resumed.stdout.split("resumed from step ")[1].split()[0])
+    assert first_logged >= killed_at and summary["global_step"] - first_logged < total
