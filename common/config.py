@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -75,7 +76,7 @@ class LoggingArgs:
     output_dir: str = "runs"
     """where run directories are created"""
     run_name: str | None = None
-    """name of the run directory (default: <script>__<env>__<seed>__<time>)"""
+    """name of the run directory (default: <script>__<env>__<seed>__<time>-<pid>)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "rlsolo"
@@ -169,7 +170,8 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
         args.run_name = run_dir.name
     if args.run_name is None:
         env = args.env_id.replace("/", "-").replace(":", "-")
-        args.run_name = f"{script_name()}__{env}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.run_name = f"{script_name()}__{env}__{args.seed}__{stamp}-{os.getpid()}"
     validate(args)
     return args
 
