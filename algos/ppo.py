@@ -3,8 +3,13 @@
 Schulman et al. 2017, https://arxiv.org/abs/1707.06347. Discrete actions get a categorical policy,
 continuous (Box) actions a diagonal Gaussian with a state-independent log-std.
 
+Hyper-parameters left at `None` ("auto") take the preset of the action space, printed resolved in
+config.json: discrete actions the classic-control preset, continuous actions the MuJoCo preset (with
+observation and reward normalisation). Any flag overrides its preset value.
+
     python algos/ppo.py --env-id CartPole-v1
     python algos/ppo.py --env-id InvertedPendulum-v5 --total-timesteps 100000
+    python algos/ppo.py --env-id Hopper-v5 --total-timesteps 1000000 --norm-reward False
     python algos/ppo.py --sampler parallel-cpu --n-workers 2 --n-envs 8 --track
 """
 
@@ -20,7 +25,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env
+from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
@@ -31,37 +36,49 @@ from common.samplers import evaluate, make_sampler
 class Args(CommonArgs):
     n_envs: int = 8
     """total number of training environments"""
-    num_steps: int = 64
-    """environment steps per environment per rollout"""
-    learning_rate: float = 1e-3
-    """Adam learning rate"""
+    num_steps: int | None = None
+    """environment steps per environment per rollout (auto: 64 discrete, 256 continuous)"""
+    learning_rate: float | None = None
+    """Adam learning rate (auto: 1e-3 discrete, 3e-4 continuous)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    num_minibatches: int = 4
-    """minibatches per epoch"""
-    update_epochs: int = 4
-    """optimization epochs per rollout"""
+    num_minibatches: int | None = None
+    """minibatches per epoch (auto: 4 discrete, 32 continuous)"""
+    update_epochs: int | None = None
+    """optimization epochs per rollout (auto: 4 discrete, 10 continuous)"""
     norm_adv: bool = True
     """normalize advantages per minibatch"""
     clip_coef: float = 0.2
     """policy ratio clipping"""
     clip_vloss: bool = True
     """clip the value loss around the old values"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
+    ent_coef: float | None = None
+    """entropy bonus coefficient (auto: 0.01 discrete, 0 continuous)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """gradient clipping norm"""
     target_kl: float | None = None
     """stop the epochs of an update early when the approximate KL exceeds this"""
+    norm_obs: bool | None = None
+    """normalise observations by running statistics kept in the model (auto: on for continuous actions)"""
+    norm_reward: bool | None = None
+    """scale rewards by the std of a running discounted return (auto: on for continuous actions)"""
     hidden_size: int = 64
     """width of the actor and critic MLPs"""
 
+
+# The values of the "auto" (None) fields, by action space.
+PRESETS = {
+    "discrete": dict(num_steps=64, learning_rate=1e-3, num_minibatches=4, update_epochs=4, ent_coef=0.01,
+                     norm_obs=False, norm_reward=False),
+    "continuous": dict(num_steps=256, learning_rate=3e-4, num_minibatches=32, update_epochs=10, ent_coef=0.0,
+                       norm_obs=True, norm_reward=True),
+}
 
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
@@ -72,11 +89,63 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> 
     return layer
 
 
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of a stream of batches; forward standardises and clips.
+
+    The statistics are buffers: `state_dict` saves them, `sampler.sync` ships them to the workers, and
+    evaluation uses them frozen. Only `update` changes them, called by the main process on collected batches.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), clip: float = 10.0, epsilon: float = 1e-8):
+        super().__init__()
+        self.clip, self.epsilon = clip, epsilon
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch [N, *shape] into the statistics (Chan et al.'s parallel variance)."""
+        x = x.reshape((-1,) + self.mean.shape).double()
+        n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0, correction=0)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = torch.sqrt(self.var.float() + self.epsilon)
+        return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
+
+
+class RewardScaler(nn.Module):
+    """Divides rewards by the std of each env's running discounted return (not centred, so signs stay)."""
+
+    def __init__(self, n_envs: int, gamma: float, clip: float = 10.0):
+        super().__init__()
+        self.gamma, self.clip = gamma, clip
+        self.return_stats = RunningMeanStd()
+        self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64))
+
+    @torch.no_grad()
+    def forward(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Update the statistics with a [T, B] batch and return its scaled rewards [T, B]."""
+        returns = reward.new_empty(reward.shape, dtype=torch.float64)
+        for t in range(reward.shape[0]):
+            self.running_return.mul_(self.gamma).add_(reward[t])
+            returns[t] = self.running_return
+            self.running_return.masked_fill_(done[t], 0.0)
+        self.return_stats.update(returns)
+        scale = torch.sqrt(self.return_stats.var + self.return_stats.epsilon).float()
+        return (reward / scale).clamp(-self.clip, self.clip)
+
+
 class ActorCritic(nn.Module):
-    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int):
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int, norm_obs: bool):
         super().__init__()
         self.continuous = isinstance(action_space, gym.spaces.Box)
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.obs_norm = RunningMeanStd((obs_dim,)) if norm_obs else nn.Identity()
 
         def mlp(out: int, std: float) -> nn.Sequential:
             return nn.Sequential(
@@ -91,10 +160,10 @@ class ActorCritic(nn.Module):
             self.log_std = nn.Parameter(torch.zeros(n_out))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs.float()).squeeze(-1)
+        return self.critic(self.obs_norm(obs.float())).squeeze(-1)
 
     def distribution(self, obs: torch.Tensor):
-        out = self.actor(obs.float())
+        out = self.actor(self.obs_norm(obs.float()))
         if self.continuous:
             return Normal(out, self.log_std.exp().expand_as(out))
         return Categorical(logits=out)
@@ -120,6 +189,14 @@ def make_ppo_env(env_id: str, seed: int, training: bool = True) -> gym.Env:
     """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
     env = make_env(env_id, seed, training=training)
     return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
+
+
+def resolve_presets(args: Args, action_space: gym.Space) -> None:
+    """Fill the "auto" (None) fields from the preset of the action space."""
+    preset = PRESETS["continuous" if isinstance(action_space, gym.spaces.Box) else "discrete"]
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, old_value, args: Args):
@@ -152,11 +229,17 @@ def main(args: Args) -> dict:
     probe = env_fn(args.seed)
     if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
         raise UsageError(f"algos/ppo.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
-    if len(probe.observation_space.shape) != 1:
+    if len(observation_shape(probe)) != 1:
         raise UsageError(f"algos/ppo.py needs vector observations, {args.env_id} has shape "
                          f"{probe.observation_space.shape}: use ppo_atari.py for images")
-    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size).to(device)
+    resolve_presets(args, probe.action_space)
+    if args.num_steps < 1 or args.num_minibatches < 1 or args.n_envs * args.num_steps % args.num_minibatches:
+        raise UsageError(f"--num-minibatches {args.num_minibatches} must divide the batch of --n-envs x --num-steps "
+                         f"= {args.n_envs * args.num_steps} steps")
+    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size, args.norm_obs)
+    model = model.to(device)
     probe.close()
+    reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
@@ -165,12 +248,13 @@ def main(args: Args) -> dict:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        reward_scaler.load_state_dict(checkpoint["reward_scaler"])
         restore_rng_state(checkpoint["rng"])
         global_step = checkpoint["global_step"]
 
     def state():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": capture_rng_state(), "global_step": global_step}
+                "reward_scaler": reward_scaler.state_dict(), "rng": capture_rng_state(), "global_step": global_step}
 
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step)
     logger = RunLogger(args, "ppo", args.total_timesteps, start_step=global_step)
@@ -187,6 +271,9 @@ def main(args: Args) -> dict:
 
             batch = buffer_to(batch, device)
             value = batch.agent_info.value
+            reward = batch.reward
+            if args.norm_reward:
+                reward = reward_scaler(reward, batch.terminated | batch.truncated)
             with torch.no_grad():
                 # The value of each step's true next observation: the next step's value inside an
                 # episode, a fresh evaluation at the batch end and where an episode was truncated.
@@ -194,7 +281,7 @@ def main(args: Args) -> dict:
                 truncated = batch.truncated
                 if truncated.any():
                     next_value[truncated] = model.value(batch.next_observation[truncated])
-                advantage, returns = gae_advantages(batch.reward, value, next_value, batch.terminated,
+                advantage, returns = gae_advantages(reward, value, next_value, batch.terminated,
                                                     truncated, args.gamma, args.gae_lambda)
 
             flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
@@ -213,6 +300,9 @@ def main(args: Args) -> dict:
                     optimizer.step()
                 if args.target_kl is not None and stats[3] > args.target_kl:
                     break
+            if args.norm_obs:
+                # After the update, so that the batch was collected and optimised with the same statistics.
+                model.obs_norm.update(obs)
             sampler.sync(model)
 
             policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
