@@ -30,6 +30,7 @@ from typing import Literal, TypeVar
 import torch
 import tyro
 
+from common import distributed
 from common.envs import UsageError
 
 __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "run", "resolve_device", "setup"]
@@ -123,9 +124,9 @@ def resolve_device(args: CommonArgs) -> torch.device:
     if args.device == "cuda" or args.n_gpus > 0:
         if n_visible == 0:
             raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
-        return torch.device("cuda")
-    if args.device == "auto":
-        return torch.device("cuda" if n_visible > 0 else "cpu")
+        return torch.device("cuda", distributed.local_rank() % n_visible)
+    if args.device == "auto" and n_visible > 0:
+        return torch.device("cuda", distributed.local_rank() % n_visible)
     return torch.device("cpu")
 
 
@@ -145,11 +146,6 @@ def validate(args: CommonArgs) -> None:
                 + (" in two alternating groups" if groups == 2 else "")
                 + f": use a multiple of {args.n_workers * groups}"
             )
-    if args.n_gpus > 1:
-        raise UsageError(
-            f"--n-gpus {args.n_gpus}: multi-GPU data-parallel training is not available in this version; "
-            "use --n-gpus 1"
-        )
     if args.eval_episodes < 0:
         raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
 
@@ -180,6 +176,9 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
     """Parse flags and call `main(args)`; bad input ends with `error: ...` on stderr and exit code 2."""
     try:
         args = parse_args(args_cls, argv)
+        if args.n_gpus > 1 and not distributed.launched():
+            resolve_device(args)  # one-line error when fewer GPUs are visible
+            sys.exit(distributed.spawn_local(args.n_gpus))
         main(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -189,18 +188,21 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
         sys.exit(130)
     finally:
         sys.stdout.flush()
+        distributed.shutdown()
 
 
 def setup(args: CommonArgs) -> torch.device:
-    """Seed Python, numpy and torch, set torch's thread count and return the device to train on."""
+    """Join the process group (torchrun / --n-gpus), seed everything, set torch threads; return the device."""
     import random
 
     import numpy as np
 
     device = resolve_device(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    distributed.init(device.type)
+    seed = args.seed + 7919 * distributed.rank()  # replicas explore differently; broadcast_parameters syncs nets
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.set_num_threads(max(args.torch_threads, 1))
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic

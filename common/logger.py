@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import distributed
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -98,8 +100,8 @@ class RunLogger:
 
     def __init__(self, args: Any, script: str, total_steps: int, start_step: int = 0):
         self.args = args
+        self.enabled = distributed.is_main()  # under data-parallel training, other ranks write nothing
         self.run_dir = Path(args.output_dir) / args.run_name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
         self.start_step = start_step
         self.start_time = time.time()
@@ -109,19 +111,22 @@ class RunLogger:
         self.recent_returns: list[float] = []
         self.latest: dict[str, float] = {}
         self.interactive = sys.stdout.isatty()
+        self.wandb_run = None
+        self.columns: list[str] = []
+        self.csv_path = self.run_dir / "progress.csv"
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
         config_path = self.run_dir / "config.json"
         if args.resume is None or not config_path.exists():
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        self.csv_path = self.run_dir / "progress.csv"
-        self.columns: list[str] = []
         if self.csv_path.exists() and args.resume is not None:
             with open(self.csv_path, newline="") as f:
                 header = next(csv.reader(f), None)
             self.columns = header or []
         if args.resume is not None:
             print(f"resumed from step {start_step} ({self.run_dir})", flush=True)
-        self.wandb_run = None
         if args.track:
             import wandb
 
@@ -141,6 +146,8 @@ class RunLogger:
     # ---------------------------------------------------------------- metrics
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record scalar metrics (floats, ints or 0-dim tensors, converted with a single host sync)."""
+        if not self.enabled:
+            return
         values = to_floats(metrics)
         self.latest.update(values)
         row = {"global_step": step, "wall_time_s": round(time.time() - self.start_time, 3), **values}
@@ -149,9 +156,13 @@ class RunLogger:
             self.wandb_run.log(values, step=step)
 
     def log_episodes(self, step: int, episodes: Iterable[tuple[float, int]]) -> None:
-        """Log finished training episodes (raw return, length) as charts/episodic_return and _length."""
-        episodes = list(episodes)
-        if not episodes:
+        """Log finished training episodes (raw return, length) as charts/episodic_return and _length.
+
+        Under data-parallel training every rank must call this once per iteration: episodes are
+        gathered from all ranks.
+        """
+        episodes = distributed.gather_objects(list(episodes))
+        if not episodes or not self.enabled:
             return
         returns = [float(r) for r, _ in episodes]
         lengths = [int(n) for _, n in episodes]
@@ -183,7 +194,7 @@ class RunLogger:
     def progress(self, step: int, force: bool = False) -> None:
         """Print a progress line (at most every --log-every-s seconds) and log charts/SPS."""
         now = time.time()
-        if not force and now - self.last_print < self.args.log_every_s:
+        if not self.enabled or (not force and now - self.last_print < self.args.log_every_s):
             return
         sps = (step - self.last_sps_step) / max(now - self.last_sps_time, 1e-9)
         self.last_sps_time, self.last_sps_step = now, step
@@ -203,19 +214,19 @@ class RunLogger:
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self, state: Mapping[str, Any]) -> None:
         """Save a checkpoint now (when --save-model)."""
-        if self.args.save_model:
+        if self.args.save_model and self.enabled:
             save_checkpoint(self.run_dir, state)
         self.last_checkpoint = time.time()
 
     def maybe_checkpoint(self, make_state: Callable[[], Mapping[str, Any]]) -> None:
         """Save a checkpoint if --checkpoint-every-s seconds have passed since the last one."""
-        if self.args.save_model and time.time() - self.last_checkpoint >= self.args.checkpoint_every_s:
+        if self.enabled and self.args.save_model and time.time() - self.last_checkpoint >= self.args.checkpoint_every_s:
             self.checkpoint(make_state())
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
         """Write summary.json (global_step, wall_time_s, sps + `summary`) and close the loggers."""
-        if self.interactive:
+        if self.interactive and self.enabled:
             print()
         result = {
             "global_step": int(step),
@@ -223,6 +234,8 @@ class RunLogger:
             "sps": round(self.sps(step), 2),
             **to_floats(summary),
         }
+        if not self.enabled:
+            return result
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.summary.update(result)

@@ -1,0 +1,171 @@
+"""Synchronous data-parallel training: N full replicas, gradients averaged after every backward pass.
+
+Each replica (process) has its own sampler and environments (seeds offset by rank), computes the loss on
+its own batch, and calls `all_reduce_gradients` between `loss.backward()` and `optimizer.step()`: the
+mean gradient makes every replica take the same step, so parameters stay identical (they start
+identical through `broadcast_parameters`). Only rank 0 logs, evaluates and checkpoints; episode
+statistics are gathered from every rank.
+
+Processes come from torchrun (single node or multi-node, its environment variables are read here):
+
+    torchrun --nproc-per-node 2 algos/ppo.py --device cpu        # gloo on CPU
+    torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node 4 algos/ppo.py
+
+or from `--n-gpus N`, which starts N local processes itself (one GPU each, NCCL). The gradient
+all-reduce is done in one flattened bucket per call, which is what DistributedDataParallel does, but
+works for any loss code (functional calls, vmap over stacked critics) without wrapping the model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun or by `spawn_local` (WORLD_SIZE and RANK are set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    """True on the process that logs, evaluates and checkpoints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def init(device_type: str, timeout_s: float = 300.0) -> None:
+    """Join the process group described by torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    if not launched() or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (call once after building or loading)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def all_reduce_gradients(parameters: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of `parameters` over all ranks, in one flattened all-reduce."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all ranks (a new tensor; the input is left unchanged)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (a new tensor)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_objects(items: Sequence[Any]) -> list[Any]:
+    """Concatenate a small list (episode statistics) from every rank, in rank order, on every rank."""
+    if world_size() == 1:
+        return list(items)
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(n_processes: int, argv: Sequence[str] | None = None, poll_s: float = 0.2) -> int:
+    """Run this script as `n_processes` local ranks with torchrun's environment; return the exit code.
+
+    The first rank to fail ends the others (SIGTERM, then SIGKILL after 5 s); Ctrl-C is passed on.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    port = free_port()
+    procs = []
+    for r in range(n_processes):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n_processes),
+               "LOCAL_WORLD_SIZE": str(n_processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+    code = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                code = failed[0]
+                break
+            time.sleep(poll_s)
+        else:
+            code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        code = 130
+    finally:
+        if code not in (0, 130):  # a failed rank: the others may be blocked in a collective
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        deadline = time.time() + 5
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return code if code >= 0 else 128 - code

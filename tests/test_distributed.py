@@ -1,0 +1,96 @@
+"""Data-parallel training over gloo on CPU: gradient averaging, parameter sync, launching."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import ROOT
+
+from common import distributed
+
+STEPS, BATCH, WORLD = 5, 16, 2
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def make_batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH * WORLD, 3, generator=gen), torch.randn(BATCH * WORLD, 1, generator=gen))
+            for _ in range(STEPS)]
+
+
+def train(model, batches, rank=None):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for x, y in batches:
+        if rank is not None:
+            x, y = x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        distributed.all_reduce_gradients(model.parameters())
+        optimizer.step()
+    return model
+
+
+def _rank_main(rank, port, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    model = make_model()
+    if rank == 1:  # a different start: broadcast_parameters must make the replicas identical
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    distributed.broadcast_parameters(model)
+    train(model, make_batches(), rank)
+    episodes = distributed.gather_objects([(float(rank), rank + 1)])
+    mean = distributed.all_reduce_mean(torch.tensor([float(rank)]))
+    queue.put((rank, {k: v.numpy().copy() for k, v in model.state_dict().items()}, episodes, float(mean)))
+    distributed.shutdown()
+
+
+def test_two_ranks_stay_identical_and_match_one_process_on_the_whole_batch():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = distributed.free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict((r, (s, e, m)) for r, s, e, m in (queue.get(timeout=120) for _ in range(WORLD)))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    reference = train(make_model(), make_batches()).state_dict()
+    for rank in range(WORLD):
+        state, episodes, mean = results[rank]
+        for name, value in reference.items():
+            torch.testing.assert_close(torch.from_numpy(state[name]), value, rtol=1e-5, atol=1e-6)
+        assert episodes == [(0.0, 1), (1.0, 2)] and mean == pytest.approx(0.5)
+    assert all((results[0][0][k] == results[1][0][k]).all() for k in reference)
+
+
+def test_single_process_helpers_are_identity():
+    model = make_model()
+    model(torch.randn(4, 3)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    distributed.all_reduce_gradients(model.parameters())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert distributed.gather_objects([1, 2]) == [1, 2] and distributed.world_size() == 1
+
+
+def test_n_gpus_without_gpus_is_a_one_line_error():
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(ROOT / "algos" / "ppo.py"), "--n-gpus", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--n-gpus 2" in proc.stderr and proc.stderr.strip().count("\n") == 0
