@@ -1,0 +1,215 @@
+"""Feeding a replay buffer, synchronously or from a separate sampling process (`--async-sampling`).
+
+Replay-based scripts write one training loop for both modes:
+
+    feeder = ReplayFeeder(args, env_fn, policy_step, model, replay_factory, horizon, exploration)
+    replay = feeder.replay
+    while step < args.total_timesteps:
+        step, episodes = feeder.collect()          # sync: one batch sampled and appended
+        updates_owed += args.replay_ratio * (step - last_step)   # async: steps the sampler made since
+        ... updates ...
+        feeder.sync(model)                         # new parameters reach the sampler
+
+Synchronous: `collect` runs the sampler (any `--sampler` kind) for one batch and appends it to the
+replay buffer. Asynchronous: a sampling process runs its own sampler of any kind and appends every
+batch to a shared-memory replay buffer, never waiting for the optimizer; a copier thread in that
+process appends batch k while batch k+1 is being sampled (two batch buffers). `collect` in the main
+process only waits until new steps exist and returns the step count, so `--replay-ratio` is an upper
+bound enforced by throttling the optimizer. `sync` copies the parameters into shared memory under a
+lock; the sampling process picks up a new version before each batch. `exploration(step) -> dict` gives
+the policy keyword arguments (an epsilon, say) for the sampler's current step, in either process.
+
+A sampling process that dies ends the run within seconds with its traceback; the sampling process
+exits when the main process dies.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from common.envs import UsageError
+from common.namedarraytuple import buffer_from_example
+from common.samplers import EnvGroup, Episode, SamplerError, make_sampler, samples_example
+
+POLL_S = 0.001
+STEP, VERSION, STOP = 0, 1, 2
+
+
+def copy_parameters(destination: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Copy every parameter and buffer of `source` into `destination` (same architecture)."""
+    with torch.no_grad():
+        for dst, src in zip(destination.state_dict().values(), source.state_dict().values()):
+            dst.copy_(src, non_blocking=False)
+
+
+class ReplayFeeder:
+    """Runs the sampler and fills the replay buffer, in this process or in a sampling process."""
+
+    def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: torch.nn.Module,
+                 replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
+                 start_step: int = 0, seed: int | None = None):
+        self.asynchronous = bool(getattr(args, "async_sampling", False))
+        self.exploration = exploration
+        self.step = start_step
+        self.steps_per_batch = horizon * args.n_envs
+        seed = args.seed + start_step if seed is None else seed
+        if not self.asynchronous:
+            self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)
+            self.example = self.sampler.example
+            self.replay = replay_factory(self.example, share_memory=False)
+            return
+        if getattr(args, "n_gpus", 0) > 1:
+            raise UsageError("--async-sampling with --n-gpus > 1 is not available in this version; "
+                             "use one of the two")
+        device = next(model.parameters()).device
+        probe = EnvGroup(env_fn, [seed])
+        try:
+            self.example = samples_example(probe, policy_step, model, device)
+        finally:
+            probe.close()
+        self.replay = replay_factory(self.example, share_memory=True)
+        self.shared_model = copy.deepcopy(model).cpu()
+        self.shared_model.share_memory()
+        self.counters = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self.counters[STEP] = start_step
+        ctx = mp.get_context(args.start_method)
+        self.lock = ctx.Lock()
+        self.episodes: Any = ctx.Queue()
+        self.errors: Any = ctx.Queue()
+        self.process = ctx.Process(
+            target=sampling_main, daemon=False, name="rlsolo-async-sampler",
+            args=(args, env_fn, policy_step, self.shared_model, self.replay, horizon, exploration, seed,
+                  self.counters, self.lock, self.episodes, self.errors, os.getpid()),
+        )
+        self.process.start()
+
+    def collect(self, timeout_s: float = 600.0) -> tuple[int, list[Episode]]:
+        """Sync: sample one batch into replay. Async: wait for new sampled steps. Returns (step, episodes)."""
+        if not self.asynchronous:
+            batch, episodes = self.sampler.collect(**self.exploration(self.step))
+            self.replay.append(batch)
+            self.step += self.steps_per_batch
+            return self.step, episodes
+        deadline = time.time() + timeout_s
+        while int(self.counters[STEP]) <= self.step:
+            self.check()
+            if time.time() > deadline:
+                raise SamplerError(f"the sampling process produced no data in {timeout_s:.0f} s")
+            time.sleep(POLL_S)
+        self.step = int(self.counters[STEP])
+        episodes = []
+        while True:
+            try:
+                episodes += self.episodes.get_nowait()
+            except queue.Empty:
+                break
+        return self.step, episodes
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """New parameters reach the sampler (sync: its workers; async: the sampling process)."""
+        if not self.asynchronous:
+            self.sampler.sync(model)
+            return
+        with self.lock:
+            copy_parameters(self.shared_model, model)
+            self.counters[VERSION] += 1
+
+    def check(self) -> None:
+        """Raise with the sampling process's error if it died."""
+        if self.asynchronous and not self.process.is_alive():
+            try:
+                message = self.errors.get(timeout=1.0)
+            except queue.Empty:
+                message = f"exit code {self.process.exitcode}"
+            raise SamplerError(f"the sampling process died: {message}")
+
+    def close(self) -> None:
+        if not self.asynchronous:
+            self.sampler.close()
+            return
+        if getattr(self, "process", None) is None:
+            return
+        self.counters[STOP] = 1
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.process = None
+
+
+def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_model: torch.nn.Module, replay: Any,
+                  horizon: int, exploration: Callable[[int], dict], seed: int, counters: torch.Tensor, lock: Any,
+                  episodes_out: Any, errors: Any, parent_pid: int) -> None:
+    """The sampling process: collect batches with any sampler kind and append them to the shared replay."""
+    torch.set_num_threads(1)
+    sampler = None
+    try:
+        model = copy.deepcopy(shared_model)
+        version = -1
+        sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed,
+                               device=torch.device("cpu"))
+        batches = [buffer_from_example(sampler.example, (horizon, args.n_envs)) for _ in range(2)]
+        ready = [threading.Semaphore(0), threading.Semaphore(0)]
+        free = [threading.Semaphore(1), threading.Semaphore(1)]
+        copier_error: list[BaseException] = []
+        steps_per_batch = horizon * args.n_envs
+
+        def copier() -> None:
+            k = 0
+            try:
+                while True:
+                    ready[k].acquire()
+                    if counters[STOP]:
+                        return
+                    replay.append(batches[k])
+                    counters[STEP] += steps_per_batch
+                    free[k].release()
+                    k ^= 1
+            except BaseException as error:  # noqa: BLE001 - reported to the main process below
+                copier_error.append(error)
+
+        thread = threading.Thread(target=copier, daemon=True)
+        thread.start()
+        step, k = int(counters[STEP]), 0
+        while not counters[STOP]:
+            if os.getppid() != parent_pid:
+                return
+            if int(counters[VERSION]) != version:
+                with lock:
+                    version = int(counters[VERSION])
+                    copy_parameters(model, shared_model)
+                sampler.sync(model)
+            batch, episodes = sampler.collect(**exploration(step))
+            while not free[k].acquire(timeout=0.1):
+                if copier_error:
+                    raise copier_error[0]
+                if counters[STOP] or os.getppid() != parent_pid:
+                    return
+            batches[k][:] = batch
+            ready[k].release()
+            if episodes:
+                episodes_out.put(list(episodes))
+            step += steps_per_batch
+            k ^= 1
+    except BaseException:  # noqa: BLE001 - the main process re-raises it
+        errors.put(traceback.format_exc())
+        raise SystemExit(1) from None
+    finally:
+        counters[STOP] = 1
+        for semaphore in (ready if "ready" in locals() else []):
+            semaphore.release()
+        if sampler is not None:
+            sampler.close()
