@@ -33,7 +33,8 @@ import tyro
 from common import distributed
 from common.envs import UsageError
 
-__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "run", "resolve_device", "setup"]
+__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "run",
+           "resolve_device", "setup"]
 
 SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
@@ -103,6 +104,12 @@ class LoggingArgs:
 @dataclass
 class CommonArgs(ExperimentArgs, SamplerArgs, LoggingArgs):
     """The flags shared by every script."""
+
+
+@dataclass
+class AsyncArgs:
+    async_sampling: bool = False
+    """sample in a separate process into a shared-memory replay buffer while the main process optimizes"""
 
 
 ArgsT = TypeVar("ArgsT", bound=CommonArgs)
