@@ -199,6 +199,20 @@ def resolve_presets(args: Args, action_space: gym.Space) -> None:
             setattr(args, name, value)
 
 
+def next_values(model: ActorCritic, batch) -> torch.Tensor:
+    """Value [T, B] of each step's true next observation, what GAE bootstraps from.
+
+    Inside an episode it is the next step's value; at the batch end and where an episode was truncated it
+    is evaluated afresh on `next_observation` (the episode's final observation, not the reset one).
+    """
+    value = batch.agent_info.value
+    next_value = torch.cat([value[1:], model.value(batch.next_observation[-1:])])
+    truncated = batch.truncated
+    if truncated.any():
+        next_value[truncated] = model.value(batch.next_observation[truncated])
+    return next_value
+
+
 def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, old_value, args: Args):
     """Clipped surrogate + (clipped) value loss - entropy bonus; returns (loss, stats)."""
     dist = model.distribution(obs)
@@ -275,14 +289,8 @@ def main(args: Args) -> dict:
             if args.norm_reward:
                 reward = reward_scaler(reward, batch.terminated | batch.truncated)
             with torch.no_grad():
-                # The value of each step's true next observation: the next step's value inside an
-                # episode, a fresh evaluation at the batch end and where an episode was truncated.
-                next_value = torch.cat([value[1:], model.value(batch.next_observation[-1:])])
-                truncated = batch.truncated
-                if truncated.any():
-                    next_value[truncated] = model.value(batch.next_observation[truncated])
-                advantage, returns = gae_advantages(reward, value, next_value, batch.terminated,
-                                                    truncated, args.gamma, args.gae_lambda)
+                advantage, returns = gae_advantages(reward, value, next_values(model, batch), batch.terminated,
+                                                    batch.truncated, args.gamma, args.gae_lambda)
 
             flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
             obs, action = flat(batch.observation), flat(batch.action)

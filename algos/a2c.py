@@ -1,0 +1,239 @@
+"""A2C: synchronous advantage actor-critic, for vector observations.
+
+Mnih et al. 2016 (A3C, https://arxiv.org/abs/1602.01783), in its synchronous form: every update uses one
+short rollout of all environments, bootstrapped n-step returns (GAE with lambda = 1 by default) and a single
+RMSprop step. Discrete actions get a categorical policy, continuous (Box) actions a diagonal Gaussian with
+a state-independent log-std.
+
+    python algos/a2c.py --env-id CartPole-v1 --total-timesteps 200000
+    python algos/a2c.py --env-id InvertedPendulum-v5 --total-timesteps 500000
+    python algos/a2c.py --sampler parallel-cpu --n-workers 2 --n-envs 8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributions import Categorical, Normal
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, observation_shape
+from common.kernels import explained_variance, gae_advantages
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to, namedarraytuple
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    n_envs: int = 8
+    """total number of training environments"""
+    num_steps: int = 5
+    """environment steps per environment per update"""
+    learning_rate: float = 7e-4
+    """RMSprop learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero"""
+    rmsprop_alpha: float = 0.99
+    """RMSprop smoothing constant"""
+    rmsprop_eps: float = 1e-5
+    """RMSprop epsilon"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 1.0
+    """GAE lambda (1: plain bootstrapped n-step returns)"""
+    norm_adv: bool = False
+    """normalize advantages over the batch"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+    hidden_size: int = 64
+    """width of the actor and critic MLPs"""
+    log_every_updates: int = 50
+    """updates between two logs of the losses"""
+
+
+AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int):
+        super().__init__()
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+
+        def mlp(out: int, std: float) -> nn.Sequential:
+            return nn.Sequential(
+                layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
+                layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+                layer_init(nn.Linear(hidden, out), std=std),
+            )
+
+        self.critic = mlp(1, 1.0)
+        self.actor = mlp(n_out, 0.01)
+        if self.continuous:
+            self.log_std = nn.Parameter(torch.zeros(n_out))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs.float()).squeeze(-1)
+
+    def distribution(self, obs: torch.Tensor):
+        out = self.actor(obs.float())
+        if self.continuous:
+            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+        return Categorical(logits=out, validate_args=False)
+
+    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
+
+    def entropy(self, dist) -> torch.Tensor:
+        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
+
+
+def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
+    """Sample (or, deterministically, take the mode of) the policy; record log-prob and value."""
+    dist = model.distribution(obs)
+    if deterministic:
+        action = dist.mean if model.continuous else dist.probs.argmax(-1)
+    else:
+        action = dist.sample()
+    return action, AgentInfo(model.log_prob(dist, action), model.value(obs)), None
+
+
+def make_a2c_env(env_id: str, seed: int, training: bool = True) -> gym.Env:
+    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
+    env = make_env(env_id, seed, training=training)
+    return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
+
+
+def next_values(model: ActorCritic, batch) -> torch.Tensor:
+    """Value [T, B] of each step's true next observation, what the returns bootstrap from.
+
+    Inside an episode it is the next step's value; at the batch end and where an episode was truncated it
+    is evaluated on `next_observation` (the episode's final observation, not the reset one). The short
+    batch is evaluated whole: selecting the truncated steps would cost a host sync every update.
+    """
+    value = batch.agent_info.value
+    next_value = torch.cat([value[1:], model.value(batch.next_observation[-1:])])
+    return torch.where(batch.truncated, model.value(batch.next_observation), next_value)
+
+
+def a2c_loss(model: ActorCritic, obs, action, advantage, returns, args: Args):
+    """Policy gradient with a learned baseline + value regression - entropy bonus; returns (loss, stats).
+
+    obs, action, advantage, returns: [N, ...] (the flattened batch); the advantages are constants.
+    """
+    dist = model.distribution(obs)
+    log_prob = model.log_prob(dist, action)
+    entropy = model.entropy(dist).mean()
+    if args.norm_adv:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    policy_loss = -(advantage * log_prob).mean()
+    value_loss = 0.5 * ((model.value(obs) - returns) ** 2).mean()
+    loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
+    return loss, (policy_loss, value_loss, entropy, log_prob.detach())
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    env_fn = partial(make_a2c_env, args.env_id, training=True)
+    eval_env_fn = partial(make_a2c_env, args.env_id, training=False)
+    probe = env_fn(args.seed)
+    if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
+        raise UsageError(f"algos/a2c.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
+    if len(observation_shape(probe)) != 1:
+        raise UsageError(f"algos/a2c.py needs vector observations, {args.env_id} has shape "
+                         f"{probe.observation_space.shape}: use ppo_atari.py for images")
+    if args.num_steps < 1 or args.log_every_updates < 1:
+        raise UsageError("--num-steps and --log-every-updates must be at least 1")
+    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size).to(device)
+    probe.close()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,
+                                    eps=args.rmsprop_eps, foreach=True)
+    loss_fn = torch.compile(a2c_loss) if args.compile else a2c_loss
+
+    global_step, n_updates = 0, 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+                "global_step": global_step, "n_updates": n_updates}
+
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step)
+    logger = RunLogger(args, "a2c", args.total_timesteps, start_step=global_step)
+    batch_size = args.n_envs * args.num_steps
+    next_eval = args.eval_every or None
+    try:
+        while global_step < args.total_timesteps:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+            batch, episodes = sampler.collect()
+            global_step += batch_size
+            logger.log_episodes(global_step, episodes)
+
+            batch = buffer_to(batch, device)
+            value = batch.agent_info.value
+            with torch.no_grad():
+                advantage, returns = gae_advantages(batch.reward, value, next_values(model, batch), batch.terminated,
+                                                    batch.truncated, args.gamma, args.gae_lambda)
+
+            flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
+            loss, stats = loss_fn(model, flat(batch.observation), flat(batch.action), flat(advantage),
+                                  flat(returns), args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm, foreach=True)
+            optimizer.step()
+            n_updates += 1
+            sampler.sync(model)
+
+            if n_updates % args.log_every_updates == 0:
+                policy_loss, value_loss, entropy, old_log_prob = stats
+                with torch.no_grad():  # how far this update moved the policy on its own batch
+                    new_log_prob = model.log_prob(model.distribution(flat(batch.observation)), flat(batch.action))
+                    log_ratio = new_log_prob - old_log_prob
+                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
+                logger.log(global_step, {
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                    "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
+                    "losses/approx_kl": approx_kl,
+                    "losses/explained_variance": explained_variance(flat(value), flat(returns)),
+                })
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)
+                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)

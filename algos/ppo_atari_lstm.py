@@ -1,0 +1,317 @@
+"""Recurrent PPO: clipped PPO with GAE and an LSTM fed torso features, the previous action and reward.
+
+Schulman et al. 2017 (https://arxiv.org/abs/1707.06347) with a recurrent policy as in Mnih et al. 2016's
+A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] uint8, scaled by 1/255) and
+a small MLP for vector observations, chosen by the observation shape, so memory tasks run on a CPU.
+
+Training re-runs whole environment sequences: a minibatch is a subset of the environments (all T steps of
+each), started from the rnn state stored at the start of the batch, with the state reset step by step
+where an episode ended inside the sequence, exactly as the sampler did while collecting.
+
+Hyper-parameters left at `None` ("auto") take the preset of the observation kind, printed resolved in
+config.json: image observations the Atari preset (lr 2.5e-4, clip 0.1, 4 epochs of 4 minibatches, LSTM
+128), vector observations a small, fast one. Any flag overrides its preset value.
+
+    python algos/ppo_atari_lstm.py --env-id ALE/Breakout-v5
+    python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 300000
+    python algos/ppo_atari_lstm.py --env-id ALE/Pong-v5 --sampler parallel-cpu --n-workers 8 --n-envs 16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Categorical
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, observation_shape, require_discrete_actions
+from common.kernels import explained_variance, gae_advantages
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to, namedarraytuple
+from common.samplers import make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    env_id: str = "ALE/Breakout-v5"
+    """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env with discrete actions"""
+    total_timesteps: int = 10_000_000
+    """environment steps (Atari: agent steps, 4 frames each) to train for, summed over all environments"""
+    n_envs: int = 8
+    """total number of training environments (a multiple of --num-minibatches)"""
+    num_steps: int = 128
+    """environment steps per environment per rollout (the length of the training sequences)"""
+    learning_rate: float | None = None
+    """Adam learning rate (auto: 2.5e-4 images, 1e-3 vectors)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int | None = None
+    """minibatches per epoch, each a subset of the environments (auto: 4 images, 2 vectors)"""
+    update_epochs: int | None = None
+    """optimization epochs per rollout (auto: 4 images, 2 vectors)"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float | None = None
+    """policy ratio clipping (auto: 0.1 images, 0.2 vectors)"""
+    clip_vloss: bool = True
+    """clip the value loss around the old values"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the approximate KL exceeds this"""
+    lstm_size: int | None = None
+    """LSTM hidden units (auto: 128 images, 64 vectors)"""
+    hidden_size: int = 64
+    """width of the MLP torso (vector observations)"""
+    max_episode_steps: int | None = None
+    """time limit of an episode in agent steps (default: the env's own)"""
+
+
+# The values of the "auto" (None) fields, by observation kind.
+PRESETS = {
+    "image": dict(learning_rate=2.5e-4, num_minibatches=4, update_epochs=4, clip_coef=0.1, lstm_size=128),
+    "vector": dict(learning_rate=1e-3, num_minibatches=2, update_epochs=2, clip_coef=0.2, lstm_size=64),
+}
+
+RnnState = namedarraytuple("RnnState", ["h", "c"])
+AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value", "rnn_state"])  # rnn_state: before the step
+
+
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Module:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class NatureCNN(nn.Module):
+    """Mnih et al. 2015's torso: three convolutions and a 512-unit layer on [C, 84, 84] uint8 frames."""
+
+    def __init__(self, in_channels: int, out_features: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float() / 255.0)
+
+
+class RecurrentActorCritic(nn.Module):
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden_size: int, lstm_size: int):
+        super().__init__()
+        self.image, self.n_actions = len(obs_shape) == 3, n_actions
+        if self.image:
+            self.torso, n_features = NatureCNN(obs_shape[0]), 512
+        else:
+            self.torso = nn.Sequential(layer_init(nn.Linear(obs_shape[0], hidden_size)), nn.Tanh())
+            n_features = hidden_size
+        # The weights of an LSTM cell, unrolled by hand in `forward`: the input projection of a whole
+        # sequence is one matmul, and only the recurrent part runs step by step.
+        self.lstm = nn.LSTMCell(n_features + n_actions + 1, lstm_size)
+        for name, param in self.lstm.named_parameters():
+            nn.init.constant_(param, 0.0) if "bias" in name else nn.init.orthogonal_(param, 1.0)
+        self.actor = layer_init(nn.Linear(lstm_size, n_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(lstm_size, 1), std=1.0)
+
+    def initial_state(self, batch_size: int, device: torch.device) -> RnnState:
+        zeros = torch.zeros(batch_size, self.lstm.hidden_size, device=device)
+        return RnnState(zeros, zeros.clone())
+
+    def forward(self, obs, prev_action, prev_reward, state: RnnState, reset: torch.Tensor | None = None):
+        """Unroll over a sequence: obs [T, B, ...], prev_action, prev_reward [T, B], state [B, H] before step 0.
+
+        `reset[t]` ([T, B] bool) zeroes the state before step t (an episode ended at step t - 1).
+        Returns (logits [T, B, A], value [T, B], state after the last step).
+        """
+        T, B = prev_action.shape[:2]
+        features = self.torso(obs.flatten(0, 1)).view(T, B, -1)
+        # Atari trains on sign-clipped rewards and evaluates on raw scores: the network sees their sign.
+        prev_reward = prev_reward.sign() if self.image else prev_reward
+        x = torch.cat([features, F.one_hot(prev_action.long(), self.n_actions).float(),
+                       prev_reward.unsqueeze(-1).float()], -1)
+        input_gates = F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih + self.lstm.bias_hh)
+        keep = None if reset is None else (~reset).float().unsqueeze(-1)
+        h, c = state
+        outputs = []
+        for t in range(T):
+            if keep is not None:
+                h, c = h * keep[t], c * keep[t]
+            i, f, g, o = torch.addmm(input_gates[t], h, self.lstm.weight_hh.t()).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        out = torch.stack(outputs)
+        return self.actor(out), self.critic(out).squeeze(-1), RnnState(h, c)
+
+
+def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
+    """One step for a batch of envs; agent_info keeps the rnn state the step started from."""
+    if rnn_state is None:
+        rnn_state = model.initial_state(obs.shape[0], obs.device)
+    logits, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
+    dist = Categorical(logits=logits[0], validate_args=False)
+    action = dist.probs.argmax(-1) if deterministic else dist.sample()
+    return action, AgentInfo(dist.log_prob(action), value[0], rnn_state), next_state
+
+
+def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
+    """Value [T, B] of each step's true next observation, what GAE bootstraps from.
+
+    Inside an episode it is the next step's value. At the batch end and where an episode was truncated it
+    is evaluated afresh on `next_observation` (the final observation, not the reset one): the stored
+    pre-step rnn state is advanced through the step, then fed the next observation, with the step's
+    action and reward as the previous ones, as the episode would have continued.
+    """
+    value = batch.agent_info.value
+    needs_bootstrap = batch.truncated.clone()
+    needs_bootstrap[-1] = True
+    where = needs_bootstrap.nonzero(as_tuple=True)
+    step = batch[where]
+    _, _, after = model(step.observation[None], step.prev_action[None], step.prev_reward[None],
+                        step.agent_info.rnn_state)
+    _, bootstrap, _ = model(step.next_observation[None], step.action[None], step.reward[None], after)
+    next_value = torch.cat([value[1:], torch.zeros_like(value[:1])])
+    next_value[where] = bootstrap[0]
+    return next_value
+
+
+def ppo_loss(model: RecurrentActorCritic, obs, prev_action, prev_reward, start_state, reset, action, old_log_prob,
+             advantage, returns, old_value, args: Args):
+    """Clipped surrogate + (clipped) value loss - entropy bonus on [T, b] sequences; returns (loss, stats)."""
+    logits, value, _ = model(obs, prev_action, prev_reward, start_state, reset)
+    dist = Categorical(logits=logits, validate_args=False)
+    log_prob = dist.log_prob(action)
+    entropy = dist.entropy().mean()
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    if args.norm_adv:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    policy_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    if args.clip_vloss:
+        value_clipped = old_value + (value - old_value).clamp(-args.clip_coef, args.clip_coef)
+        value_loss = 0.5 * torch.max((value - returns) ** 2, (value_clipped - returns) ** 2).mean()
+    else:
+        value_loss = 0.5 * ((value - returns) ** 2).mean()
+    loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
+    return loss, (policy_loss, value_loss, entropy, approx_kl, clipfrac)
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = env_fn(args.seed)
+    n_actions = require_discrete_actions(probe, "algos/ppo_atari_lstm.py")
+    shape = observation_shape(probe)
+    probe.close()
+    if len(shape) not in (1, 3) or (len(shape) == 3 and shape[1:] != (84, 84)):
+        raise UsageError(f"algos/ppo_atari_lstm.py needs vector observations or [C, 84, 84] Atari frames, "
+                         f"{args.env_id} has shape {shape}")
+    for name, value in PRESETS["image" if len(shape) == 3 else "vector"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.num_minibatches < 1 or args.n_envs % args.num_minibatches:
+        raise UsageError(f"--num-minibatches {args.num_minibatches} must divide --n-envs {args.n_envs}: "
+                         "a minibatch is a subset of whole environment sequences")
+    model = RecurrentActorCritic(shape, n_actions, args.hidden_size, args.lstm_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
+
+    global_step = 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step = checkpoint["global_step"]
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": capture_rng_state(), "global_step": global_step}
+
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step,
+                           eval_env_fn=eval_env_fn)
+    logger = RunLogger(args, "ppo_atari_lstm", args.total_timesteps, start_step=global_step)
+    batch_size = args.n_envs * args.num_steps
+    envs_per_minibatch = args.n_envs // args.num_minibatches
+    next_eval = args.eval_every or None
+    try:
+        while global_step < args.total_timesteps:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+            batch, episodes = sampler.collect()
+            global_step += batch_size
+            logger.log_episodes(global_step, episodes)
+
+            batch = buffer_to(batch, device)
+            value = batch.agent_info.value
+            done = batch.terminated | batch.truncated
+            reset = torch.cat([torch.zeros_like(done[:1]), done[:-1]])  # the state is zeroed after an episode end
+            with torch.no_grad():
+                advantage, returns = gae_advantages(batch.reward, value, next_values(model, batch), batch.terminated,
+                                                    batch.truncated, args.gamma, args.gae_lambda)
+
+            start_state = batch.agent_info.rnn_state[0]
+            for _epoch in range(args.update_epochs):
+                permutation = torch.randperm(args.n_envs, device=device)
+                for start in range(0, args.n_envs, envs_per_minibatch):
+                    envs = permutation[start:start + envs_per_minibatch]
+                    sequences = batch[:, envs]
+                    loss, stats = loss_fn(model, sequences.observation, sequences.prev_action,
+                                          sequences.prev_reward, start_state[envs], reset[:, envs],
+                                          sequences.action, sequences.agent_info.log_prob, advantage[:, envs],
+                                          returns[:, envs], value[:, envs], args)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                if args.target_kl is not None and stats[3] > args.target_kl:
+                    break
+            sampler.sync(model)
+
+            policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
+            logger.log(global_step, {
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
+                "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
+                "losses/explained_variance": explained_variance(value, returns),
+            })
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = sampler.evaluate(args.eval_episodes, seed=args.seed)
+                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in sampler.evaluate(args.eval_episodes, seed=args.seed)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)
