@@ -85,6 +85,8 @@ class LoggingArgs:
     """W&B project"""
     wandb_entity: str | None = None
     """W&B entity (team or user)"""
+    wandb_group: str | None = None
+    """W&B group of the run (default: <script>__<env>; the launcher groups its runs by launch)"""
     capture_video: bool = False
     """record evaluation episodes to <run dir>/videos/"""
     save_model: bool = True
