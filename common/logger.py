@@ -118,6 +118,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+        config["script"] = script  # which algos/<script>.py wrote the run: common.evaluate reloads it from there
         config_path = self.run_dir / "config.json"
         if args.resume is None or not config_path.exists():
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -139,9 +140,14 @@ class RunLogger:
                 config=config,
                 dir=str(self.run_dir),
                 tags=[script, args.env_id, args.sampler] + ([f"git-{git_commit()}"] if git_commit() else []),
-                group=f"{script}__{args.env_id.replace('/', '-')}",
+                group=getattr(args, "wandb_group", None) or f"{script}__{args.env_id.replace('/', '-')}",
                 save_code=True,
             )
+
+    @property
+    def video_dir(self) -> Path | None:
+        """<run dir>/videos with --capture-video on the main process, else None (see common.envs.record_video)."""
+        return self.run_dir / "videos" if getattr(self.args, "capture_video", False) and self.enabled else None
 
     # ---------------------------------------------------------------- metrics
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -238,6 +244,7 @@ class RunLogger:
             return result
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         if self.wandb_run is not None:
+            upload_videos(self.wandb_run, self.video_dir, step)
             self.wandb_run.summary.update(result)
             self.wandb_run.finish()
             self.wandb_run = None
@@ -250,6 +257,18 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None
+
+
+def upload_videos(wandb_run: Any, video_dir: str | Path | None, step: int) -> None:
+    """Log every mp4 in `video_dir` to the W&B run as `videos/<file stem>` (nothing if there is none)."""
+    if wandb_run is None or video_dir is None or not Path(video_dir).is_dir():
+        return
+    import wandb
+
+    paths = sorted(Path(video_dir).glob("*.mp4"))
+    videos = {f"videos/{path.stem}": wandb.Video(str(path), format="mp4") for path in paths}
+    if videos:
+        wandb_run.log(videos, step=step)
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
