@@ -199,6 +199,17 @@ def resolve_presets(args: Args, action_space: gym.Space) -> None:
             setattr(args, name, value)
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
+    eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
+    probe = eval_env_fn(args.seed)
+    resolve_presets(args, probe.action_space)
+    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size, args.norm_obs)
+    probe.close()
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), eval_env_fn
+
+
 def next_values(model: ActorCritic, batch) -> torch.Tensor:
     """Value [T, B] of each step's true next observation, what GAE bootstraps from.
 
