@@ -13,7 +13,10 @@ Atari stack, innermost first (DeepMind preprocessing):
 from __future__ import annotations
 
 import importlib
+import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import ale_py
 import cv2
@@ -26,6 +29,7 @@ from gymnasium.wrappers import TimeLimit
 gym.register_envs(ale_py)
 
 _NOOP, _FIRE, _FIRE_RESET_SECOND_ACTION = 0, 1, 2
+_ATARI_VIDEO_FPS = 15  # the ALE's 60 frames per second, of which MaxAndSkip shows every 4th
 _NO_FRAMESKIP_V4 = re.compile(r"^(?P<game>[A-Za-z0-9]+)NoFrameskip-v4$")
 
 
@@ -183,6 +187,95 @@ class FrameStack(gym.Wrapper):
         return self.frames.copy(), reward, terminated, truncated, info
 
 
+class RecordEpisodes(gym.Wrapper):
+    """Write each of the first `max_episodes` episodes to `<video_dir>/<name>-episode<k>.mp4` (H.264).
+
+    Frames come from `render()` (the env must be made with render_mode="rgb_array") after reset and after
+    every step. An episode cut short by reset() or close() is not kept.
+    """
+
+    def __init__(self, env: gym.Env, video_dir: str | Path, name: str, max_episodes: int = 1, fps: float = 30):
+        super().__init__(env)
+        self.video_dir, self.name, self.max_episodes, self.fps = Path(video_dir), name, max_episodes, fps
+        self.episode = 0
+        self.writer, self.path = None, None
+
+    def reset(self, **kwargs):
+        self._discard()
+        obs, info = self.env.reset(**kwargs)
+        if self.episode < self.max_episodes:
+            import imageio.v2 as imageio
+
+            self.video_dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.video_dir / f"{self.name}-episode{self.episode}.mp4"
+            self.writer = imageio.get_writer(self.path, fps=self.fps, codec="libx264", macro_block_size=2)
+            self.writer.append_data(self.env.render())
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.writer is not None:
+            self.writer.append_data(self.env.render())
+            if terminated or truncated:
+                self.writer.close()
+                self.writer = None
+                self.episode += 1
+        return obs, reward, terminated, truncated, info
+
+    def close(self):
+        self._discard()
+        super().close()
+
+    def _discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.path.unlink(missing_ok=True)
+            self.writer = None
+
+
+# Set by VideoEnvFn while its env_fn runs: the next make_env call records (video_dir, episodes).
+_video_request: tuple[Path, int] | None = None
+
+
+class VideoEnvFn:
+    """An env_fn whose first env (in each process) records its first episodes; see `record_video`."""
+
+    def __init__(self, env_fn: Callable[[int], gym.Env], video_dir: str | Path, episodes: int):
+        self.env_fn, self.video_dir, self.episodes = env_fn, Path(video_dir), episodes
+        self.recorded = False
+
+    def __call__(self, seed: int) -> gym.Env:
+        global _video_request
+        if self.recorded:
+            return self.env_fn(seed)
+        self.recorded = True
+        _video_request = (self.video_dir, self.episodes)
+        try:
+            env = self.env_fn(seed)
+        finally:
+            pending, _video_request = _video_request, None
+        if pending is not None:
+            raise UsageError("cannot record a video: the env_fn does not build its env with common.envs.make_env")
+        return env
+
+
+def record_video(env_fn: Callable[[int], gym.Env], video_dir: str | Path | None,
+                 episodes: int = 1) -> Callable[[int], gym.Env]:
+    """`env_fn`, with its first env recording its first `episodes` episodes to mp4 files in `video_dir`.
+
+    `env_fn` is any function that builds its env with `make_env` (which picks the request up); with
+    `video_dir=None` it is returned unchanged. Under `evaluate`, the first env is evaluation env 0.
+    """
+    return env_fn if video_dir is None else VideoEnvFn(env_fn, video_dir, episodes)
+
+
+def _headless_rendering_defaults() -> None:
+    """Without a display: MuJoCo renders through EGL and pygame (classic control) through SDL's dummy driver."""
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
 # --------------------------------------------------------------------------------------------------
 # Construction
 # --------------------------------------------------------------------------------------------------
@@ -251,6 +344,8 @@ def make_env(
     frame_stack: int = 4,
     max_episode_steps: int | None = None,
     render_mode: str | None = None,
+    video_dir: str | Path | None = None,
+    video_episodes: int = 1,
 ) -> gym.Env:
     """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics.
 
@@ -258,7 +353,15 @@ def make_env(
     uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping.
     `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. 4 frames).
     The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
+    With `video_dir` (or under `record_video`), its first `video_episodes` episodes are written to
+    `<video_dir>/seed<seed>-episode<k>.mp4`.
     """
+    global _video_request
+    if video_dir is None and _video_request is not None:
+        (video_dir, video_episodes), _video_request = _video_request, None
+    if video_dir is not None:
+        render_mode = "rgb_array"
+        _headless_rendering_defaults()
     if frame_stack < 1:
         raise UsageError(f"frame_stack must be >= 1, got {frame_stack}")
     if max_episode_steps is not None and max_episode_steps < 1:
@@ -275,6 +378,9 @@ def make_env(
     except gym_error.DependencyNotInstalled as e:
         reason = " ".join(str(e).split())
         raise UsageError(f"environment {env_id!r} needs a package that is not installed: {reason}") from None
+    if video_dir is not None:
+        fps = _ATARI_VIDEO_FPS if _is_atari_spec(spec) else env.metadata.get("render_fps") or 30
+        env = RecordEpisodes(env, video_dir, f"seed{seed}", video_episodes, fps)
     env.action_space.seed(seed)
     return env
 
