@@ -1,0 +1,258 @@
+"""C51 for Atari (pixels): categorical distributional DQN, with n-step returns and prioritized replay.
+
+Bellemare et al. 2017, "A Distributional Perspective on Reinforcement Learning" (https://arxiv.org/abs/1707.06887).
+Per action, a distribution over 51 fixed returns in [-10, 10]; the target distribution r + gamma^n z is
+projected onto the atoms, and the loss is the cross-entropy to it (with `--prioritized`, also the priority).
+DeepMind preprocessing (common/envs.py); the replay buffer stores each frame once.
+
+    python algos/c51_atari.py --env-id ALE/Pong-v5
+    python algos/c51_atari.py --env-id ALE/Breakout-v5 --n-step 3 --prioritized
+    python algos/c51_atari.py --env-id ALE/Pong-v5 --n-envs 8 --sampler alternating-gpu --n-workers 4
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, require_discrete_actions
+from common.kernels import categorical_projection, polyak_update
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to
+from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    env_id: str = "ALE/Pong-v5"
+    """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
+    total_timesteps: int = 10_000_000
+    """environment steps (agent steps, 4 frames each) to train for"""
+    max_episode_steps: int | None = None
+    """cap on an episode's agent steps (None: the game's own limit)"""
+    n_atoms: int = 51
+    """atoms of the return distribution"""
+    v_min: float = -10.0
+    """smallest return the distribution can represent (rewards are clipped to [-1, 1])"""
+    v_max: float = 10.0
+    """largest return the distribution can represent"""
+    n_step: int = 1
+    """n-step returns"""
+    prioritized: bool = False
+    """prioritized experience replay (priority: the cross-entropy loss of the transition)"""
+    priority_alpha: float = 0.5
+    """prioritization exponent"""
+    priority_beta: float = 0.4
+    """initial importance-sampling exponent, annealed to 1 over training"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    adam_eps: float = 3.125e-4
+    """Adam epsilon"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions (frames are stored once: about 7 KB each)"""
+    gamma: float = 0.99
+    """discount factor"""
+    batch_size: int = 32
+    """transitions per gradient update"""
+    replay_ratio: float = 0.25
+    """gradient updates per sampled environment step (whatever the number of environments)"""
+    target_network_period: int = 2_000
+    """gradient updates between target-network updates"""
+    tau: float = 1.0
+    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
+    start_epsilon: float = 1.0
+    """initial exploration rate"""
+    end_epsilon: float = 0.01
+    """final exploration rate"""
+    exploration_fraction: float = 0.1
+    """fraction of --total-timesteps over which epsilon decays linearly"""
+    learning_starts: int = 80_000
+    """environment steps before the first update"""
+    num_steps: int = 1
+    """environment steps per environment per collect"""
+    max_grad_norm: float = 10.0
+    """gradient clipping norm"""
+    checkpoint_replay: bool = False
+    """also save the replay buffer in checkpoints, so --resume continues with it"""
+
+
+class CategoricalAtariNetwork(nn.Module):
+    """The Nature CNN giving, per action, the logits of a distribution over the fixed `atoms`."""
+
+    def __init__(self, in_channels: int, n_actions: int, atoms: torch.Tensor):
+        super().__init__()
+        self.n_actions, self.n_atoms = n_actions, atoms.numel()
+        self.register_buffer("atoms", atoms)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+            nn.Linear(512, n_actions * self.n_atoms),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, n_actions, n_atoms] for uint8 frame stacks [B, 4, 84, 84]."""
+        logits = self.net(obs.float() / 255.0).view(-1, self.n_actions, self.n_atoms)
+        return logits.log_softmax(-1)
+
+    def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Expected returns [B, n_actions] of the distributions `log_probs`."""
+        return (log_probs.exp() * self.atoms).sum(-1)
+
+
+def policy_step(model: CategoricalAtariNetwork, obs, prev_action, prev_reward, rnn_state,
+                deterministic: bool = False, epsilon: float = 0.0):
+    """Epsilon-greedy on the expected returns (greedy when deterministic)."""
+    action = model.q_values(model(obs)).argmax(-1)
+    if not deterministic and epsilon > 0:
+        explore = torch.rand(action.shape, device=action.device) < epsilon
+        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
+    return action, None, None
+
+
+def categorical_loss(q_net: CategoricalAtariNetwork, target_net: CategoricalAtariNetwork, s):
+    """Cross-entropy to the projected n-step target distribution; returns (loss, per-sample loss, mean Q)."""
+    log_probs = q_net(s.observation)
+    rows = torch.arange(log_probs.shape[0], device=log_probs.device)
+    chosen = log_probs[rows, s.action.long()]
+    with torch.no_grad():
+        next_log_probs = target_net(s.bootstrap_observation)
+        next_action = target_net.q_values(next_log_probs).argmax(-1)
+        next_probs = next_log_probs[rows, next_action].exp()
+        target = categorical_projection(next_probs, s.n_step_return, s.discount, target_net.atoms)
+    cross_entropy = -(target * chosen).sum(-1)
+    loss = (s.weight * cross_entropy).mean()
+    q_mean = (chosen.detach().exp() * q_net.atoms).sum(-1).mean()
+    return loss, cross_entropy.detach(), q_mean
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = env_fn(args.seed)
+    n_actions = require_discrete_actions(probe, "algos/c51_atari.py")
+    obs_shape = probe.observation_space.shape
+    probe.close()
+    if len(obs_shape) != 3:
+        raise UsageError(f"algos/dqn_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
+                         f"{obs_shape}: use c51.py for vector observations")
+    if args.n_step < 1:
+        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
+    if args.n_atoms < 2 or args.v_min >= args.v_max:
+        raise UsageError(f"need --n-atoms >= 2 and --v-min < --v-max, got {args.n_atoms}, {args.v_min}, {args.v_max}")
+
+    atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
+    q_net = CategoricalAtariNetwork(obs_shape[0], n_actions, atoms).to(device)
+    target_net = CategoricalAtariNetwork(obs_shape[0], n_actions, atoms).to(device)
+    target_net.load_state_dict(q_net.state_dict())
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    loss_fn = torch.compile(categorical_loss) if args.compile else categorical_loss
+
+    global_step, n_updates = 0, 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        q_net.load_state_dict(checkpoint["q_net"])
+        target_net.load_state_dict(checkpoint["target_net"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+
+    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step,
+                           eval_env_fn=eval_env_fn)
+    replay_kwargs = dict(size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma,
+                         frame_padding="repeat")
+    if args.prioritized:
+        replay = PrioritizedFrameReplayBuffer(sampler.example, alpha=args.priority_alpha, beta=args.priority_beta,
+                                              **replay_kwargs)
+    else:
+        replay = FrameReplayBuffer(sampler.example, **replay_kwargs)
+    if checkpoint is not None and "replay" in checkpoint:
+        replay.load_state_dict(checkpoint["replay"])
+
+    def state():
+        saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+                 "global_step": global_step, "n_updates": n_updates}
+        if args.checkpoint_replay:
+            saved["replay"] = replay.state_dict()
+        return saved
+
+    logger = RunLogger(args, "c51_atari", args.total_timesteps, start_step=global_step)
+    steps_per_collect = args.num_steps * args.n_envs
+    # A run resumed without its replay buffer refills it before updating again.
+    refill = checkpoint is not None and "replay" not in checkpoint
+    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
+    updates_owed = 0.0
+    next_eval = args.eval_every or None
+    update_timer, updates_timed = time.time(), 0
+    try:
+        while global_step < args.total_timesteps:
+            decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+            epsilon = max(args.end_epsilon, args.start_epsilon
+                          - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
+            batch, episodes = sampler.collect(epsilon=epsilon)
+            replay.append(batch)
+            global_step += steps_per_collect
+            logger.log_episodes(global_step, episodes)
+            if global_step < learning_starts:
+                logger.progress(global_step)
+                continue
+
+            updates_owed += args.replay_ratio * steps_per_collect
+            while updates_owed >= 1:
+                updates_owed -= 1
+                if args.prioritized:
+                    beta = args.priority_beta + (1.0 - args.priority_beta) * global_step / args.total_timesteps
+                    sample = replay.sample(args.batch_size, beta=beta)
+                else:
+                    sample = replay.sample(args.batch_size)
+                sample = buffer_to(sample, device)
+                loss, per_sample_loss, q_mean = loss_fn(q_net, target_net, sample)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if args.prioritized:
+                    replay.update_priorities(sample.index, per_sample_loss)
+                n_updates += 1
+                updates_timed += 1
+                if n_updates % args.target_network_period == 0:
+                    polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
+                if n_updates % 100 == 0:
+                    now = time.time()
+                    logger.log(global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                             "charts/epsilon": epsilon,
+                                             "charts/updates_per_second": updates_timed / (now - update_timer)})
+                    update_timer, updates_timed = now, 0
+            sampler.sync(q_net)
+
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)
+                if episodes_eval:
+                    logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        if final:
+            logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)

@@ -1,0 +1,252 @@
+"""DQN for Atari (pixels), with double Q-learning, dueling heads, n-step returns and prioritized replay.
+
+Mnih et al. 2015 (https://www.nature.com/articles/nature14236); double: van Hasselt et al. 2016;
+dueling: Wang et al. 2016; prioritized replay: Schaul et al. 2016. DeepMind preprocessing (common/envs.py);
+the replay buffer stores each 84x84 frame once and rebuilds the 4-frame stacks when sampling.
+
+    python algos/dqn_atari.py --env-id ALE/Pong-v5
+    python algos/dqn_atari.py --env-id ALE/Breakout-v5 --double --dueling --n-step 3 --prioritized
+    python algos/dqn_atari.py --env-id ALE/Pong-v5 --n-envs 8 --sampler alternating-gpu --n-workers 4
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, require_discrete_actions
+from common.kernels import polyak_update
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to
+from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    env_id: str = "ALE/Pong-v5"
+    """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
+    total_timesteps: int = 10_000_000
+    """environment steps (agent steps, 4 frames each) to train for"""
+    max_episode_steps: int | None = None
+    """cap on an episode's agent steps (None: the game's own limit)"""
+    double: bool = False
+    """double Q-learning: the online network picks the bootstrap action"""
+    dueling: bool = False
+    """dueling value / advantage heads"""
+    n_step: int = 1
+    """n-step returns"""
+    prioritized: bool = False
+    """prioritized experience replay"""
+    priority_alpha: float = 0.5
+    """prioritization exponent"""
+    priority_beta: float = 0.4
+    """initial importance-sampling exponent, annealed to 1 over training"""
+    learning_rate: float = 1e-4
+    """Adam learning rate"""
+    adam_eps: float = 1.5e-4
+    """Adam epsilon"""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions (frames are stored once: about 7 KB each)"""
+    gamma: float = 0.99
+    """discount factor"""
+    batch_size: int = 32
+    """transitions per gradient update"""
+    replay_ratio: float = 0.25
+    """gradient updates per sampled environment step (whatever the number of environments)"""
+    target_network_period: int = 2_000
+    """gradient updates between target-network updates"""
+    tau: float = 1.0
+    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
+    start_epsilon: float = 1.0
+    """initial exploration rate"""
+    end_epsilon: float = 0.01
+    """final exploration rate"""
+    exploration_fraction: float = 0.1
+    """fraction of --total-timesteps over which epsilon decays linearly"""
+    learning_starts: int = 80_000
+    """environment steps before the first update"""
+    num_steps: int = 1
+    """environment steps per environment per collect"""
+    max_grad_norm: float = 10.0
+    """gradient clipping norm"""
+    checkpoint_replay: bool = False
+    """also save the replay buffer in checkpoints, so --resume continues with it"""
+
+
+class AtariQNetwork(nn.Module):
+    """The Nature CNN with a plain or dueling Q head, on uint8 frame stacks [B, 4, 84, 84]."""
+
+    def __init__(self, in_channels: int, n_actions: int, dueling: bool):
+        super().__init__()
+        self.n_actions, self.dueling = n_actions, dueling
+        self.torso = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )
+        n_heads = 2 if dueling else 1
+        self.hidden = nn.ModuleList(nn.Sequential(nn.Linear(3136, 512), nn.ReLU()) for _ in range(n_heads))
+        self.advantage = nn.Linear(512, n_actions)
+        self.value = nn.Linear(512, 1) if dueling else None
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        features = self.torso(obs.float() / 255.0)
+        advantage = self.advantage(self.hidden[0](features))
+        if not self.dueling:
+            return advantage
+        value = self.value(self.hidden[1](features))
+        return value + advantage - advantage.mean(-1, keepdim=True)
+
+
+def policy_step(model: AtariQNetwork, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
+                epsilon: float = 0.0):
+    """Epsilon-greedy action (greedy when deterministic)."""
+    action = model(obs).argmax(-1)
+    if not deterministic and epsilon > 0:
+        explore = torch.rand(action.shape, device=action.device) < epsilon
+        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
+    return action, None, None
+
+
+def td_loss(q_net: AtariQNetwork, target_net: AtariQNetwork, s, double: bool):
+    """Huber TD loss on an n-step replay sample; returns (loss, |td error| per sample, mean Q)."""
+    q = q_net(s.observation).gather(-1, s.action.long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        target_q = target_net(s.bootstrap_observation)
+        if double:
+            next_action = q_net(s.bootstrap_observation).argmax(-1, keepdim=True)
+        else:
+            next_action = target_q.argmax(-1, keepdim=True)
+        target = s.n_step_return + s.discount * target_q.gather(-1, next_action).squeeze(-1)
+    loss = (s.weight * F.smooth_l1_loss(q, target, reduction="none")).mean()
+    return loss, (target - q).abs().detach(), q.mean().detach()
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = env_fn(args.seed)
+    n_actions = require_discrete_actions(probe, "algos/dqn_atari.py")
+    obs_shape = probe.observation_space.shape
+    probe.close()
+    if len(obs_shape) != 3:
+        raise UsageError(f"algos/dqn_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
+                         f"{obs_shape}: use dqn.py for vector observations")
+    if args.n_step < 1:
+        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
+
+    q_net = AtariQNetwork(obs_shape[0], n_actions, args.dueling).to(device)
+    target_net = AtariQNetwork(obs_shape[0], n_actions, args.dueling).to(device)
+    target_net.load_state_dict(q_net.state_dict())
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    loss_fn = torch.compile(td_loss) if args.compile else td_loss
+
+    global_step, n_updates = 0, 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        q_net.load_state_dict(checkpoint["q_net"])
+        target_net.load_state_dict(checkpoint["target_net"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+
+    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step,
+                           eval_env_fn=eval_env_fn)
+    replay_kwargs = dict(size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma,
+                         frame_padding="repeat")
+    if args.prioritized:
+        replay = PrioritizedFrameReplayBuffer(sampler.example, alpha=args.priority_alpha, beta=args.priority_beta,
+                                              **replay_kwargs)
+    else:
+        replay = FrameReplayBuffer(sampler.example, **replay_kwargs)
+    if checkpoint is not None and "replay" in checkpoint:
+        replay.load_state_dict(checkpoint["replay"])
+
+    def state():
+        saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+                 "global_step": global_step, "n_updates": n_updates}
+        if args.checkpoint_replay:
+            saved["replay"] = replay.state_dict()
+        return saved
+
+    logger = RunLogger(args, "dqn_atari", args.total_timesteps, start_step=global_step)
+    steps_per_collect = args.num_steps * args.n_envs
+    # A run resumed without its replay buffer refills it before updating again.
+    refill = checkpoint is not None and "replay" not in checkpoint
+    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
+    updates_owed = 0.0
+    next_eval = args.eval_every or None
+    update_timer, updates_timed = time.time(), 0
+    try:
+        while global_step < args.total_timesteps:
+            decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+            epsilon = max(args.end_epsilon, args.start_epsilon
+                          - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
+            batch, episodes = sampler.collect(epsilon=epsilon)
+            replay.append(batch)
+            global_step += steps_per_collect
+            logger.log_episodes(global_step, episodes)
+            if global_step < learning_starts:
+                logger.progress(global_step)
+                continue
+
+            updates_owed += args.replay_ratio * steps_per_collect
+            while updates_owed >= 1:
+                updates_owed -= 1
+                if args.prioritized:
+                    beta = args.priority_beta + (1.0 - args.priority_beta) * global_step / args.total_timesteps
+                    sample = replay.sample(args.batch_size, beta=beta)
+                else:
+                    sample = replay.sample(args.batch_size)
+                sample = buffer_to(sample, device)
+                loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.double)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if args.prioritized:
+                    replay.update_priorities(sample.index, td_abs)
+                n_updates += 1
+                updates_timed += 1
+                if n_updates % args.target_network_period == 0:
+                    polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
+                if n_updates % 100 == 0:
+                    now = time.time()
+                    logger.log(global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                             "charts/epsilon": epsilon,
+                                             "charts/updates_per_second": updates_timed / (now - update_timer)})
+                    update_timer, updates_timed = now, 0
+            sampler.sync(q_net)
+
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)
+                if episodes_eval:
+                    logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        if final:
+            logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)

@@ -1,0 +1,330 @@
+"""R2D1: recurrent DQN with sequence replay, stored recurrent state, burn-in and value rescaling.
+
+Kapturowski et al. 2019, "Recurrent Experience Replay in Distributed Reinforcement Learning" (R2D2,
+https://openreview.net/forum?id=r1lyTjAqYX), in one process: an LSTM fed the observation's features, the
+previous action (one-hot) and the previous reward; replay of fixed-length sequences that start from the
+recurrent state the actor had (stored with them) and first unroll `--burn-in` steps without training on
+them; double Q-learning on n-step targets under the value rescaling h(x) = sign(x)(sqrt(|x|+1)-1) + eps x;
+sequences prioritized by eta max|td| + (1 - eta) mean|td|. Image observations [stack, H, W] get the
+Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP.
+
+    python algos/r2d1.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 200000
+    python algos/r2d1.py --env-id ALE/Pong-v5 --total-timesteps 10000000 --n-envs 16 --lstm-size 512 \\
+        --burn-in 40 --train-length 40 --n-step 5 --gamma 0.997 --learning-rate 1e-4 --batch-size 64 \\
+        --buffer-size 1000000 --learning-starts 50000 --target-network-period 2500 --sampler alternating-gpu
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, require_discrete_actions
+from common.kernels import inverse_value_rescale, n_step_returns, polyak_update, value_rescale
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to, namedarraytuple
+from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSequenceReplayBuffer
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    n_envs: int = 8
+    """total number of training environments"""
+    num_steps: int = 20
+    """environment steps per environment per collect"""
+    max_episode_steps: int | None = None
+    """cap on an episode's steps (None: the environment's own limit)"""
+    hidden_size: int = 64
+    """width of the MLP torso and of the Q head (vector observations)"""
+    lstm_size: int = 64
+    """LSTM units (512 in R2D2 on Atari)"""
+    burn_in: int = 10
+    """steps unrolled from the stored state, without loss, before the trained part of each sequence"""
+    train_length: int = 20
+    """steps of each sequence that get a loss"""
+    sequence_period: int = 10
+    """steps between the starts of consecutive sequences (they overlap when < --train-length)"""
+    n_step: int = 3
+    """n-step returns"""
+    gamma: float = 0.99
+    """discount factor"""
+    value_rescale_eps: float = 1e-3
+    """eps of the value rescaling h (in the targets); 0 for the plain square-root rescaling"""
+    priority_alpha: float = 0.9
+    """prioritization exponent"""
+    priority_beta: float = 0.6
+    """importance-sampling exponent"""
+    priority_eta: float = 0.9
+    """sequence priority: eta * max|td| + (1 - eta) * mean|td|"""
+    learning_rate: float = 1e-3
+    """Adam learning rate"""
+    adam_eps: float = 1e-3
+    """Adam epsilon"""
+    buffer_size: int = 100_000
+    """replay capacity in environment steps"""
+    batch_size: int = 32
+    """sequences per gradient update"""
+    replay_ratio: float = 0.025
+    """gradient updates per sampled environment step (whatever the number of environments)"""
+    target_network_period: int = 200
+    """gradient updates between target-network updates"""
+    tau: float = 1.0
+    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
+    start_epsilon: float = 1.0
+    """initial exploration rate"""
+    end_epsilon: float = 0.02
+    """final exploration rate"""
+    exploration_fraction: float = 0.2
+    """fraction of --total-timesteps over which epsilon decays linearly"""
+    learning_starts: int = 5_000
+    """environment steps before the first update"""
+    max_grad_norm: float = 40.0
+    """gradient clipping norm"""
+    checkpoint_replay: bool = False
+    """also save the replay buffer in checkpoints, so --resume continues with it"""
+
+
+RnnState = namedarraytuple("RnnState", ["h", "c"])
+AgentInfo = namedarraytuple("AgentInfo", ["rnn_state"])  # the state before the step, for sequence replay
+
+
+class R2D1Network(nn.Module):
+    """Torso (CNN for images, MLP for vectors) -> LSTM(features, one-hot previous action, previous reward) -> Q."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: int, lstm_size: int):
+        super().__init__()
+        self.n_actions, self.lstm_size = n_actions, lstm_size
+        self.image = len(obs_shape) == 3
+        if self.image:
+            self.torso = nn.Sequential(
+                nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(),
+                nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+                nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+            )
+            n_features = 512
+        else:
+            self.torso = nn.Sequential(nn.Linear(obs_shape[0], hidden), nn.ReLU())
+            n_features = hidden
+        self.lstm = nn.LSTMCell(n_features + n_actions + 1, lstm_size)
+        head_hidden = 512 if self.image else hidden
+        self.head = nn.Sequential(nn.Linear(lstm_size, head_hidden), nn.ReLU(), nn.Linear(head_hidden, n_actions))
+
+    def inputs(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor) -> torch.Tensor:
+        """LSTM inputs [..., F] for observations [..., *obs_shape] and previous actions / rewards [...]."""
+        lead = prev_reward.shape
+        obs = obs.reshape(-1, *obs.shape[len(lead):]).float()
+        features = self.torso(obs / 255.0 if self.image else obs)
+        features = features.view(*lead, features.shape[-1])
+        one_hot = F.one_hot(prev_action.long(), self.n_actions).to(features.dtype)
+        return torch.cat([features, one_hot, prev_reward.unsqueeze(-1).to(features.dtype)], -1)
+
+    def initial_state(self, batch: int, device: torch.device) -> RnnState:
+        zeros = torch.zeros(batch, self.lstm_size, device=device)
+        return RnnState(zeros, zeros.clone())
+
+    def forward(self, obs, prev_action, prev_reward, rnn_state: RnnState) -> tuple[torch.Tensor, RnnState]:
+        """One step for a batch [B]: Q-values [B, n_actions] and the next state."""
+        h, c = self.lstm(self.inputs(obs, prev_action, prev_reward), tuple(rnn_state))
+        return self.head(h), RnnState(h, c)
+
+
+def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
+                epsilon: float = 0.0):
+    """Epsilon-greedy action (greedy when deterministic); agent_info keeps the state the step started from."""
+    if rnn_state is None:
+        rnn_state = model.initial_state(obs.shape[0], obs.device)
+    q, next_state = model(obs, prev_action, prev_reward, rnn_state)
+    action = q.argmax(-1)
+    if not deterministic and epsilon > 0:
+        explore = torch.rand(action.shape, device=action.device) < epsilon
+        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
+    return action, AgentInfo(rnn_state), next_state
+
+
+def unroll(model: R2D1Network, s, burn_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM states [L, N, H] (h and c after each step) from the stored state; no gradient through burn-in.
+
+    The state is zeroed after every step that ended an episode, as the actor's was.
+    """
+    ended = (s.terminated | s.truncated).unsqueeze(-1)
+    h, c = s.rnn_state.h, s.rnn_state.c
+    hs, cs = [], []
+    with torch.no_grad():
+        burn_in_inputs = model.inputs(s.observation[:burn_in], s.prev_action[:burn_in], s.prev_reward[:burn_in])
+    inputs = model.inputs(s.observation[burn_in:], s.prev_action[burn_in:], s.prev_reward[burn_in:])
+    for t in range(s.reward.shape[0]):
+        if t > 0:
+            h, c = h.masked_fill(ended[t - 1], 0.0), c.masked_fill(ended[t - 1], 0.0)
+        if t < burn_in:
+            with torch.no_grad():
+                h, c = model.lstm(burn_in_inputs[t], (h, c))
+        else:
+            h, c = model.lstm(inputs[t - burn_in], (h, c))
+        hs.append(h)
+        cs.append(c)
+    return torch.stack(hs), torch.stack(cs)
+
+
+def next_q_values(model: R2D1Network, s, q: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """Q-values [L, N, A] of the true next observation of every step, given the unroll's Q-values and states.
+
+    Inside an episode that is the next step's Q. Where an episode was truncated, it is the Q of the final
+    observation, fed with the state after the last step (the few such steps are gathered); after a
+    termination it is not used. The last step's next Q is not in the sequence: no trained step needs it.
+    """
+    next_q = torch.cat([q[1:], q[-1:]])
+    t, n = s.truncated.nonzero(as_tuple=True)
+    h, _ = model.lstm(model.inputs(s.next_observation[t, n], s.action[t, n], s.reward[t, n]), (hs[t, n], cs[t, n]))
+    next_q[t, n] = model.head(h)
+    return next_q
+
+
+def r2d1_loss(q_net: R2D1Network, target_net: R2D1Network, s, burn_in: int, train_length: int, n_step: int,
+              gamma: float, rescale_eps: float):
+    """Double-Q n-step loss on value-rescaled targets over the trained steps; returns (loss, |td| [T', N], mean Q)."""
+    trained = slice(burn_in, burn_in + train_length)
+    hs, cs = unroll(q_net, s, burn_in)
+    q_all = q_net.head(hs)
+    q = q_all[trained].gather(-1, s.action[trained].long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        online_next = next_q_values(q_net, s, q_all.detach(), hs.detach(), cs.detach())
+        target_hs, target_cs = unroll(target_net, s, s.reward.shape[0])
+        target_next = next_q_values(target_net, s, target_net.head(target_hs), target_hs, target_cs)
+        next_action = online_next.argmax(-1, keepdim=True)
+        next_value = inverse_value_rescale(target_next.gather(-1, next_action).squeeze(-1), rescale_eps)
+        returns, discount, last = n_step_returns(s.reward, s.terminated, s.truncated, n_step, gamma)
+        target = value_rescale(returns + discount * next_value.gather(0, last), rescale_eps)[trained]
+    td_error = target - q
+    loss = (s.weight * 0.5 * td_error.pow(2).mean(0)).mean()
+    return loss, td_error.abs().detach(), q.mean().detach()
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = env_fn(args.seed)
+    n_actions = require_discrete_actions(probe, "algos/r2d1.py")
+    obs_shape = tuple(probe.observation_space.shape)
+    probe.close()
+    if len(obs_shape) not in (1, 3):
+        raise UsageError(f"algos/r2d1.py needs vector or image [stack, H, W] observations, {args.env_id} has "
+                         f"shape {obs_shape}")
+    if args.n_step < 1 or args.train_length < 1 or args.burn_in < 0 or args.sequence_period < 1:
+        raise UsageError("need --n-step >= 1, --train-length >= 1, --burn-in >= 0 and --sequence-period >= 1")
+
+    q_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size).to(device)
+    target_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size).to(device)
+    target_net.load_state_dict(q_net.state_dict())
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    loss_fn = torch.compile(r2d1_loss) if args.compile else r2d1_loss
+
+    global_step, n_updates = 0, 0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        q_net.load_state_dict(checkpoint["q_net"])
+        target_net.load_state_dict(checkpoint["target_net"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+
+    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step,
+                           eval_env_fn=eval_env_fn)
+    replay_cls = PrioritizedFrameSequenceReplayBuffer if len(obs_shape) == 3 else PrioritizedSequenceReplayBuffer
+    frame_kwargs = {"frame_padding": "repeat"} if len(obs_shape) == 3 else {}
+    try:
+        replay = replay_cls(
+            sampler.example, size=args.buffer_size, n_envs=args.n_envs,
+            rnn_state_example=sampler.example.agent_info.rnn_state, burn_in=args.burn_in,
+            train_length=args.train_length, n_step=args.n_step, rnn_state_interval=args.sequence_period,
+            gamma=args.gamma, alpha=args.priority_alpha, beta=args.priority_beta, eta=args.priority_eta,
+            **frame_kwargs,
+        )
+    except ValueError as error:
+        sampler.close()
+        raise UsageError(f"--buffer-size {args.buffer_size}: {error}") from None
+    if checkpoint is not None and "replay" in checkpoint:
+        replay.load_state_dict(checkpoint["replay"])
+
+    def state():
+        saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+                 "global_step": global_step, "n_updates": n_updates}
+        if args.checkpoint_replay:
+            saved["replay"] = replay.state_dict()
+        return saved
+
+    logger = RunLogger(args, "r2d1", args.total_timesteps, start_step=global_step)
+    steps_per_collect = args.num_steps * args.n_envs
+    # A run resumed without its replay buffer refills it before updating again.
+    refill = checkpoint is not None and "replay" not in checkpoint
+    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
+    updates_owed = 0.0
+    next_eval = args.eval_every or None
+    update_timer, updates_timed = time.time(), 0
+    try:
+        while global_step < args.total_timesteps:
+            decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+            epsilon = max(args.end_epsilon, args.start_epsilon
+                          - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
+            batch, episodes = sampler.collect(epsilon=epsilon)
+            replay.append(batch, batch.agent_info.rnn_state)
+            global_step += steps_per_collect
+            logger.log_episodes(global_step, episodes)
+            if global_step < learning_starts or len(replay) == 0:
+                logger.progress(global_step)
+                continue
+
+            updates_owed += args.replay_ratio * steps_per_collect
+            while updates_owed >= 1:
+                updates_owed -= 1
+                sample = buffer_to(replay.sample(args.batch_size), device)
+                loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.burn_in, args.train_length,
+                                               args.n_step, args.gamma, args.value_rescale_eps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                replay.update_priorities(sample.index, td_abs)
+                n_updates += 1
+                updates_timed += 1
+                if n_updates % args.target_network_period == 0:
+                    polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
+                if n_updates % 50 == 0:
+                    now = time.time()
+                    logger.log(global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                             "charts/epsilon": epsilon,
+                                             "charts/updates_per_second": updates_timed / (now - update_timer)})
+                    update_timer, updates_timed = now, 0
+            sampler.sync(q_net)
+
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)
+                if episodes_eval:
+                    logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        if final:
+            logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)
