@@ -1,0 +1,146 @@
+"""Learning benchmark: run a named suite of scripts x envs x seeds through `common.launch`, then plot it.
+
+    python benchmark/learning.py classic --seeds 3 --max-parallel 2
+    python benchmark/learning.py mujoco --seeds 5 -- --track          # flags after `--` go to every run
+    python benchmark/learning.py smoke --seeds 2                      # ppo + dqn on CartPole, 4096 steps
+
+Suites (`--list-suites` prints them): `smoke`; `classic` (ppo, a2c, dqn, c51, r2d1 on CartPole-v1 / Acrobot-v1,
+sac, td3, ddpg on Pendulum-v1); `mujoco` (sac, td3, ddpg, ppo on Hopper / HalfCheetah / Walker2d-v5, 1M
+steps); `atari` (ppo_atari, dqn_atari, c51_atari, rainbow_atari, r2d1 on Pong / Breakout / BeamRider, 10M
+steps). Scripts not in algos/ yet are skipped with a message. The runs go to a launch directory
+(runs/learning-<suite>-<time>, with summary.md); then benchmark/plot.py draws the learning curves into
+benchmark/results/learning/<suite>_<env>.png and writes the table into the Learning section of
+benchmark/README.md. Exits 1 if a run failed (what finished is still plotted).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from common.envs import UsageError
+from common.launch import ALGOS_DIR, grid, launch, split_argv
+from common.logger import git_commit
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Group:
+    """Scripts x envs at one budget (and flags) inside a suite."""
+
+    scripts: tuple[str, ...]
+    env_ids: tuple[str, ...]
+    total_timesteps: int
+    flags: tuple[str, ...] = ()
+
+
+SUITES: dict[str, tuple[Group, ...]] = {
+    "smoke": (Group(("ppo", "dqn"), ("CartPole-v1",), 4096),),
+    "classic": (
+        Group(("ppo", "a2c", "dqn", "c51", "r2d1"), ("CartPole-v1", "Acrobot-v1"), 500_000),
+        Group(("sac", "td3", "ddpg"), ("Pendulum-v1",), 50_000),
+    ),
+    "mujoco": (Group(("sac", "td3", "ddpg", "ppo"), ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"), 1_000_000),),
+    "atari": (
+        Group(("ppo_atari", "dqn_atari", "c51_atari", "rainbow_atari", "r2d1"),
+              ("ALE/Pong-v5", "ALE/Breakout-v5", "ALE/BeamRider-v5"), 10_000_000),
+    ),
+}
+
+
+@dataclass
+class LearningArgs:
+    suite: tyro.conf.Positional[str] = "smoke"
+    """the suite to run: smoke | classic | mujoco | atari"""
+    seeds: int = 3
+    """seeds per (script, env): 1..N"""
+    max_parallel: int | None = None
+    """runs at once (default: one per GPU, else one per CPU core)"""
+    only: tuple[str, ...] = ()
+    """run only these scripts of the suite"""
+    total_timesteps: int | None = None
+    """override every group's budget (for a quick check of the suite)"""
+    output_dir: str | None = None
+    """the launch directory (default: runs/learning-<suite>-<time>)"""
+    plot_dir: str = str(HERE / "results" / "learning")
+    """where the learning-curve PNGs go"""
+    readme: str = str(HERE / "README.md")
+    """the README whose Learning section gets the results table"""
+    list_suites: bool = False
+    """print the suites and exit"""
+
+
+def suite_experiments(suite: str, seeds: list[int], only: tuple[str, ...] = (), total_timesteps: int | None = None,
+                      extra_flags: tuple[str, ...] = (), algos_dir: Path = ALGOS_DIR):
+    """The suite's experiments (seed-major) and the scripts skipped because algos/ does not have them."""
+    if suite not in SUITES:
+        raise UsageError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
+    experiments, skipped = [], []
+    for group in SUITES[suite]:
+        scripts = [s for s in group.scripts if not only or s in only]
+        present = [s for s in scripts if (algos_dir / f"{s}.py").is_file()]
+        skipped += [s for s in scripts if s not in present and s not in skipped]
+        flags = ("--total-timesteps", str(total_timesteps or group.total_timesteps)) + group.flags + tuple(extra_flags)
+        experiments += grid(present, group.env_ids, seeds, common_flags=flags)
+    order = {seed: i for i, seed in enumerate(seeds)}
+    experiments.sort(key=lambda e: order[e.seed])  # stable: seed-major over all groups
+    return experiments, skipped
+
+
+def load_plot_module():
+    """benchmark/plot.py, imported by path (benchmark/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("rlsolo_benchmark_plot", HERE / "plot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code."""
+    own, passed = split_argv(sys.argv[1:] if argv is None else argv)
+    args = tyro.cli(LearningArgs, args=own, description=__doc__.split("\n\n")[0])
+    if args.list_suites:
+        for name, groups in SUITES.items():
+            for g in groups:
+                print(f"{name}: {' '.join(g.scripts)} on {' '.join(g.env_ids)}, {g.total_timesteps} steps")
+        return 0
+    try:
+        experiments, skipped = suite_experiments(args.suite, list(range(1, args.seeds + 1)), args.only,
+                                                 args.total_timesteps, tuple(passed))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for script in skipped:
+        print(f"skipping {script}: algos/{script}.py does not exist yet", flush=True)
+    if not experiments:
+        print(f"error: no script of suite {args.suite!r} exists yet", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir or Path("runs") / time.strftime(f"learning-{args.suite}-%Y%m%d-%H%M%S"))
+    try:
+        results = launch(experiments, args.max_parallel, output_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted; partial results in {output_dir / 'summary.md'}", file=sys.stderr)
+        return 130
+    command = shlex.join(["python", "benchmark/learning.py", *(sys.argv[1:] if argv is None else argv)])
+    note = (f"`{command}` ({time.strftime('%Y-%m-%d')}, commit {git_commit() or '?'}, {len(results)} runs, "
+            f"launch directory `{output_dir}`).")
+    if skipped:
+        note += f" Not run (no script yet): {', '.join(skipped)}."
+    body = load_plot_module().report([output_dir], args.suite, Path(args.plot_dir), Path(args.readme), note)
+    print(body)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed: see {output_dir / 'summary.md'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Learning curves and a results table from launch directories (`common.launch`, benchmark/learning.py).
+
+    python benchmark/plot.py runs/learning-classic-20250101-120000 [more launch dirs] --name classic
+
+Every run directory inside the launch directories (one with a config.json) is read: its progress.csv
+(`charts/episodic_return` against `global_step` and `wall_time_s`) and summary.json. For each environment,
+one PNG with two panels, episodic return against environment steps and against wall-clock time: per
+script, the mean over seeds (line) and their min-max range (band), after a moving average over each run's
+episodes. The markdown table (per script and env: seeds, final deterministic eval return mean ± std over
+seeds, SPS, wall time) goes into benchmark/README.md, in the "Learning" section, between the markers
+`<!-- learning:NAME:begin -->` and `<!-- learning:NAME:end -->`; the rest of the file is left as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+HERE = Path(__file__).resolve().parent
+RETURN = "charts/episodic_return"
+SECTION_BEGIN, SECTION_END = "<!-- learning:begin -->", "<!-- learning:end -->"
+
+
+@dataclass
+class Run:
+    """One run directory: its script, env and seed, training curve and summary."""
+
+    path: Path
+    script: str
+    env_id: str
+    seed: int
+    steps: np.ndarray  # [N] global_step of each logged episodic return
+    wall_time_s: np.ndarray  # [N]
+    returns: np.ndarray  # [N]
+    summary: dict = field(default_factory=dict)
+
+
+def read_run(run_dir: Path) -> Run:
+    """Read config.json, progress.csv (its episodic-return rows) and summary.json of a run directory."""
+    config = json.loads((run_dir / "config.json").read_text())
+    script = config.get("script") or run_dir.name.split("__")[0]
+    steps, times, returns = [], [], []
+    if (run_dir / "progress.csv").is_file():
+        with open(run_dir / "progress.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(RETURN):
+                    steps.append(float(row["global_step"]))
+                    times.append(float(row["wall_time_s"]))
+                    returns.append(float(row[RETURN]))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return Run(run_dir, script, config["env_id"], int(config["seed"]), np.array(steps), np.array(times),
+               np.array(returns), summary)
+
+
+def find_runs(launch_dirs: list[Path]) -> list[Run]:
+    """Every run directory (with a config.json) directly inside the launch directories."""
+    return [read_run(d) for launch_dir in launch_dirs for d in sorted(Path(launch_dir).iterdir())
+            if (d / "config.json").is_file()]
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` values (shorter at the start): [N] -> [N]."""
+    if len(values) == 0:
+        return values
+    cumulative = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    index = np.arange(1, len(values) + 1)
+    start = np.maximum(index - window, 0)
+    return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], n_points: int = 200):
+    """Mean, min and max over runs of curves (x [N], y [N]), interpolated where every run has data."""
+    curves = [(x, y) for x, y in curves if len(x) > 0]
+    if not curves:
+        return None
+    start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    grid = np.linspace(start, end, n_points) if end > start else np.array([end])
+    values = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, values.mean(0), values.min(0), values.max(0)
+
+
+def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> Path:
+    """Draw return vs steps and vs wall time for every script on `env_id` (mean over seeds, min-max band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    by_script: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_script[run.script].append(run)
+    for script, script_runs in sorted(by_script.items()):
+        for ax, x_of in zip(axes, (lambda r: r.steps, lambda r: r.wall_time_s)):
+            band = seed_band([(x_of(r), moving_average(r.returns, smoothing)) for r in script_runs])
+            if band is None:
+                continue
+            grid, mean, low, high = band
+            (line,) = ax.plot(grid, mean, label=f"{script} ({len(script_runs)} seeds)")
+            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes[0].set_xlabel("environment steps")
+    axes[1].set_xlabel("wall time (s)")
+    for ax in axes:
+        ax.set_ylabel("episodic return")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(f"{env_id}: training episodic return, mean and min-max over seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
+
+
+def results_table(runs: list[Run]) -> str:
+    """Markdown table per (env, script): seeds finished, final eval return mean ± std over seeds, SPS, wall time."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.env_id, run.script)].append(run)
+    lines = ["| env | script | seeds | steps | final eval return | SPS | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for (env_id, script), group in sorted(groups.items()):
+        done = [r.summary for r in group if r.summary]
+        steps = f"{int(np.mean([s['global_step'] for s in done]))}" if done else "-"
+        sps = f"{np.mean([s['sps'] for s in done]):.0f}" if done else "-"
+        wall = f"{np.mean([s['wall_time_s'] for s in done]):.0f}" if done else "-"
+        final = _mean_std([s.get("final_eval_return", math.nan) for s in done])
+        lines.append(f"| {env_id} | {script} | {len(done)}/{len(group)} | {steps} | {final} | {sps} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str, name: str, body: str) -> str:
+    """`text` with the block `name` of the Learning section set to `body` (added, with the section, if absent)."""
+    begin, end = f"<!-- learning:{name}:begin -->", f"<!-- learning:{name}:end -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        pattern = re.escape(begin) + r".*?" + re.escape(end)
+        return re.sub(pattern, lambda _: block, text, count=1, flags=re.S)
+    entry = f"### {name}\n\n{block}\n\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        return text.replace(SECTION_END, entry + SECTION_END, 1)
+    prefix = text.rstrip() + "\n\n" if text.strip() else ""
+    return f"{prefix}## Learning\n\n{SECTION_BEGIN}\n{entry}{SECTION_END}\n"
+
+
+def env_slug(env_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", env_id)
+
+
+def report(launch_dirs: list[Path], name: str, plot_dir: Path, readme: Path | None, note: str = "") -> str:
+    """Plot every env of the launch directories into plot_dir, put the table in `readme`; returns the body."""
+    runs = find_runs(launch_dirs)
+    if not runs:
+        raise SystemExit(f"no run directories (with config.json) in {', '.join(map(str, launch_dirs))}")
+    by_env: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_env[run.env_id].append(run)
+    images = {env_id: plot_env(env_id, env_runs, plot_dir / f"{name}_{env_slug(env_id)}.png")
+              for env_id, env_runs in sorted(by_env.items())}
+    base = readme.parent if readme is not None else plot_dir
+    body = (note.strip() + "\n\n" if note.strip() else "") + results_table(runs) + "\n"
+    body += "\n".join(f"![{env_id}]({Path(os.path.relpath(path, base)).as_posix()})" for env_id, path in images.items())
+    if readme is not None:
+        readme.write_text(update_readme(readme.read_text() if readme.is_file() else "", name, body))
+    return body
+
+
+@dataclass
+class PlotArgs:
+    launch_dirs: tyro.conf.Positional[tuple[str, ...]]
+    """launch directories (of common.launch or benchmark/learning.py)"""
+    name: str = "results"
+    """name of the results: PNG file prefix and the README block (a suite name: classic, mujoco ...)"""
+    plot_dir: str = str(HERE / "results" / "learning")
+    """where the PNGs go"""
+    readme: str = str(HERE / "README.md")
+    """the README whose Learning section gets the table"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(PlotArgs)
+    body = report([Path(d) for d in args.launch_dirs], args.name, Path(args.plot_dir), Path(args.readme),
+                  note=f"Runs: {', '.join(f'`{d}`' for d in args.launch_dirs)}.")
+    print(body)
