@@ -26,7 +26,6 @@ import tyro
 
 from common.envs import UsageError
 from common.launch import ALGOS_DIR, grid, launch, split_argv
-from common.logger import git_commit
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,6 +97,7 @@ def load_plot_module():
     """benchmark/plot.py, imported by path (benchmark/ is not a package)."""
     spec = importlib.util.spec_from_file_location("rlsolo_benchmark_plot", HERE / "plot.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; partial results in {output_dir / 'summary.md'}", file=sys.stderr)
         return 130
+    from common.logger import git_commit  # imports torch: only once there is something to report
+
     command = shlex.join(["python", "benchmark/learning.py", *(sys.argv[1:] if argv is None else argv)])
     note = (f"`{command}` ({time.strftime('%Y-%m-%d')}, commit {git_commit() or '?'}, {len(results)} runs, "
             f"launch directory `{output_dir}`).")

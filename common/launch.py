@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,14 +115,18 @@ def grid(scripts: Sequence[str], env_ids: Sequence[str], seeds: Sequence[int],
 
 
 def variant_flags(text: str) -> list[str]:
-    """Flags of a variant written `name=value name2=value2` (or as flags): ['--name', 'value', ...]."""
-    flags = []
+    """Flags of a variant written `name=value switch` (or as flags, `--name value`): ['--name', 'value', ...]."""
+    flags: list[str] = []
+    after_flag = False  # a bare token right after a `--flag` is its value
     for token in shlex.split(text):
-        if token.startswith("-") or "=" not in token:
-            flags.append(token if token.startswith("-") else f"--{token}")
-        else:
+        if token.startswith("-") or after_flag:
+            flags.append(token)
+        elif "=" in token:
             name, value = token.split("=", 1)
             flags += [f"--{name}", value]
+        else:
+            flags.append(f"--{token}")
+        after_flag = token.startswith("-")
     return flags
 
 
@@ -148,6 +153,8 @@ def visible_gpus() -> list[str]:
     if listed is not None:
         ids = [g.strip() for g in listed.split(",") if g.strip()]
         return [] if ids[:1] == ["-1"] else ids
+    if not Path("/proc/driver/nvidia/gpus").is_dir() and shutil.which("nvidia-smi") is None:
+        return []  # no NVIDIA driver: no need to import torch (seconds) to find no GPU
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

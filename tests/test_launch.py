@@ -1,0 +1,316 @@
+"""common.launch (slots, queueing, summary table, failures, Ctrl-C) and benchmark/learning.py + plot.py."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from common.launch import (
+    Experiment,
+    Result,
+    Slot,
+    child_environment,
+    format_table,
+    grid,
+    launch,
+    plan_slots,
+    split_argv,
+    variant_flags,
+    visible_gpus,
+)
+
+# A stand-in for an algos/ script: records what the launcher gave it, sleeps, writes summary.json.
+FAKE_SCRIPT = """
+import argparse, json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+for flag in ["--env-id", "--output-dir", "--run-name", "--wandb-group"]:
+    parser.add_argument(flag)
+parser.add_argument("--seed", type=int)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--fail-seed", type=int)
+parser.add_argument("--ignore-sigint", action="store_true")
+parser.add_argument("--grandchild", action="store_true")
+args = parser.parse_args()
+run_dir = Path(args.output_dir) / args.run_name
+if args.ignore_sigint:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+if args.grandchild:
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+seen = {"cores": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "group": args.wandb_group}
+(run_dir / "seen.json").write_text(json.dumps(seen))
+time.sleep(args.sleep)
+if args.seed == args.fail_seed:
+    sys.exit("boom")
+summary = {"global_step": 10, "wall_time_s": args.sleep, "sps": 100.0, "final_eval_return": float(args.seed),
+           "final_eval_return_std": 0.5}
+(run_dir / "summary.json").write_text(json.dumps(summary))
+"""
+
+
+@pytest.fixture
+def fake_script(tmp_path):
+    path = tmp_path / "fake.py"
+    path.write_text(FAKE_SCRIPT)
+    return str(path)
+
+
+def launcher(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    return subprocess.Popen([sys.executable, "-m", "common.launch", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def max_concurrent(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in events:  # at equal times an end (-1) sorts before a start (+1)
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def process_groups() -> dict[int, str]:
+    """pgid -> state of every live process (zombies excluded)."""
+    groups = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            groups[int(fields[2])] = fields[0]
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def test_grid_is_seed_major_with_common_then_variant_flags():
+    experiments = grid(["ppo", "dqn"], ["CartPole-v1", "ALE/Pong-v5"], [1, 2], [[], ["--lr", "1"]], ["--x", "3"])
+    assert len(experiments) == 16
+    assert [e.seed for e in experiments] == [1] * 8 + [2] * 8
+    assert [(e.script, e.env_id) for e in experiments[:4:2]] == [("ppo", "CartPole-v1"), ("ppo", "ALE/Pong-v5")]
+    assert experiments[0].flags == ("--x", "3") and experiments[1].flags == ("--x", "3", "--lr", "1")
+    assert experiments[1].variant == "--lr 1"
+    assert experiments[0].name == "ppo__CartPole-v1__1" and experiments[3].name == "ppo__ALE-Pong-v5__1__lr_1"
+    assert len({e.name for e in experiments}) == 16
+
+
+@pytest.mark.parametrize(("n_slots", "cores", "expected"), [
+    (2, [0, 1, 2, 3], [(0, 1), (2, 3)]),
+    (2, [0, 1, 2, 3, 4], [(0, 1, 2), (3, 4)]),
+    (3, [0, 1, 2, 3, 4, 5, 6], [(0, 1, 2), (3, 4), (5, 6)]),
+    (2, [9, 2, 5, 7], [(2, 5), (7, 9)]),
+    (3, [0, 1], [(0,), (1,), (0,)]),
+    (1, [0, 1], [(0, 1)]),
+])
+def test_plan_slots_shares_cores_contiguously(n_slots, cores, expected):
+    slots = plan_slots(n_slots, cores)
+    assert [s.cores for s in slots] == expected
+    assert [s.index for s in slots] == list(range(n_slots)) and all(s.gpu is None for s in slots)
+
+
+def test_plan_slots_gives_gpus_round_robin():
+    assert [s.gpu for s in plan_slots(5, list(range(10)), ["0", "1"])] == ["0", "1", "0", "1", "0"]
+    assert [s.gpu for s in plan_slots(2, [0, 1], ["3", "5", "7"])] == ["3", "5"]
+    with pytest.raises(ValueError):
+        plan_slots(0, [0])
+
+
+def test_child_environment_sets_threads_and_gpu():
+    env = child_environment(Slot(0, (2, 3, 4), "1"), {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "1"}
+    env = child_environment(Slot(1, (0,), None), {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env == {"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "0,1"}
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == []
+
+
+def test_command_line_helpers():
+    assert split_argv(["--scripts", "ppo", "--", "--track", "--n-envs", "4"]) == (["--scripts", "ppo"],
+                                                                                  ["--track", "--n-envs", "4"])
+    assert split_argv(["--scripts", "ppo"]) == (["--scripts", "ppo"], [])
+    assert variant_flags("learning-rate=1e-3 norm-obs --n-envs 4") == ["--learning-rate", "1e-3", "--norm-obs",
+                                                                       "--n-envs", "4"]
+
+
+def test_format_table_lists_shared_flags_once():
+    a = Experiment("ppo", "CartPole-v1", 1, ("--total-timesteps", "100", "--lr", "1"), "--lr 1")
+    b = Experiment("dqn", "CartPole-v1", 2, ("--total-timesteps", "100"))
+    results = [Result(a, Path("x"), 0, 10.0, 22.5, Slot(0, (0,)), 1, {"final_eval_return": 9.5,
+                                                                     "final_eval_return_std": 1.25, "sps": 1234.4}),
+               Result(b, Path("y"))]
+    table = format_table(results)
+    assert table.startswith("flags of every run: `--total-timesteps 100`")
+    assert "| ppo | CartPole-v1 | 1 | --lr 1 | 0 | 9.50 ± 1.25 | 1234 | 12.5 |" in table
+    assert "| dqn | CartPole-v1 | 2 | - | not run | - | - | - |" in table
+    assert math.isnan(results[1].wall_time_s) and not results[1].ok
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def test_launch_pins_each_run_to_its_slot_and_queues_the_rest(tmp_path, fake_script, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    experiments = grid([fake_script], ["CartPole-v1"], [1, 2, 3, 4, 5], common_flags=["--sleep", "0.5", "--grandchild"])
+    results = launch(experiments, max_parallel=2, output_dir=tmp_path / "launch", gpus=["0", "1"], quiet=True)
+    slots = {s.index: s for s in plan_slots(2, cores, ["0", "1"])}
+    assert [r.experiment for r in results] == experiments and all(r.ok for r in results)
+    for r in results:
+        seen = json.loads((r.run_dir / "seen.json").read_text())
+        assert tuple(seen["cores"]) == r.slot.cores == slots[r.slot.index].cores
+        assert seen["omp"] == str(len(r.slot.cores)) and seen["gpu"] == r.slot.gpu
+        assert seen["group"] == "launch"
+        assert r.summary["final_eval_return"] == r.experiment.seed
+        assert (r.run_dir / "stdout.log").is_file() and (r.run_dir / "stderr.log").is_file()
+    intervals = [(r.start_time, r.end_time) for r in results]
+    assert max_concurrent(intervals) == 2
+    assert [r.experiment.seed for r in sorted(results, key=lambda r: r.start_time)] == [1, 2, 3, 4, 5]
+    assert not set(process_groups()) & {r.pid for r in results}, "a run's grandchild outlived it"
+    rows = read_csv(tmp_path / "launch" / "summary.csv")
+    assert [int(row["seed"]) for row in rows] == [1, 2, 3, 4, 5] and {row["exit_code"] for row in rows} == {"0"}
+
+
+def test_a_failed_run_is_in_the_table_and_the_exit_code(tmp_path, fake_script):
+    out = tmp_path / "launch"
+    proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "2", "--output-dir", str(out),
+                    "--", "--fail-seed", "2")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "FAILED 2/2" in stdout and "boom" in stdout and "1 of 2 runs failed" in stderr
+    rows = {int(row["seed"]): row for row in read_csv(out / "summary.csv")}
+    assert rows[1]["exit_code"] == "0" and rows[2]["exit_code"] == "1"
+    assert "| fake | CartPole-v1 | 2 | - | 1 | - |" in (out / "summary.md").read_text()
+
+
+def test_unknown_script_is_a_one_line_error(tmp_path):
+    proc = launcher("--scripts", "no_such_algo", "--output-dir", str(tmp_path / "x"))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "no_such_algo" in stderr
+
+
+def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
+    out = tmp_path / "launch"
+    proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--variants", "ignore-sigint", "grandchild",
+                    "--max-parallel", "3", "--grace-s", "1", "--output-dir", str(out), "--", "--sleep", "600",
+                    "--grandchild")
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*/seen.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(out.glob("*/seen.json"))) == 3
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert time.monotonic() - started < 15
+    pids = {int(line.split("(pid ")[1].split(",")[0]) for line in stdout.splitlines() if "] start " in line}
+    assert len(pids) == 3 and not set(process_groups()) & pids, "a run (or its child) survived Ctrl-C"
+    rows = read_csv(out / "summary.csv")
+    assert sorted(row["exit_code"] != "0" for row in rows) == [True] * 4
+    assert sum(row["exit_code"] == "" for row in rows) == 1  # the fourth never started
+
+
+def test_cli_runs_ppo_and_dqn_two_at_a_time(tmp_path):
+    out = tmp_path / "launch-cli"
+    proc = launcher("--scripts", "ppo", "dqn", "--env-ids", "CartPole-v1", "--seeds", "1", "2",
+                    "--total-timesteps", "2048", "--max-parallel", "2", "--output-dir", str(out),
+                    "--", "--eval-episodes", "2")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    names = [f"{script}__CartPole-v1__{seed}" for script in ("ppo", "dqn") for seed in (1, 2)]
+    for name in names:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["global_step"] >= 2048 and "final_eval_return" in summary
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["eval_episodes"] == 2 and config["wandb_group"] == "launch-cli"
+    table = (out / "summary.md").read_text()
+    for script in ("ppo", "dqn"):
+        for seed in (1, 2):
+            assert f"| {script} | CartPole-v1 | {seed} | - | 0 | " in table
+            assert f"| {script} | CartPole-v1 | {seed} |" in stdout
+    rows = read_csv(out / "summary.csv")
+    assert len(rows) == 4 and all(float(row["sps"]) > 0 for row in rows)
+    assert max_concurrent([(float(r["start_time"]), float(r["end_time"])) for r in rows]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suites_skip_missing_scripts(tmp_path):
+    learning = load_benchmark("learning")
+    (tmp_path / "ppo.py").write_text("")
+    experiments, skipped = learning.suite_experiments("classic", [1, 2], algos_dir=tmp_path)
+    assert {e.script for e in experiments} == {"ppo"} and "ddpg" in skipped and "ppo" not in skipped
+    assert [e.seed for e in experiments] == [1, 1, 2, 2]
+    assert experiments[0].flags == ("--total-timesteps", "500000")
+
+
+def test_plot_helpers():
+    plot = load_benchmark("plot")
+    assert np.allclose(plot.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1, 2, 4, 6])
+    grid_x, mean, low, high = plot.seed_band([(np.array([0.0, 10.0]), np.array([0.0, 10.0])),
+                                              (np.array([0.0, 5.0]), np.array([2.0, 2.0]))], n_points=6)
+    assert grid_x[-1] == 5.0 and np.allclose(mean, (grid_x + 2) / 2) and np.allclose(high - low, np.abs(grid_x - 2))
+    text = "# Benchmarks\n\n## Speed\n\nmine\n"
+    once = plot.update_readme(text, "classic", "table 1")
+    assert once.startswith(text.rstrip()) and "## Learning" in once and "table 1" in once
+    twice = plot.update_readme(plot.update_readme(once, "mujoco", "table 2"), "classic", "table 3")
+    assert "table 1" not in twice and "table 2" in twice and "table 3" in twice and "mine" in twice
+    assert twice.count("## Learning") == 1 and twice.index("classic") < twice.index("mujoco")
+
+
+def test_learning_smoke_suite_plots_curves_and_writes_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n## Throughput\n\nsomeone else's section\n")
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(
+        [sys.executable, "benchmark/learning.py", "smoke", "--seeds", "2", "--max-parallel", "2",
+         "--output-dir", str(tmp_path / "learn"), "--plot-dir", str(tmp_path / "plots"), "--readme", str(readme),
+         "--", "--eval-episodes", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list((tmp_path / "learn").glob("*/summary.json"))) == 4
+    png = tmp_path / "plots" / "smoke_CartPole-v1.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "someone else's section" in text and "## Learning" in text
+    for script in ("ppo", "dqn"):
+        assert f"| CartPole-v1 | {script} | 2/2 | 4096 |" in text
+    assert "![CartPole-v1](plots/smoke_CartPole-v1.png)" in text
