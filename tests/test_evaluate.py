@@ -1,0 +1,125 @@
+"""common.evaluate: a saved ppo run re-evaluates to its final_eval_return; videos (CartPole, MuJoCo); W&B offline."""
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+import gymnasium as gym
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, read_summary, run_script
+
+from common.envs import UsageError, make_env, record_video
+from common.evaluate import evaluate_run, main
+
+
+def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "common.evaluate", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def video_frames(path) -> int:
+    with imageio.get_reader(path) as reader:
+        return sum(1 for _ in reader)
+
+
+@pytest.fixture(scope="module")
+def cartpole_run(tmp_path_factory):
+    """A tiny tracked (offline) ppo run on CartPole with a 3-episode final evaluation."""
+    out = tmp_path_factory.mktemp("evaluate")
+    run_script("ppo", "--total-timesteps", "2048", "--eval-episodes", "3", "--seed", "4", "--output-dir", str(out),
+               "--run-name", "cartpole", "--track", "--wandb-group", "test-group")
+    return out / "cartpole"
+
+
+def test_tracked_run_has_an_offline_wandb_run_with_config_tags_and_group(cartpole_run):
+    config = json.loads((cartpole_run / "config.json").read_text())
+    assert config["script"] == "ppo" and config["wandb_group"] == "test-group"
+    runs = sorted((cartpole_run / "wandb").glob("offline-run-*"))  # the training run's is the first
+    assert runs
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the offline run's protobuf records
+    for text in [b"test-group", b"total_timesteps", b"2048", b"learning_rate", b"CartPole-v1", b"serial", b"ppo"]:
+        assert text in record, text
+
+
+def test_evaluate_reproduces_the_final_eval_return(cartpole_run):
+    summary = read_summary(cartpole_run)
+    returns = [e.ret for e in evaluate_run(cartpole_run, device="cpu")]
+    assert len(returns) == 3
+    assert float(np.mean(returns)) == summary["final_eval_return"]
+    assert float(np.std(returns)) == summary["final_eval_return_std"]
+    last = evaluate_cli(str(cartpole_run / "checkpoint.pt"), "--device", "cpu").stdout.strip().splitlines()[-1]
+    assert last == f"eval return: {np.mean(returns):.2f} ± {np.std(returns):.2f} over 3 episodes"
+    assert len(evaluate_run(cartpole_run, episodes=5, seed=11)) == 5
+
+
+def test_capture_video_on_cartpole_records_evaluation_env_0_and_uploads_it(cartpole_run):
+    episodes = evaluate_run(cartpole_run, device="cpu")
+    proc = evaluate_cli(str(cartpole_run), "--capture-video", "--track", "--device", "cpu")
+    summary = read_summary(cartpole_run)
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"eval return: {summary['final_eval_return']:.2f} ± ")
+    videos = sorted((cartpole_run / "videos").glob("*.mp4"))
+    assert len(videos) == 1
+    assert video_frames(videos[0]) == episodes[0].length + 1  # the reset frame, then one per step
+    uploaded = list((cartpole_run / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
+    assert uploaded, "the video was not logged to the W&B run"
+
+
+def test_capture_video_on_mujoco(tmp_path):
+    run_script("ppo", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048", "--eval-episodes", "2",
+               "--output-dir", str(tmp_path), "--run-name", "mujoco")
+    run_dir = tmp_path / "mujoco"
+    proc = evaluate_cli(str(run_dir), "--capture-video", "--device", "cpu")
+    summary = read_summary(run_dir)
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"eval return: {summary['final_eval_return']:.2f} ± {summary['final_eval_return_std']:.2f} over 2 episodes")
+    videos = list((run_dir / "videos").glob("*.mp4"))
+    assert len(videos) == 1 and video_frames(videos[0]) >= 2
+
+
+def test_record_video_keeps_only_finished_episodes_of_the_first_env(tmp_path):
+    env_fn = record_video(partial(make_env, "CartPole-v1", training=False), tmp_path, episodes=2)
+    first, second = env_fn(3), env_fn(4)
+    for env in (first, second):
+        env.reset(seed=0)
+        lengths = []
+        for _ in range(3):
+            done, n = False, 0
+            while not done:
+                _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+                done, n = terminated or truncated, n + 1
+            lengths.append(n)
+            env.reset()
+        env.step(env.action_space.sample())  # an unfinished episode: not kept
+        env.close()
+        if env is first:
+            first_lengths = lengths
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["seed3-episode0.mp4", "seed3-episode1.mp4"]
+    assert [video_frames(tmp_path / f"seed3-episode{k}.mp4") for k in range(2)] == [n + 1 for n in first_lengths[:2]]
+    assert record_video(env_fn, None) is env_fn
+
+
+def test_record_video_needs_make_env(tmp_path):
+    with pytest.raises(UsageError, match="make_env"):
+        record_video(lambda seed: gym.make("CartPole-v1"), tmp_path)(0)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"script": "mine", "env_id": "CartPole-v1"}))
+    torch.save({"model": {}}, run_dir / "checkpoint.pt")
+    script = tmp_path / "mine.py"
+    script.write_text("from dataclasses import dataclass\n\n@dataclass\nclass Args:\n    env_id: str = 'x'\n")
+    assert main([str(run_dir), "--script", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert "policy_step, load_policy" in err and err.count("\n") == 1
