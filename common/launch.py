@@ -147,6 +147,11 @@ def plan_slots(n_slots: int, cores: Sequence[int], gpus: Sequence[str] = ()) -> 
     return [Slot(i, shares[i], gpus[i % len(gpus)] if gpus else None) for i in range(n_slots)]
 
 
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on (all of them where affinity is not supported)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def visible_gpus() -> list[str]:
     """GPU ids a child may be given: CUDA_VISIBLE_DEVICES' entries if set, else 0..device_count-1."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -320,7 +325,7 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
         raise UsageError("two experiments have the same script, env, seed and flags: remove the duplicates")
     output_dir = Path(output_dir or Path("runs") / time.strftime("launch-%Y%m%d-%H%M%S"))
     output_dir.mkdir(parents=True, exist_ok=True)
-    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    cores = sorted(cores if cores is not None else available_cores())
     gpus = list(gpus if gpus is not None else visible_gpus())
     if max_parallel is None:
         max_parallel = len(gpus) or len(cores)
