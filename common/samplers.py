@@ -763,8 +763,8 @@ class ParallelSampler:
         code = process.exitcode
         status = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         return self._fail(
-            f"sampler worker {w} (pid {process.pid}) died ({status}) without a Python traceback: "
-            "it was killed, ran out of memory or crashed in native code"
+            f"sampler worker {w} (pid {process.pid}) died ({status}) before it could report an error: it was "
+            "killed, ran out of memory or crashed in native code, or it failed to start (see its stderr)"
         )
 
     def _fail(self, message: str) -> SamplerError:
