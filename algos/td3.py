@@ -1,0 +1,293 @@
+"""TD3: twin delayed deep deterministic policy gradient.
+
+Fujimoto et al. 2018, https://arxiv.org/abs/1802.09477: twin critics (the smaller target), target policy
+smoothing (clipped noise on the target action) and a delayed actor (and target) update. Continuous (Box)
+actions and vector observations: classic control and MuJoCo. The two critics are one module with stacked
+weights, evaluated in one batched matmul per layer (torch.baddbmm).
+
+    python algos/td3.py --env-id Pendulum-v1 --total-timesteps 15000
+    python algos/td3.py --env-id Hopper-v5 --total-timesteps 1000000 --learning-starts 25000
+    python algos/td3.py --env-id Hopper-v5 --n-envs 4 --sampler parallel-cpu --n-workers 2 --compile
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.config import CommonArgs, UsageError, run, setup
+from common.envs import make_env, observation_shape, require_continuous_actions
+from common.kernels import polyak_update
+from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.namedarraytuple import buffer_to
+from common.replay import UniformReplayBuffer
+from common.samplers import evaluate, make_sampler
+
+
+@dataclass
+class Args(CommonArgs):
+    env_id: str = "Pendulum-v1"
+    """environment id (continuous actions, vector observations): Pendulum-v1, Hopper-v5, HalfCheetah-v5 ..."""
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target-network Polyak rate"""
+    batch_size: int = 256
+    """transitions per gradient update"""
+    learning_starts: int = 1_000
+    """environment steps of uniformly random actions before the first update"""
+    replay_ratio: float = 1.0
+    """gradient updates per sampled environment step (whatever the number of environments)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate of the actor and the critics"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise, as a fraction of the action range's half-width"""
+    policy_noise: float = 0.2
+    """std of the target policy smoothing noise (same units)"""
+    noise_clip: float = 0.5
+    """the target policy smoothing noise is clipped to +-noise_clip"""
+    policy_frequency: int = 2
+    """critic updates per actor (and target-network) update"""
+    hidden_size: int = 64
+    """width of the actor and critic MLPs (256 is usual for MuJoCo)"""
+    num_steps: int = 1
+    """environment steps per environment per collect"""
+    log_every_updates: int = 100
+    """gradient updates between loss logs (each log is one host sync)"""
+    checkpoint_replay: bool = False
+    """also save the replay buffer in checkpoints, so --resume continues with it"""
+    cudagraphs: bool = False
+    """CUDA only: capture the compiled losses in CUDA graphs (torch.compile mode 'reduce-overhead')"""
+
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialization, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, detach: bool = False, n: int | None = None) -> torch.Tensor:
+        weight, bias = self.weight[:n], self.bias[:n]
+        if detach:
+            weight, bias = weight.detach(), bias.detach()
+        return torch.baddbmm(bias, x, weight)
+
+
+class Critics(nn.Module):
+    """`n` Q-functions Q(s, a) with stacked weights; `forward` returns [n, B] ([first, B] with `first`)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n: int = 2):
+        super().__init__()
+        self.n = n
+        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        self.layers = nn.ModuleList(EnsembleLinear(n, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False,
+                first: int | None = None) -> torch.Tensor:
+        """`detach`: no gradient reaches the critics' parameters (it still reaches `action`)."""
+        x = torch.cat([obs.float(), action], -1).expand(first or self.n, -1, -1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x, detach, first))
+        return self.layers[-1](x, detach, first).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Deterministic policy; actions are in [-1, 1] until `to_env` scales them to the env's bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim),
+        )
+        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs.float()))
+
+    def to_env(self, action: torch.Tensor) -> torch.Tensor:
+        return self.action_bias + self.action_scale * action
+
+    def from_env(self, action: torch.Tensor) -> torch.Tensor:
+        return (action - self.action_bias) / self.action_scale
+
+
+def policy_step(model: Actor, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
+                uniform: bool = False, exploration_noise: float = 0.0):
+    """The actor's action plus clipped Gaussian noise (none when deterministic; uniform when `uniform`)."""
+    if uniform and not deterministic:
+        action = torch.rand((obs.shape[0],) + model.action_scale.shape, device=obs.device) * 2.0 - 1.0
+    else:
+        action = model(obs)
+        if not deterministic and exploration_noise > 0:
+            action = (action + exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
+    return model.to_env(action), None, None
+
+
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained actor and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False)
+    probe = eval_env_fn(args.seed)
+    space = probe.action_space
+    actor = Actor(observation_shape(probe)[0], space.shape[0], args.hidden_size, space.low, space.high)
+    probe.close()
+    actor.load_state_dict(checkpoint["actor"])
+    return actor.to(device), eval_env_fn
+
+def td3_critic_loss(critics: Critics, target_critics: Critics, target_actor: Actor, s, policy_noise: float,
+                    noise_clip: float):
+    """Both critics' squared TD errors against the smaller target Q of a smoothed target action."""
+    with torch.no_grad():
+        next_action = target_actor(s.bootstrap_observation)
+        noise = (policy_noise * torch.randn_like(next_action)).clamp(-noise_clip, noise_clip)
+        next_action = (next_action + noise).clamp(-1.0, 1.0)
+        next_q = target_critics(s.bootstrap_observation, next_action).min(0).values
+        # discount is 0 at terminations only: a time-limit end bootstraps from its true final observation.
+        target = s.n_step_return + s.discount * next_q
+    q = critics(s.observation, target_actor.from_env(s.action))
+    loss = (q - target).pow(2).mean(1).sum()
+    return loss, q.mean().detach()
+
+
+def td3_actor_loss(actor: Actor, critics: Critics, obs):
+    """Deterministic policy gradient through the first critic: -Q1(s, pi(s))."""
+    return -critics(obs, actor(obs), detach=True, first=1).mean()
+
+
+def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with its fused kernel where torch has one (CUDA, CPU), else the foreach implementation."""
+    return torch.optim.Adam(params, lr=lr, **({"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}))
+
+
+def compile_fn(fn, args: Args):
+    """torch.compile `fn` with --compile; --cudagraphs also captures it in CUDA graphs."""
+    if args.cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    return torch.compile(fn) if args.compile else fn
+
+
+def main(args: Args) -> dict:
+    device = setup(args)
+    if args.cudagraphs and device.type != "cuda":
+        raise UsageError("--cudagraphs needs --device cuda (CUDA graphs do not exist on CPU): drop the flag")
+    env_fn = partial(make_env, args.env_id, training=True)
+    eval_env_fn = partial(make_env, args.env_id, training=False)
+    probe = env_fn(args.seed)
+    (act_dim,) = require_continuous_actions(probe, "algos/td3.py")
+    if len(observation_shape(probe)) != 1:
+        raise UsageError(f"algos/td3.py needs vector observations, {args.env_id} has shape {observation_shape(probe)}")
+    obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
+    probe.close()
+    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.policy_frequency < 1:
+        raise UsageError("--replay-ratio, --batch-size, --num-steps and --policy-frequency must be positive")
+
+    actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
+    critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
+    target_actor = copy.deepcopy(actor).requires_grad_(False)
+    target_critics = copy.deepcopy(critics).requires_grad_(False)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device)
+    critic_optimizer = adam(critics.parameters(), args.learning_rate, device)
+    critic_loss_fn, actor_loss_fn = compile_fn(td3_critic_loss, args), compile_fn(td3_actor_loss, args)
+
+    global_step, n_updates, updates_owed = 0, 0, 0.0
+    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
+    if checkpoint is not None:
+        for name, module in [("actor", actor), ("critics", critics), ("target_actor", target_actor),
+                             ("target_critics", target_critics), ("actor_optimizer", actor_optimizer),
+                             ("critic_optimizer", critic_optimizer)]:
+            module.load_state_dict(checkpoint[name])
+        restore_rng_state(checkpoint["rng"])
+        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
+        updates_owed = checkpoint["updates_owed"]
+
+    sampler = make_sampler(args, env_fn, policy_step, actor, horizon=args.num_steps, seed=args.seed + global_step)
+    replay = UniformReplayBuffer(sampler.example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma)
+    if checkpoint is not None and "replay" in checkpoint:
+        replay.load_state_dict(checkpoint["replay"])
+
+    def state():
+        saved = {"actor": actor.state_dict(), "critics": critics.state_dict(),
+                 "target_actor": target_actor.state_dict(), "target_critics": target_critics.state_dict(),
+                 "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+                 "rng": capture_rng_state(), "global_step": global_step, "n_updates": n_updates,
+                 "updates_owed": updates_owed}
+        if args.checkpoint_replay:
+            saved["replay"] = replay.state_dict()
+        return saved
+
+    logger = RunLogger(args, "td3", args.total_timesteps, start_step=global_step)
+    steps_per_collect = args.num_steps * args.n_envs
+    # A run resumed without its replay buffer refills it (with its policy) before updating again.
+    refill = checkpoint is not None and "replay" not in checkpoint
+    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
+    next_eval = args.eval_every or None
+    update_timer, updates_timed = time.time(), 0
+    actor_loss = torch.zeros((), device=device)
+    try:
+        while global_step < args.total_timesteps:
+            batch, episodes = sampler.collect(uniform=global_step < args.learning_starts,
+                                              exploration_noise=args.exploration_noise)
+            replay.append(batch)
+            global_step += steps_per_collect
+            logger.log_episodes(global_step, episodes)
+            if global_step < learning_starts or len(replay) == 0:
+                continue
+
+            updates_owed += args.replay_ratio * steps_per_collect
+            while updates_owed >= 1:
+                updates_owed -= 1
+                sample = buffer_to(replay.sample(args.batch_size), device)
+                q_loss, q_mean = critic_loss_fn(critics, target_critics, target_actor, sample, args.policy_noise,
+                                                args.noise_clip)
+                critic_optimizer.zero_grad(set_to_none=True)
+                q_loss.backward()
+                critic_optimizer.step()
+                n_updates += 1
+                updates_timed += 1
+                if n_updates % args.policy_frequency == 0:
+                    actor_loss = actor_loss_fn(actor, critics, sample.observation)
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    actor_loss.backward()
+                    actor_optimizer.step()
+                    polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
+                    polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
+                if n_updates % args.log_every_updates == 0:
+                    now = time.time()
+                    logger.log(global_step, {
+                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
+                        "charts/updates_per_second": updates_timed / (now - update_timer)})
+                    update_timer, updates_timed = now, 0
+            sampler.sync(actor)
+
+            if next_eval is not None and global_step >= next_eval:
+                next_eval += args.eval_every
+                episodes_eval = evaluate(eval_env_fn, policy_step, actor, args.eval_episodes, args.seed, device)
+                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
+            logger.maybe_checkpoint(state)
+            logger.progress(global_step)
+
+        logger.checkpoint(state())
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, actor, args.eval_episodes, args.seed, device)]
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        logger.log(global_step, {"eval/episodic_return": mean})
+        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+    finally:
+        sampler.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    run(main, Args)
