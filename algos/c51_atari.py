@@ -118,6 +118,17 @@ def policy_step(model: CategoricalAtariNetwork, obs, prev_action, prev_reward, r
     return action, None, None
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
+    model = CategoricalAtariNetwork(probe.observation_space.shape[0], int(probe.action_space.n), atoms)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
+
+
 def categorical_loss(q_net: CategoricalAtariNetwork, target_net: CategoricalAtariNetwork, s):
     """Cross-entropy to the projected n-step target distribution; returns (loss, per-sample loss, mean Q)."""
     log_probs = q_net(s.observation)

@@ -117,6 +117,16 @@ def policy_step(model: AtariQNetwork, obs, prev_action, prev_reward, rnn_state, 
     return action, None, None
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained Q-network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    model = AtariQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.dueling)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
+
+
 def td_loss(q_net: AtariQNetwork, target_net: AtariQNetwork, s, double: bool):
     """Huber TD loss on an n-step replay sample; returns (loss, |td error| per sample, mean Q)."""
     q = q_net(s.observation).gather(-1, s.action.long().unsqueeze(-1)).squeeze(-1)

@@ -150,6 +150,17 @@ def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, de
     return action, AgentInfo(rnn_state), next_state
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    model = R2D1Network(tuple(probe.observation_space.shape), int(probe.action_space.n), args.hidden_size,
+                        args.lstm_size)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
+
+
 def unroll(model: R2D1Network, s, burn_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM states [L, N, H] (h and c after each step) from the stored state; no gradient through burn-in.
 

@@ -150,6 +150,17 @@ def policy_step(model: RainbowNetwork, obs, prev_action, prev_reward, rnn_state,
     return action, None, None
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
+    model = RainbowNetwork(probe.observation_space.shape[0], int(probe.action_space.n), atoms, args.noisy_std)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
+
+
 def rainbow_loss(q_net: RainbowNetwork, target_net: RainbowNetwork, s):
     """Double-Q categorical cross-entropy to the projected n-step target; returns (loss, per-sample loss, mean Q)."""
     log_probs = q_net(s.observation)

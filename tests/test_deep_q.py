@@ -1,0 +1,166 @@
+"""Deep-Q family: learning on CartPole and on a memory task, Atari runs under every sampler kind, bad input.
+
+Learning tests run the real CLI with each script's default hyper-parameters and only the flags named in
+the test (plain dqn.py is test_learning.py::test_dqn_cartpole_reaches_400).
+"""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+from conftest import ROOT, read_summary, run_script
+
+from common.envs import make_env
+from common.replay import SequenceReplayBuffer
+from common.samplers import make_sampler
+
+CARTPOLE = ["--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1"]
+MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "200000", "--seed", "1"]
+SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
+DEEP_Q_SCRIPTS = ["dqn", "dqn_atari", "c51", "c51_atari", "rainbow_atari", "r2d1"]
+EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "charts/updates_per_second", "charts/SPS"}
+
+
+def load_script(name: str):
+    """Import algos/<name>.py as a module (its `main` does not run)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def logged_metrics(run_dir) -> set[str]:
+    with open(run_dir / "progress.csv", newline="") as f:
+        return {key for row in csv.DictReader(f) for key, value in row.items() if value not in ("", None)}
+
+
+@pytest.mark.parametrize("flags", [["--double", "--dueling"], ["--n-step", "3"], ["--prioritized"]],
+                         ids=["double-dueling", "n-step-3", "prioritized"])
+def test_dqn_variants_cartpole_reach_400(run_in, flags):
+    _, _, summary = run_in("dqn", *CARTPOLE, *flags)
+    assert summary["global_step"] >= 100_000
+    assert summary["final_eval_return"] >= 400, summary
+
+
+def test_c51_cartpole_reaches_400(run_in):
+    _, run_dir, summary = run_in("c51", *CARTPOLE)
+    assert summary["global_step"] >= 100_000
+    assert summary["final_eval_return"] >= 400, summary
+    assert EXPECTED_METRICS <= logged_metrics(run_dir)
+
+
+def test_r2d1_learns_the_memory_task(run_in):
+    _, run_dir, summary = run_in("r2d1", *MEMORY_TASK)
+    assert summary["global_step"] >= 200_000
+    assert summary["final_eval_return"] >= 150, summary
+    assert EXPECTED_METRICS <= logged_metrics(run_dir)
+
+
+def test_feed_forward_dqn_does_not_learn_the_memory_task(run_in):
+    _, _, summary = run_in("dqn", *MEMORY_TASK)
+    assert summary["final_eval_return"] < 100, summary
+
+
+ATARI_SMOKE = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "1200", "--learning-starts", "800",
+               "--buffer-size", "4000", "--batch-size", "4", "--max-episode-steps", "150", "--eval-episodes", "1",
+               "--n-envs", "4", "--n-workers", "2", "--seed", "2"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("script", ["dqn_atari", "c51_atari", "rainbow_atari", "r2d1"])
+def test_atari_scripts_run_under_every_sampler(run_in, script, sampler):
+    flags = ["--n-step", "3", "--prioritized"] if script == "dqn_atari" else []
+    if script == "r2d1":
+        flags = ["--num-steps", "25", "--batch-size", "2", "--burn-in", "4", "--train-length", "8"]
+    _, run_dir, summary = run_in(script, *ATARI_SMOKE, "--sampler", sampler, *flags, timeout=600)
+    assert summary["global_step"] >= 1200
+    assert summary["final_eval_return"] <= 0  # Pong scores of an untrained agent, capped at 150 steps
+    assert EXPECTED_METRICS <= logged_metrics(run_dir)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["global_step"] == summary["global_step"] and checkpoint["n_updates"] > 0
+
+
+@pytest.mark.parametrize("script", DEEP_Q_SCRIPTS)
+def test_continuous_actions_are_refused(script):
+    proc = run_script(script, "--env-id", "Pendulum-v1", check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "discrete" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("script, env_id", [("dqn", "ALE/Pong-v5"), ("c51", "ALE/Pong-v5"),
+                                            ("dqn_atari", "CartPole-v1"), ("rainbow_atari", "CartPole-v1")])
+def test_wrong_observation_kind_is_refused(script, env_id):
+    proc = run_script(script, "--env-id", env_id, check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and env_id in proc.stderr
+
+
+def test_r2d1_resume_continues_from_the_checkpoint(run_in, tmp_path):
+    flags = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "6400",
+             "--learning-starts", "1600", "--eval-episodes", "2", "--checkpoint-replay"]
+    _, run_dir, first = run_in("r2d1", *flags, run_name="first")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["global_step"] == 6400 and checkpoint["n_updates"] > 0 and "replay" in checkpoint
+    # A resumed run with its budget spent goes straight to the final evaluation, with the same weights.
+    run_script("r2d1", "--resume", str(run_dir), timeout=300)
+    assert read_summary(run_dir)["final_eval_return"] == first["final_eval_return"]
+    # common.evaluate rebuilds the network through load_policy and reproduces the final evaluation.
+    proc = subprocess.run([sys.executable, "-m", "common.evaluate", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"eval return: {first['final_eval_return']:.2f}" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
+    r2d1 = load_script("r2d1")
+    torch.manual_seed(0)
+    model = r2d1.R2D1Network((2,), 2, hidden=16, lstm_size=8)
+    args = type("SamplerFlags", (), {"sampler": "serial", "n_envs": 3, "seed": 1})
+    env_fn = partial(make_env, "tests.memory_envs:CartPoleNoVelocity-v0", max_episode_steps=15)
+    sampler = make_sampler(args, env_fn, r2d1.policy_step, model, horizon=7)
+    period, burn_in = 5, 4
+    replay = SequenceReplayBuffer(sampler.example, 600, 3, sampler.example.agent_info.rnn_state, burn_in=burn_in,
+                                  train_length=6, n_step=2, rnn_state_interval=period)
+    for _ in range(20):
+        batch, _ = sampler.collect(epsilon=0.5)
+        replay.append(batch, batch.agent_info.rnn_state)
+    sampler.close()
+    s = replay.sample(64)
+    with torch.no_grad():
+        hs, cs = r2d1.unroll(model, s, burn_in)
+        # After `period` steps the learner's state is the actor's state stored with the next sequence
+        # (which the actor zeroed if that step ended an episode).
+        unit, env = s.index // 3, s.index % 3
+        stored = torch.from_numpy(replay.rnn_state.h[(unit + 1).numpy() % (replay.n_rows // period), env.numpy()])
+        ended = s.terminated[period - 1] | s.truncated[period - 1]
+        expected = torch.where(ended.unsqueeze(-1), torch.zeros_like(stored), hs[period - 1])
+        torch.testing.assert_close(expected, stored, rtol=0, atol=1e-6)
+        next_q = r2d1.next_q_values(model, s, model.head(hs), hs, cs)
+        assert s.truncated.any() and s.terminated.any()
+        t, n = s.truncated.nonzero(as_tuple=True)
+        final_q, _ = model(s.next_observation[t, n], s.action[t, n], s.reward[t, n], r2d1.RnnState(hs[t, n], cs[t, n]))
+        torch.testing.assert_close(next_q[t, n], final_q)
+        inside = ~(s.terminated | s.truncated)[:-1]
+        torch.testing.assert_close(next_q[:-1][inside], model.head(hs[1:])[inside])
+
+
+def test_rainbow_noise_is_fresh_per_forward_and_off_when_deterministic():
+    rainbow = load_script("rainbow_atari")
+    torch.manual_seed(0)
+    model = rainbow.RainbowNetwork(4, 3, torch.linspace(-10, 10, 11), noisy_std=0.5)
+    obs = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        assert not torch.equal(model(obs), model(obs))
+        torch.testing.assert_close(model(obs, noise=False), model(obs, noise=False))
+        mean_only = rainbow.RainbowNetwork(4, 3, torch.linspace(-10, 10, 11), noisy_std=0.0)
+        mean_only.load_state_dict(model.state_dict())
+        torch.testing.assert_close(mean_only(obs), model(obs, noise=False))
