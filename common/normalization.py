@@ -1,0 +1,43 @@
+"""Running normalisation statistics as an `nn.Module`, to keep inside a script's model.
+
+The statistics are buffers: `state_dict` saves them in checkpoints, `sampler.sync(model)` ships them to the
+sampler workers, and evaluation uses them frozen. Only `update` changes them; scripts call it in the main
+process on each collected batch (never per step in the workers), so every copy of the model sees the same
+statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RunningMeanStd"]
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of a stream of batches of `shape`; forward standardises and clips.
+
+    Before the first `update` the statistics are (mean 0, variance 1): forward only clips.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), clip: float = 10.0, epsilon: float = 1e-8):
+        super().__init__()
+        self.clip, self.epsilon = clip, epsilon
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch `[N, *shape]` (any leading dims) into the statistics (Chan et al.'s parallel update)."""
+        x = x.reshape((-1,) + self.mean.shape).double()
+        n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0, correction=0)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(x - mean) / std`, clipped to [-clip, clip], as float32; any leading dims."""
+        std = torch.sqrt(self.var.float() + self.epsilon)
+        return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
