@@ -29,6 +29,7 @@ from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
+from common.normalization import RunningMeanStd
 from common.samplers import evaluate, make_sampler
 
 
@@ -89,35 +90,6 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> 
     return layer
 
 
-class RunningMeanStd(nn.Module):
-    """Running mean and variance of a stream of batches; forward standardises and clips.
-
-    The statistics are buffers: `state_dict` saves them, `sampler.sync` ships them to the workers, and
-    evaluation uses them frozen. Only `update` changes them, called by the main process on collected batches.
-    """
-
-    def __init__(self, shape: tuple[int, ...] = (), clip: float = 10.0, epsilon: float = 1e-8):
-        super().__init__()
-        self.clip, self.epsilon = clip, epsilon
-        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
-        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
-        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Merge a batch [N, *shape] into the statistics (Chan et al.'s parallel variance)."""
-        x = x.reshape((-1,) + self.mean.shape).double()
-        n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0, correction=0)
-        delta, total = batch_mean - self.mean, self.count + n
-        self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
-        self.mean.add_(delta * n / total)
-        self.count.copy_(total)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        std = torch.sqrt(self.var.float() + self.epsilon)
-        return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
-
-
 class RewardScaler(nn.Module):
     """Divides rewards by the std of each env's running discounted return (not centred, so signs stay)."""
 
@@ -165,8 +137,8 @@ class ActorCritic(nn.Module):
     def distribution(self, obs: torch.Tensor):
         out = self.actor(self.obs_norm(obs.float()))
         if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out))
-        return Categorical(logits=out)
+            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+        return Categorical(logits=out, validate_args=False)
 
     def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
         return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
