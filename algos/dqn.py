@@ -30,6 +30,8 @@ from common.samplers import evaluate, make_sampler
 
 @dataclass
 class Args(CommonArgs):
+    n_envs: int = 4
+    """total number of training environments"""
     double: bool = False
     """double Q-learning: the online network picks the bootstrap action"""
     dueling: bool = False
@@ -42,9 +44,11 @@ class Args(CommonArgs):
     """prioritization exponent"""
     priority_beta: float = 0.4
     """initial importance-sampling exponent, annealed to 1 over training"""
-    learning_rate: float = 2.5e-4
+    learning_rate: float = 1e-3
     """Adam learning rate"""
-    buffer_size: int = 50_000
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero over training"""
+    buffer_size: int = 100_000
     """replay capacity in transitions"""
     gamma: float = 0.99
     """discount factor"""
@@ -52,7 +56,7 @@ class Args(CommonArgs):
     """transitions per gradient update"""
     replay_ratio: float = 0.25
     """gradient updates per sampled environment step (whatever the number of environments)"""
-    target_network_period: int = 250
+    target_network_period: int = 100
     """gradient updates between target-network updates"""
     tau: float = 1.0
     """target update rate: 1 copies the online network, < 1 is a Polyak average"""
@@ -60,7 +64,7 @@ class Args(CommonArgs):
     """initial exploration rate"""
     end_epsilon: float = 0.05
     """final exploration rate"""
-    exploration_fraction: float = 0.2
+    exploration_fraction: float = 0.1
     """fraction of --total-timesteps over which epsilon decays linearly"""
     learning_starts: int = 1_000
     """environment steps before the first update"""
@@ -99,6 +103,16 @@ def policy_step(model: QNetwork, obs, prev_action, prev_reward, rnn_state, deter
     return action, None, None
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained Q-network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False)
+    probe = eval_env_fn(args.seed)
+    model = QNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, args.dueling)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
+
+
 def td_loss(q_net: QNetwork, target_net: QNetwork, s, double: bool):
     """Huber TD loss on an n-step replay sample; returns (loss, |td error| per sample, mean Q)."""
     q = q_net(s.observation).gather(-1, s.action.long().unsqueeze(-1)).squeeze(-1)
@@ -131,7 +145,7 @@ def main(args: Args) -> dict:
     q_net = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
     target_net = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
     target_net.load_state_dict(q_net.state_dict())
-    optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, fused=True)
     loss_fn = torch.compile(td_loss) if args.compile else td_loss
 
     global_step, n_updates = 0, 0
@@ -174,6 +188,8 @@ def main(args: Args) -> dict:
             decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
             epsilon = max(args.end_epsilon, args.start_epsilon
                           - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
             batch, episodes = sampler.collect(epsilon=epsilon)
             replay.append(batch)
             global_step += steps_per_collect
