@@ -72,9 +72,9 @@ class Args(CommonArgs):
     """replay capacity in environment steps"""
     batch_size: int = 32
     """sequences per gradient update"""
-    replay_ratio: float = 0.025
+    replay_ratio: float = 0.0125
     """gradient updates per sampled environment step (whatever the number of environments)"""
-    target_network_period: int = 200
+    target_network_period: int = 50
     """gradient updates between target-network updates"""
     tau: float = 1.0
     """target update rate: 1 copies the online network, < 1 is a Polyak average"""
