@@ -208,10 +208,11 @@ def setup(args: CommonArgs) -> torch.device:
 
     device = resolve_device(args)
     distributed.init(device.type)
-    seed = args.seed + 7919 * distributed.rank()  # replicas explore differently; broadcast_parameters syncs nets
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    # The same seed on every rank: data-parallel replicas build identical networks (their environments
+    # are seeded apart by make_sampler).
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(max(args.torch_threads, 1))
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic

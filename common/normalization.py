@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from common import distributed
+
 __all__ = ["RunningMeanStd"]
 
 
@@ -32,6 +34,11 @@ class RunningMeanStd(nn.Module):
         """Merge a batch `[N, *shape]` (any leading dims) into the statistics (Chan et al.'s parallel update)."""
         x = x.reshape((-1,) + self.mean.shape).double()
         n, batch_mean, batch_var = x.shape[0], x.mean(0), x.var(0, correction=0)
+        if distributed.world_size() > 1:  # the batch of every rank, so replicas keep equal statistics
+            sums = distributed.all_reduce_sum(torch.stack([torch.full_like(batch_mean, n), x.sum(0), (x * x).sum(0)]))
+            n = sums[0].reshape(-1)[0]
+            batch_mean = sums[1] / n
+            batch_var = (sums[2] / n - batch_mean**2).clamp_min(0)
         delta, total = batch_mean - self.mean, self.count + n
         self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
         self.mean.add_(delta * n / total)

@@ -1,5 +1,6 @@
 """Data-parallel training over gloo on CPU: gradient averaging, parameter sync, launching."""
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,39 @@ def test_n_gpus_without_gpus_is_a_one_line_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--n-gpus 2" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def torchrun(*args, timeout=900):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_two_ranks_ppo_learns_cartpole(tmp_path):
+    proc = torchrun("--nproc-per-node", "2", "--master-port", str(distributed.free_port()), "algos/ppo.py",
+                    "--device", "cpu", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
+                    "--output-dir", str(tmp_path), "--run-name", "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["global_step"] >= 100_000 and summary["final_eval_return"] >= 475, summary
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # only rank 0 wrote a run directory
+
+
+def test_two_node_rendezvous_on_localhost(tmp_path):
+    port = str(distributed.free_port())
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+              f"127.0.0.1:{port}", "--rdzv-id", "test"]
+    script = ["algos/ppo.py", "--device", "cpu", "--total-timesteps", "1024", "--eval-episodes", "1",
+              "--output-dir", str(tmp_path), "--run-name", "two-node"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, "--node-rank", str(r), *script],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    assert json.loads((tmp_path / "two-node" / "summary.json").read_text())["global_step"] >= 1024
