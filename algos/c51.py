@@ -31,12 +31,14 @@ from common.samplers import evaluate, make_sampler
 
 @dataclass
 class Args(CommonArgs):
+    n_envs: int = 4
+    """total number of training environments"""
     n_atoms: int = 51
     """atoms of the return distribution"""
     v_min: float = -100.0
     """smallest return the distribution can represent"""
-    v_max: float = 100.0
-    """largest return the distribution can represent"""
+    v_max: float = 200.0
+    """largest return the distribution can represent (keep it clear of the best value: no mass piles up there)"""
     n_step: int = 1
     """n-step returns"""
     prioritized: bool = False
@@ -47,6 +49,8 @@ class Args(CommonArgs):
     """initial importance-sampling exponent, annealed to 1 over training"""
     learning_rate: float = 1e-3
     """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero over training"""
     adam_eps: float = 1e-8
     """Adam epsilon"""
     buffer_size: int = 100_000
@@ -109,6 +113,17 @@ def policy_step(model: CategoricalQNetwork, obs, prev_action, prev_reward, rnn_s
         explore = torch.rand(action.shape, device=action.device) < epsilon
         action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
     return action, None, None
+
+
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained network and the evaluation env_fn (for common.evaluate)."""
+    eval_env_fn = partial(make_env, args.env_id, training=False)
+    probe = eval_env_fn(args.seed)
+    atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
+    model = CategoricalQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, atoms)
+    probe.close()
+    model.load_state_dict(checkpoint["q_net"])
+    return model.to(device), eval_env_fn
 
 
 def categorical_loss(q_net: CategoricalQNetwork, target_net: CategoricalQNetwork, s):
@@ -190,6 +205,8 @@ def main(args: Args) -> dict:
             decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
             epsilon = max(args.end_epsilon, args.start_epsilon
                           - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
             batch, episodes = sampler.collect(epsilon=epsilon)
             replay.append(batch)
             global_step += steps_per_collect
