@@ -12,11 +12,13 @@ Replay-based scripts write one training loop for both modes:
 
 Synchronous: `collect` runs the sampler (any `--sampler` kind) for one batch and appends it to the
 replay buffer. Asynchronous: a sampling process runs its own sampler of any kind and appends every
-batch to a shared-memory replay buffer, never waiting for the optimizer; a copier thread in that
-process appends batch k while batch k+1 is being sampled (two batch buffers). `collect` in the main
+batch to a shared-memory replay buffer; a copier thread in that process appends batch k while batch
+k+1 is being sampled (two batch buffers), so sampling never waits for the copy. `collect` in the main
 process only waits until new steps exist and returns the step count, so `--replay-ratio` is an upper
-bound enforced by throttling the optimizer. `sync` copies the parameters into shared memory under a
-lock; the sampling process picks up a new version before each batch. `exploration(step) -> dict` gives
+bound enforced by throttling the optimizer; sampling pauses while it is more than `max_lag_steps`
+ahead of the optimizer (the step of its previous `collect`), so a slow optimizer does not fall ever
+further behind. `sync` copies the parameters into shared memory under a lock; the sampling process
+picks up a new version before each batch. `exploration(step) -> dict` gives
 the policy keyword arguments (an epsilon, say) for the sampler's current step, in either process.
 
 A sampling process that dies ends the run within seconds with its traceback; the sampling process
@@ -42,7 +44,7 @@ from common.namedarraytuple import buffer_from_example
 from common.samplers import EnvGroup, Episode, SamplerError, make_sampler, samples_example
 
 POLL_S = 0.001
-STEP, VERSION, STOP = 0, 1, 2
+STEP, VERSION, STOP, CONSUMED = 0, 1, 2, 3
 
 
 def copy_parameters(destination: torch.nn.Module, source: torch.nn.Module) -> None:
@@ -57,11 +59,13 @@ class ReplayFeeder:
 
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: torch.nn.Module,
                  replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
-                 start_step: int = 0, seed: int | None = None):
+                 start_step: int = 0, seed: int | None = None, max_lag_steps: int | None = None):
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.step = start_step
         self.steps_per_batch = horizon * args.n_envs
+        # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
+        max_lag_steps = max_lag_steps or max(4 * self.steps_per_batch, 1000)
         seed = args.seed + start_step if seed is None else seed
         if not self.asynchronous:
             self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)
@@ -80,8 +84,8 @@ class ReplayFeeder:
         self.replay = replay_factory(self.example, share_memory=True)
         self.shared_model = copy.deepcopy(model).cpu()
         self.shared_model.share_memory()
-        self.counters = torch.zeros(3, dtype=torch.int64).share_memory_()
-        self.counters[STEP] = start_step
+        self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()
+        self.counters[STEP] = self.counters[CONSUMED] = start_step
         ctx = mp.get_context(args.start_method)
         self.lock = ctx.Lock()
         self.episodes: Any = ctx.Queue()
@@ -89,7 +93,7 @@ class ReplayFeeder:
         self.process = ctx.Process(
             target=sampling_main, daemon=False, name="rlsolo-async-sampler",
             args=(args, env_fn, policy_step, self.shared_model, self.replay, horizon, exploration, seed,
-                  self.counters, self.lock, self.episodes, self.errors, os.getpid()),
+                  self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps),
         )
         self.process.start()
 
@@ -100,6 +104,7 @@ class ReplayFeeder:
             self.replay.append(batch)
             self.step += self.steps_per_batch
             return self.step, episodes
+        self.counters[CONSUMED] = self.step  # the optimizer is done with the steps of the previous call
         deadline = time.time() + timeout_s
         while int(self.counters[STEP]) <= self.step:
             self.check()
@@ -152,7 +157,7 @@ class ReplayFeeder:
 
 def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_model: torch.nn.Module, replay: Any,
                   horizon: int, exploration: Callable[[int], dict], seed: int, counters: torch.Tensor, lock: Any,
-                  episodes_out: Any, errors: Any, parent_pid: int) -> None:
+                  episodes_out: Any, errors: Any, parent_pid: int, max_lag_steps: int) -> None:
     """The sampling process: collect batches with any sampler kind and append them to the shared replay."""
     torch.set_num_threads(1)
     sampler = None
@@ -187,6 +192,9 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
         while not counters[STOP]:
             if os.getppid() != parent_pid:
                 return
+            if int(counters[STEP]) - int(counters[CONSUMED]) >= max_lag_steps:
+                time.sleep(POLL_S)  # the optimizer is behind: let it catch up
+                continue
             if int(counters[VERSION]) != version:
                 with lock:
                     version = int(counters[VERSION])
