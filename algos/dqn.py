@@ -19,17 +19,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import CommonArgs, UsageError, run, setup
+from common.async_mode import ReplayFeeder
+from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, require_discrete_actions
 from common.kernels import polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
-from common.samplers import evaluate, make_sampler
+from common.samplers import evaluate
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AsyncArgs):
     n_envs: int = 4
     """total number of training environments"""
     double: bool = False
@@ -128,6 +129,22 @@ def td_loss(q_net: QNetwork, target_net: QNetwork, s, double: bool):
     return loss, td_error.abs().detach(), q.mean().detach()
 
 
+def exploration(args: Args, step: int) -> dict:
+    """Policy keyword arguments at environment step `step`: the linearly decaying epsilon."""
+    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+    fraction = min(step / decay_steps, 1.0)
+    return {"epsilon": args.start_epsilon + (args.end_epsilon - args.start_epsilon) * fraction}
+
+
+def make_replay(args: Args, example, share_memory: bool = False):
+    """The replay buffer the flags ask for (shared memory when a sampling process fills it)."""
+    kwargs = dict(size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma,
+                  share_memory=share_memory)
+    if args.prioritized:
+        return PrioritizedReplayBuffer(example, alpha=args.priority_alpha, beta=args.priority_beta, **kwargs)
+    return UniformReplayBuffer(example, **kwargs)
+
+
 def main(args: Args) -> dict:
     device = setup(args)
     env_fn = partial(make_env, args.env_id, training=True)
@@ -157,13 +174,9 @@ def main(args: Args) -> dict:
         restore_rng_state(checkpoint["rng"])
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
 
-    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step)
-    replay_kwargs = dict(size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma)
-    if args.prioritized:
-        replay = PrioritizedReplayBuffer(sampler.example, alpha=args.priority_alpha, beta=args.priority_beta,
-                                         **replay_kwargs)
-    else:
-        replay = UniformReplayBuffer(sampler.example, **replay_kwargs)
+    feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
+                          exploration=partial(exploration, args), start_step=global_step)
+    replay = feeder.replay
     if checkpoint is not None and "replay" in checkpoint:
         replay.load_state_dict(checkpoint["replay"])
 
@@ -176,7 +189,6 @@ def main(args: Args) -> dict:
         return saved
 
     logger = RunLogger(args, "dqn", args.total_timesteps, start_step=global_step)
-    steps_per_collect = args.num_steps * args.n_envs
     # A run resumed without its replay buffer refills it before updating again.
     refill = checkpoint is not None and "replay" not in checkpoint
     learning_starts = global_step + args.learning_starts if refill else args.learning_starts
@@ -185,19 +197,16 @@ def main(args: Args) -> dict:
     update_timer, updates_timed = time.time(), 0
     try:
         while global_step < args.total_timesteps:
-            decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-            epsilon = max(args.end_epsilon, args.start_epsilon
-                          - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
-            batch, episodes = sampler.collect(epsilon=epsilon)
-            replay.append(batch)
-            global_step += steps_per_collect
+                optimizer.param_groups[0]["lr"] = args.learning_rate * max(1.0 - global_step / args.total_timesteps, 0)
+            previous_step = global_step
+            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(global_step, episodes)
             if global_step < learning_starts:
                 continue
 
-            updates_owed += args.replay_ratio * steps_per_collect
+            updates_owed += args.replay_ratio * (global_step - previous_step)
+            epsilon = exploration(args, global_step)["epsilon"]
             while updates_owed >= 1:
                 updates_owed -= 1
                 beta = args.priority_beta + (1.0 - args.priority_beta) * global_step / args.total_timesteps
@@ -221,7 +230,7 @@ def main(args: Args) -> dict:
                                              "charts/epsilon": epsilon,
                                              "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
-            sampler.sync(q_net)
+            feeder.sync(q_net)
 
             if next_eval is not None and global_step >= next_eval:
                 next_eval += args.eval_every
@@ -236,7 +245,7 @@ def main(args: Args) -> dict:
         logger.log(global_step, {"eval/episodic_return": mean})
         return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
     finally:
-        sampler.close()
+        feeder.close()
         logger.close()
 
 

@@ -99,3 +99,13 @@ def test_a_killed_sampling_process_ends_the_run_quickly():
         assert time.time() - start < 10
     finally:
         feeder.close()
+
+
+def test_dqn_async_sampling_learns_cartpole(run_in):
+    _, _, summary = run_in("dqn", "--async-sampling", "--env-id", "CartPole-v1", "--total-timesteps", "100000")
+    assert summary["global_step"] >= 100_000 and summary["final_eval_return"] >= 400, summary
+
+
+def test_sac_async_sampling_learns_pendulum(run_in):
+    _, _, summary = run_in("sac", "--async-sampling", "--env-id", "Pendulum-v1", "--total-timesteps", "20000")
+    assert summary["global_step"] >= 20_000 and summary["final_eval_return"] >= -250, summary
