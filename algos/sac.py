@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, require_continuous_actions
+from common.envs import make_env, observation_shape, record_video, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
@@ -313,6 +313,7 @@ def main(args: Args) -> dict:
             logger.progress(global_step)
 
         logger.checkpoint(state())
+        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
         final = [e.ret for e in evaluate(eval_env_fn, policy_step, actor, args.eval_episodes, args.seed, device)]
         mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
         logger.log(global_step, {"eval/episodic_return": mean})
