@@ -1,9 +1,9 @@
-"""Running normalisation statistics as an `nn.Module`, to keep inside a script's model.
+"""Running normalisation statistics as `nn.Module`s: observation normalisation and reward scaling.
 
 The statistics are buffers: `state_dict` saves them in checkpoints, `sampler.sync(model)` ships them to the
-sampler workers, and evaluation uses them frozen. Only `update` changes them; scripts call it in the main
-process on each collected batch (never per step in the workers), so every copy of the model sees the same
-statistics.
+sampler workers (for a `RunningMeanStd` inside the model), and evaluation uses them frozen. Scripts update
+them in the main process from each collected [T, B] batch, never per step in the workers, so every copy of
+the model sees the same statistics.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from common import distributed
 
-__all__ = ["RunningMeanStd"]
+__all__ = ["RewardScaler", "RunningMeanStd"]
 
 
 class RunningMeanStd(nn.Module):
@@ -48,3 +48,29 @@ class RunningMeanStd(nn.Module):
         """`(x - mean) / std`, clipped to [-clip, clip], as float32; any leading dims."""
         std = torch.sqrt(self.var.float() + self.epsilon)
         return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
+
+
+class RewardScaler(nn.Module):
+    """Divides rewards by the std of each env's running discounted return (not centred, so signs stay).
+
+    The running return of each of the `n_envs` environments carries over from batch to batch (a buffer)
+    and restarts at episode ends.
+    """
+
+    def __init__(self, n_envs: int, gamma: float, clip: float = 10.0):
+        super().__init__()
+        self.gamma, self.clip = gamma, clip
+        self.return_stats = RunningMeanStd()
+        self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64))
+
+    @torch.no_grad()
+    def forward(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Update the statistics with a batch (reward, done: [T, B]) and return its scaled rewards [T, B]."""
+        returns = reward.new_empty(reward.shape, dtype=torch.float64)
+        for t in range(reward.shape[0]):
+            self.running_return.mul_(self.gamma).add_(reward[t])
+            returns[t] = self.running_return
+            self.running_return.masked_fill_(done[t], 0.0)
+        self.return_stats.update(returns)
+        scale = torch.sqrt(self.return_stats.var + self.return_stats.epsilon).float()
+        return (reward / scale).clamp(-self.clip, self.clip)
