@@ -31,7 +31,7 @@ from common.samplers import evaluate, make_sampler
 
 @dataclass
 class Args(CommonArgs):
-    n_envs: int = 8
+    n_envs: int = 16
     """total number of training environments"""
     num_steps: int = 5
     """environment steps per environment per update"""
@@ -118,6 +118,16 @@ def make_a2c_env(env_id: str, seed: int, training: bool = True) -> gym.Env:
     """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
     env = make_env(env_id, seed, training=training)
     return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
+
+
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained model and the evaluation env_fn, for common.evaluate."""
+    eval_env_fn = partial(make_a2c_env, args.env_id, training=False)
+    probe = eval_env_fn(args.seed)
+    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size)
+    probe.close()
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), eval_env_fn
 
 
 def next_values(model: ActorCritic, batch) -> torch.Tensor:

@@ -29,7 +29,7 @@ from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
-from common.normalization import RunningMeanStd
+from common.normalization import RewardScaler, RunningMeanStd
 from common.samplers import evaluate, make_sampler
 
 
@@ -88,28 +88,6 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> 
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias)
     return layer
-
-
-class RewardScaler(nn.Module):
-    """Divides rewards by the std of each env's running discounted return (not centred, so signs stay)."""
-
-    def __init__(self, n_envs: int, gamma: float, clip: float = 10.0):
-        super().__init__()
-        self.gamma, self.clip = gamma, clip
-        self.return_stats = RunningMeanStd()
-        self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64))
-
-    @torch.no_grad()
-    def forward(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Update the statistics with a [T, B] batch and return its scaled rewards [T, B]."""
-        returns = reward.new_empty(reward.shape, dtype=torch.float64)
-        for t in range(reward.shape[0]):
-            self.running_return.mul_(self.gamma).add_(reward[t])
-            returns[t] = self.running_return
-            self.running_return.masked_fill_(done[t], 0.0)
-        self.return_stats.update(returns)
-        scale = torch.sqrt(self.return_stats.var + self.return_stats.epsilon).float()
-        return (reward / scale).clamp(-self.clip, self.clip)
 
 
 class ActorCritic(nn.Module):

@@ -117,6 +117,16 @@ def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, de
     return action, AgentInfo(dist.log_prob(action), value), None
 
 
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained model and the evaluation env_fn, for common.evaluate."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    model = ActorCritic(observation_shape(probe)[0], int(probe.action_space.n))
+    probe.close()
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), eval_env_fn
+
+
 def next_values(model: ActorCritic, batch) -> torch.Tensor:
     """Value [T, B] of each step's true next observation, what GAE bootstraps from.
 

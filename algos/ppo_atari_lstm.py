@@ -33,6 +33,7 @@ from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
+from common.normalization import RewardScaler, RunningMeanStd
 from common.samplers import make_sampler
 
 
@@ -54,10 +55,10 @@ class Args(CommonArgs):
     """discount factor"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    num_minibatches: int | None = None
-    """minibatches per epoch, each a subset of the environments (auto: 4 images, 2 vectors)"""
-    update_epochs: int | None = None
-    """optimization epochs per rollout (auto: 4 images, 2 vectors)"""
+    num_minibatches: int = 4
+    """minibatches per epoch, each a subset of the environments"""
+    update_epochs: int = 4
+    """optimization epochs per rollout"""
     norm_adv: bool = True
     """normalize advantages per minibatch"""
     clip_coef: float | None = None
@@ -74,6 +75,10 @@ class Args(CommonArgs):
     """stop the epochs of an update early when the approximate KL exceeds this"""
     lstm_size: int | None = None
     """LSTM hidden units (auto: 128 images, 64 vectors)"""
+    norm_obs: bool | None = None
+    """normalise observations by running statistics kept in the model (auto: on for vectors)"""
+    norm_reward: bool | None = None
+    """scale rewards by the std of a running discounted return (auto: on for vectors; Atari clips them)"""
     hidden_size: int = 64
     """width of the MLP torso (vector observations)"""
     max_episode_steps: int | None = None
@@ -82,8 +87,8 @@ class Args(CommonArgs):
 
 # The values of the "auto" (None) fields, by observation kind.
 PRESETS = {
-    "image": dict(learning_rate=2.5e-4, num_minibatches=4, update_epochs=4, clip_coef=0.1, lstm_size=128),
-    "vector": dict(learning_rate=1e-3, num_minibatches=2, update_epochs=2, clip_coef=0.2, lstm_size=64),
+    "image": dict(learning_rate=2.5e-4, clip_coef=0.1, lstm_size=128, norm_obs=False, norm_reward=False),
+    "vector": dict(learning_rate=1e-3, clip_coef=0.2, lstm_size=64, norm_obs=True, norm_reward=True),
 }
 
 RnnState = namedarraytuple("RnnState", ["h", "c"])
@@ -114,17 +119,17 @@ class NatureCNN(nn.Module):
 
 
 class RecurrentActorCritic(nn.Module):
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden_size: int, lstm_size: int):
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden_size: int, lstm_size: int,
+                 norm_obs: bool = False):
         super().__init__()
         self.image, self.n_actions = len(obs_shape) == 3, n_actions
+        self.obs_norm = RunningMeanStd(obs_shape) if norm_obs else nn.Identity()
         if self.image:
             self.torso, n_features = NatureCNN(obs_shape[0]), 512
         else:
             self.torso = nn.Sequential(layer_init(nn.Linear(obs_shape[0], hidden_size)), nn.Tanh())
             n_features = hidden_size
-        # The weights of an LSTM cell, unrolled by hand in `forward`: the input projection of a whole
-        # sequence is one matmul, and only the recurrent part runs step by step.
-        self.lstm = nn.LSTMCell(n_features + n_actions + 1, lstm_size)
+        self.lstm = nn.LSTM(n_features + n_actions + 1, lstm_size)
         for name, param in self.lstm.named_parameters():
             nn.init.constant_(param, 0.0) if "bias" in name else nn.init.orthogonal_(param, 1.0)
         self.actor = layer_init(nn.Linear(lstm_size, n_actions), std=0.01)
@@ -134,31 +139,32 @@ class RecurrentActorCritic(nn.Module):
         zeros = torch.zeros(batch_size, self.lstm.hidden_size, device=device)
         return RnnState(zeros, zeros.clone())
 
-    def forward(self, obs, prev_action, prev_reward, state: RnnState, reset: torch.Tensor | None = None):
+    def forward(self, obs, prev_action, prev_reward, state: RnnState, reset: torch.Tensor | None = None,
+                reset_steps: list[int] = ()):
         """Unroll over a sequence: obs [T, B, ...], prev_action, prev_reward [T, B], state [B, H] before step 0.
 
-        `reset[t]` ([T, B] bool) zeroes the state before step t (an episode ended at step t - 1).
-        Returns (logits [T, B, A], value [T, B], state after the last step).
+        `reset[t]` ([T, B] bool) zeroes the state before step t (an episode ended at step t - 1); `reset_steps`
+        lists, on the host, the steps t where `reset[t]` may be true for some env. Between two of them the
+        LSTM runs over the whole segment in one call (an order of magnitude faster than a Python loop over
+        steps). Returns (logits [T, B, A], value [T, B], state after the last step).
         """
         T, B = prev_action.shape[:2]
-        features = self.torso(obs.flatten(0, 1)).view(T, B, -1)
+        features = self.torso(self.obs_norm(obs.flatten(0, 1))).view(T, B, -1)
         # Atari trains on sign-clipped rewards and evaluates on raw scores: the network sees their sign.
         prev_reward = prev_reward.sign() if self.image else prev_reward
         x = torch.cat([features, F.one_hot(prev_action.long(), self.n_actions).float(),
                        prev_reward.unsqueeze(-1).float()], -1)
-        input_gates = F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih + self.lstm.bias_hh)
-        keep = None if reset is None else (~reset).float().unsqueeze(-1)
-        h, c = state
+        h, c = state.h[None], state.c[None]
+        bounds = [0, *(t for t in reset_steps if 0 < t < T), T]
         outputs = []
-        for t in range(T):
-            if keep is not None:
-                h, c = h * keep[t], c * keep[t]
-            i, f, g, o = torch.addmm(input_gates[t], h, self.lstm.weight_hh.t()).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs.append(h)
-        out = torch.stack(outputs)
-        return self.actor(out), self.critic(out).squeeze(-1), RnnState(h, c)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if reset is not None:
+                keep = (~reset[start]).float()[None, :, None]
+                h, c = h * keep, c * keep
+            out, (h, c) = self.lstm(x[start:end], (h, c))
+            outputs.append(out)
+        out = torch.cat(outputs)
+        return self.actor(out), self.critic(out).squeeze(-1), RnnState(h[0], c[0])
 
 
 def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
@@ -169,6 +175,18 @@ def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_
     dist = Categorical(logits=logits[0], validate_args=False)
     action = dist.probs.argmax(-1) if deterministic else dist.sample()
     return action, AgentInfo(dist.log_prob(action), value[0], rnn_state), next_state
+
+
+def load_policy(args: Args, checkpoint: dict, device: torch.device):
+    """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
+    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    probe = eval_env_fn(args.seed)
+    shape = observation_shape(probe)
+    resolve_presets(args, "image" if len(shape) == 3 else "vector")
+    model = RecurrentActorCritic(shape, int(probe.action_space.n), args.hidden_size, args.lstm_size, args.norm_obs)
+    probe.close()
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), eval_env_fn
 
 
 def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
@@ -192,10 +210,17 @@ def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
     return next_value
 
 
-def ppo_loss(model: RecurrentActorCritic, obs, prev_action, prev_reward, start_state, reset, action, old_log_prob,
-             advantage, returns, old_value, args: Args):
+def resolve_presets(args: Args, kind: str) -> None:
+    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector")."""
+    for name, value in PRESETS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def ppo_loss(model: RecurrentActorCritic, obs, prev_action, prev_reward, start_state, reset, reset_steps, action,
+             old_log_prob, advantage, returns, old_value, args: Args):
     """Clipped surrogate + (clipped) value loss - entropy bonus on [T, b] sequences; returns (loss, stats)."""
-    logits, value, _ = model(obs, prev_action, prev_reward, start_state, reset)
+    logits, value, _ = model(obs, prev_action, prev_reward, start_state, reset, reset_steps)
     dist = Categorical(logits=logits, validate_args=False)
     log_prob = dist.log_prob(action)
     entropy = dist.entropy().mean()
@@ -227,13 +252,12 @@ def main(args: Args) -> dict:
     if len(shape) not in (1, 3) or (len(shape) == 3 and shape[1:] != (84, 84)):
         raise UsageError(f"algos/ppo_atari_lstm.py needs vector observations or [C, 84, 84] Atari frames, "
                          f"{args.env_id} has shape {shape}")
-    for name, value in PRESETS["image" if len(shape) == 3 else "vector"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    resolve_presets(args, "image" if len(shape) == 3 else "vector")
     if args.num_minibatches < 1 or args.n_envs % args.num_minibatches:
         raise UsageError(f"--num-minibatches {args.num_minibatches} must divide --n-envs {args.n_envs}: "
                          "a minibatch is a subset of whole environment sequences")
-    model = RecurrentActorCritic(shape, n_actions, args.hidden_size, args.lstm_size).to(device)
+    model = RecurrentActorCritic(shape, n_actions, args.hidden_size, args.lstm_size, args.norm_obs).to(device)
+    reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
@@ -242,12 +266,13 @@ def main(args: Args) -> dict:
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        reward_scaler.load_state_dict(checkpoint["reward_scaler"])
         restore_rng_state(checkpoint["rng"])
         global_step = checkpoint["global_step"]
 
     def state():
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": capture_rng_state(), "global_step": global_step}
+                "reward_scaler": reward_scaler.state_dict(), "rng": capture_rng_state(), "global_step": global_step}
 
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step,
                            eval_env_fn=eval_env_fn)
@@ -267,18 +292,24 @@ def main(args: Args) -> dict:
             value = batch.agent_info.value
             done = batch.terminated | batch.truncated
             reset = torch.cat([torch.zeros_like(done[:1]), done[:-1]])  # the state is zeroed after an episode end
+            reward = reward_scaler(batch.reward, done) if args.norm_reward else batch.reward
             with torch.no_grad():
-                advantage, returns = gae_advantages(batch.reward, value, next_values(model, batch), batch.terminated,
+                advantage, returns = gae_advantages(reward, value, next_values(model, batch), batch.terminated,
                                                     batch.truncated, args.gamma, args.gae_lambda)
 
             start_state = batch.agent_info.rnn_state[0]
-            for _epoch in range(args.update_epochs):
-                permutation = torch.randperm(args.n_envs, device=device)
-                for start in range(0, args.n_envs, envs_per_minibatch):
-                    envs = permutation[start:start + envs_per_minibatch]
+            # The minibatches (env subsets) of every epoch, drawn up front so that the steps where each one
+            # resets a state reach the host in one transfer, not with a sync per minibatch.
+            epochs = args.update_epochs
+            minibatch_envs = torch.stack([torch.randperm(args.n_envs, device=device) for _ in range(epochs)])
+            minibatch_envs = minibatch_envs.view(epochs, args.num_minibatches, envs_per_minibatch)
+            minibatch_resets = reset[:, minibatch_envs].any(-1).permute(1, 2, 0).cpu()  # [epochs, minibatches, T]
+            for epoch in range(epochs):
+                for k, envs in enumerate(minibatch_envs[epoch]):
                     sequences = batch[:, envs]
                     loss, stats = loss_fn(model, sequences.observation, sequences.prev_action,
                                           sequences.prev_reward, start_state[envs], reset[:, envs],
+                                          minibatch_resets[epoch, k].nonzero().flatten().tolist(),
                                           sequences.action, sequences.agent_info.log_prob, advantage[:, envs],
                                           returns[:, envs], value[:, envs], args)
                     optimizer.zero_grad(set_to_none=True)
@@ -287,6 +318,9 @@ def main(args: Args) -> dict:
                     optimizer.step()
                 if args.target_kl is not None and stats[3] > args.target_kl:
                     break
+            if args.norm_obs:
+                # After the update, so that the batch was collected and optimised with the same statistics.
+                model.obs_norm.update(batch.observation)
             sampler.sync(model)
 
             policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
