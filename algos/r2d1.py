@@ -10,8 +10,9 @@ Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP
 
     python algos/r2d1.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 200000
     python algos/r2d1.py --env-id ALE/Pong-v5 --total-timesteps 10000000 --n-envs 16 --lstm-size 512 \\
-        --burn-in 40 --train-length 40 --n-step 5 --gamma 0.997 --learning-rate 1e-4 --batch-size 64 \\
-        --buffer-size 1000000 --learning-starts 50000 --target-network-period 2500 --sampler alternating-gpu
+        --burn-in 40 --train-length 40 --sequence-period 40 --n-step 5 --gamma 0.997 --learning-rate 1e-4 \\
+        --adam-eps 1e-3 --batch-size 64 --replay-ratio 0.002 --buffer-size 1000000 --learning-starts 50000 \\
+        --target-network-period 2500 --sampler alternating-gpu
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def main(args: Args) -> dict:
                 updates_timed += 1
                 if n_updates % args.target_network_period == 0:
                     polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
-                if n_updates % 50 == 0:
+                if n_updates % 10 == 0:
                     now = time.time()
                     logger.log(global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
                                              "charts/epsilon": epsilon,

@@ -104,8 +104,9 @@ class NoisyLinear(nn.Module):
         epsilon = torch.randn(self.in_features + self.out_features, device=x.device, dtype=x.dtype)
         epsilon = epsilon.sign() * epsilon.abs().sqrt()
         epsilon_in, epsilon_out = epsilon[: self.in_features], epsilon[self.in_features:]
-        weight = self.weight_mu + self.weight_sigma * torch.outer(epsilon_out, epsilon_in)
-        return F.linear(x, weight, self.bias_mu + self.bias_sigma * epsilon_out)
+        # x (mu + sigma * outer(e_out, e_in))^T = x mu^T + ((x * e_in) sigma^T) * e_out: no [out, in] noise matrix.
+        noisy = F.linear(x * epsilon_in, self.weight_sigma) * epsilon_out
+        return F.linear(x, self.weight_mu, self.bias_mu + self.bias_sigma * epsilon_out) + noisy
 
 
 class RainbowNetwork(nn.Module):

@@ -78,7 +78,8 @@ ATARI_SMOKE = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "1200", "--learni
 def test_atari_scripts_run_under_every_sampler(run_in, script, sampler):
     flags = ["--n-step", "3", "--prioritized"] if script == "dqn_atari" else []
     if script == "r2d1":
-        flags = ["--num-steps", "25", "--batch-size", "2", "--burn-in", "4", "--train-length", "8"]
+        flags = ["--num-steps", "25", "--batch-size", "2", "--burn-in", "4", "--train-length", "8",
+                 "--replay-ratio", "0.05"]
     _, run_dir, summary = run_in(script, *ATARI_SMOKE, "--sampler", sampler, *flags, timeout=600)
     assert summary["global_step"] >= 1200
     assert summary["final_eval_return"] <= 0  # Pong scores of an untrained agent, capped at 150 steps
