@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape
+from common.envs import make_env, observation_shape, record_video
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
@@ -236,6 +236,7 @@ def main(args: Args) -> dict:
             logger.progress(global_step)
 
         logger.checkpoint(state())
+        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
         final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
         mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
         logger.log(global_step, {"eval/episodic_return": mean})

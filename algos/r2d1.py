@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, require_discrete_actions
+from common.envs import make_env, record_video, require_discrete_actions
 from common.kernels import inverse_value_rescale, n_step_returns, polyak_update, value_rescale
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
@@ -328,6 +328,7 @@ def main(args: Args) -> dict:
             logger.progress(global_step)
 
         logger.checkpoint(state())
+        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
         final = [e.ret for e in evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)]
         mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
         if final:
