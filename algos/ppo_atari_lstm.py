@@ -217,10 +217,10 @@ def resolve_presets(args: Args, kind: str) -> None:
             setattr(args, name, value)
 
 
-def ppo_loss(model: RecurrentActorCritic, obs, prev_action, prev_reward, start_state, reset, reset_steps, action,
-             old_log_prob, advantage, returns, old_value, args: Args):
-    """Clipped surrogate + (clipped) value loss - entropy bonus on [T, b] sequences; returns (loss, stats)."""
-    logits, value, _ = model(obs, prev_action, prev_reward, start_state, reset, reset_steps)
+def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value, args: Args):
+    """Clipped surrogate + (clipped) value loss - entropy bonus on the re-run of [T, b] sequences (its logits
+    and values); returns (loss, stats). Apart from the model, whose segments vary from batch to batch: that
+    is what `--compile` compiles."""
     dist = Categorical(logits=logits, validate_args=False)
     log_prob = dist.log_prob(action)
     entropy = dist.entropy().mean()
@@ -307,11 +307,12 @@ def main(args: Args) -> dict:
             for epoch in range(epochs):
                 for k, envs in enumerate(minibatch_envs[epoch]):
                     sequences = batch[:, envs]
-                    loss, stats = loss_fn(model, sequences.observation, sequences.prev_action,
-                                          sequences.prev_reward, start_state[envs], reset[:, envs],
-                                          minibatch_resets[epoch, k].nonzero().flatten().tolist(),
-                                          sequences.action, sequences.agent_info.log_prob, advantage[:, envs],
-                                          returns[:, envs], value[:, envs], args)
+                    # Whole sequences, from the state stored at the batch start, zeroed after episode ends.
+                    logits, new_value, _ = model(sequences.observation, sequences.prev_action, sequences.prev_reward,
+                                                 start_state[envs], reset[:, envs],
+                                                 minibatch_resets[epoch, k].nonzero().flatten().tolist())
+                    loss, stats = loss_fn(logits, new_value, sequences.action, sequences.agent_info.log_prob,
+                                          advantage[:, envs], returns[:, envs], value[:, envs], args)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
