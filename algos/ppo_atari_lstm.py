@@ -5,12 +5,12 @@ A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] ui
 a small MLP for vector observations, chosen by the observation shape, so memory tasks run on a CPU.
 
 Training re-runs whole environment sequences: a minibatch is a subset of the environments (all T steps of
-each), started from the rnn state stored at the start of the batch, with the state reset step by step
+each), started from the rnn state stored at the start of the batch, with the state zeroed at every step
 where an episode ended inside the sequence, exactly as the sampler did while collecting.
 
 Hyper-parameters left at `None` ("auto") take the preset of the observation kind, printed resolved in
-config.json: image observations the Atari preset (lr 2.5e-4, clip 0.1, 4 epochs of 4 minibatches, LSTM
-128), vector observations a small, fast one. Any flag overrides its preset value.
+config.json: image observations the Atari preset (lr 2.5e-4, clip 0.1, LSTM 128), vector observations a
+small one with observation and reward normalisation. Any flag overrides its preset value.
 
     python algos/ppo_atari_lstm.py --env-id ALE/Breakout-v5
     python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 300000
@@ -90,6 +90,14 @@ PRESETS = {
     "image": dict(learning_rate=2.5e-4, clip_coef=0.1, lstm_size=128, norm_obs=False, norm_reward=False),
     "vector": dict(learning_rate=1e-3, clip_coef=0.2, lstm_size=64, norm_obs=True, norm_reward=True),
 }
+
+
+def resolve_presets(args: Args, kind: str) -> None:
+    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector")."""
+    for name, value in PRESETS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
 
 RnnState = namedarraytuple("RnnState", ["h", "c"])
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value", "rnn_state"])  # rnn_state: before the step
@@ -208,13 +216,6 @@ def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
     next_value = torch.cat([value[1:], torch.zeros_like(value[:1])])
     next_value[where] = bootstrap[0]
     return next_value
-
-
-def resolve_presets(args: Args, kind: str) -> None:
-    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector")."""
-    for name, value in PRESETS[kind].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
 
 
 def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value, args: Args):
