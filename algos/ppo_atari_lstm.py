@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch.distributions import Categorical
 
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, require_discrete_actions
+from common.envs import make_env, observation_shape, record_video, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
 from common.normalization import RewardScaler, RunningMeanStd
-from common.samplers import make_sampler
+from common.samplers import evaluate, make_sampler
 
 
 @dataclass
@@ -340,7 +340,8 @@ def main(args: Args) -> dict:
             logger.progress(global_step)
 
         logger.checkpoint(state())
-        final = [e.ret for e in sampler.evaluate(args.eval_episodes, seed=args.seed)]
+        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
+        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
         mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
         logger.log(global_step, {"eval/episodic_return": mean})
         return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
