@@ -1,17 +1,34 @@
-"""Learning tests: each script's default hyper-parameters, seeded, must reach its return threshold."""
+"""Learning tests: each script's default hyper-parameters, seeded, must reach its return threshold.
+
+The parallel sampler kinds must learn as well as serial: they produce the same data for a deterministic
+policy (tests/test_samplers.py); here they train end to end with two worker processes.
+"""
 
 import pytest
 
+KINDS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
-@pytest.mark.parametrize("flags", [[]], ids=["serial"])
-def test_ppo_cartpole_reaches_475(run_in, flags):
-    _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1", *flags)
+
+def sampler_flags(kind: str, n_envs: int) -> list[str]:
+    flags = ["--sampler", kind, "--n-envs", str(n_envs)]
+    return flags if kind == "serial" else flags + ["--n-workers", "1" if kind == "alternating-gpu" else "2"]
+
+
+def test_ppo_cartpole_reaches_475(run_in):
+    _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1")
     assert summary["global_step"] >= 100_000
     assert summary["final_eval_return"] >= 475, summary
 
 
-@pytest.mark.parametrize("flags", [[]], ids=["plain"])
-def test_dqn_cartpole_reaches_400(run_in, flags):
-    _, _, summary = run_in("dqn", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1", *flags)
-    assert summary["global_step"] >= 100_000
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_ppo_cartpole_reaches_475_with_every_sampler(run_in, kind):
+    _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
+                           *sampler_flags(kind, 4))
+    assert summary["final_eval_return"] >= 475, summary
+
+
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_dqn_cartpole_reaches_400_with_every_sampler(run_in, kind):
+    _, _, summary = run_in("dqn", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
+                           *sampler_flags(kind, 2))
     assert summary["final_eval_return"] >= 400, summary
