@@ -194,7 +194,7 @@ def next_q_values(model: R2D1Network, s, q: torch.Tensor, hs: torch.Tensor, cs: 
     termination it is not used. The last step's next Q is not in the sequence: no trained step needs it.
     """
     next_q = torch.cat([q[1:], q[-1:]])
-    t, n = s.truncated.nonzero(as_tuple=True)
+    t, n = s.truncated.nonzero(as_tuple=True)  # syncs on a GPU, as the priority update does anyway
     h, _ = model.lstm(model.inputs(s.next_observation[t, n], s.action[t, n], s.reward[t, n]), (hs[t, n], cs[t, n]))
     next_q[t, n] = model.head(h)
     return next_q
