@@ -26,17 +26,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import CommonArgs, UsageError, run, setup
+from common.async_mode import ReplayFeeder
+from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
 from common.kernels import inverse_value_rescale, n_step_returns, polyak_update, value_rescale
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
 from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSequenceReplayBuffer
-from common.samplers import evaluate, make_sampler
+from common.samplers import evaluate
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AsyncArgs):
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int = 20
@@ -220,6 +221,34 @@ def r2d1_loss(q_net: R2D1Network, target_net: R2D1Network, s, burn_in: int, trai
     return loss, td_error.abs().detach(), q.mean().detach()
 
 
+def exploration(args: Args, step: int) -> dict:
+    """Policy keyword arguments at environment step `step`: the linearly decaying epsilon."""
+    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+    return {"epsilon": max(args.end_epsilon,
+                           args.start_epsilon - (args.start_epsilon - args.end_epsilon) * step / decay_steps)}
+
+
+def make_replay(args: Args, example, share_memory: bool = False):
+    """Prioritized sequence replay (frame-deduplicated for images) storing the actor's LSTM states."""
+    image = len(example.observation.shape) == 3
+    replay_cls = PrioritizedFrameSequenceReplayBuffer if image else PrioritizedSequenceReplayBuffer
+    try:
+        return replay_cls(
+            example, size=args.buffer_size, n_envs=args.n_envs, rnn_state_example=example.agent_info.rnn_state,
+            burn_in=args.burn_in, train_length=args.train_length, n_step=args.n_step,
+            rnn_state_interval=args.sequence_period, gamma=args.gamma, alpha=args.priority_alpha,
+            beta=args.priority_beta, eta=args.priority_eta, share_memory=share_memory,
+            **({"frame_padding": "repeat"} if image else {}),
+        )
+    except ValueError as error:
+        raise UsageError(f"--buffer-size {args.buffer_size}: {error}") from None
+
+
+def append_sequences(replay, batch) -> None:
+    """Store a batch with the LSTM states the actor had before each step."""
+    replay.append(batch, batch.agent_info.rnn_state)
+
+
 def main(args: Args) -> dict:
     device = setup(args)
     env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
@@ -249,21 +278,9 @@ def main(args: Args) -> dict:
         restore_rng_state(checkpoint["rng"])
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
 
-    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step,
-                           eval_env_fn=eval_env_fn)
-    replay_cls = PrioritizedFrameSequenceReplayBuffer if len(obs_shape) == 3 else PrioritizedSequenceReplayBuffer
-    frame_kwargs = {"frame_padding": "repeat"} if len(obs_shape) == 3 else {}
-    try:
-        replay = replay_cls(
-            sampler.example, size=args.buffer_size, n_envs=args.n_envs,
-            rnn_state_example=sampler.example.agent_info.rnn_state, burn_in=args.burn_in,
-            train_length=args.train_length, n_step=args.n_step, rnn_state_interval=args.sequence_period,
-            gamma=args.gamma, alpha=args.priority_alpha, beta=args.priority_beta, eta=args.priority_eta,
-            **frame_kwargs,
-        )
-    except ValueError as error:
-        sampler.close()
-        raise UsageError(f"--buffer-size {args.buffer_size}: {error}") from None
+    feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
+                          exploration=partial(exploration, args), start_step=global_step, append=append_sequences)
+    replay = feeder.replay
     if checkpoint is not None and "replay" in checkpoint:
         replay.load_state_dict(checkpoint["replay"])
 
@@ -276,7 +293,6 @@ def main(args: Args) -> dict:
         return saved
 
     logger = RunLogger(args, "r2d1", args.total_timesteps, start_step=global_step)
-    steps_per_collect = args.num_steps * args.n_envs
     # A run resumed without its replay buffer refills it before updating again.
     refill = checkpoint is not None and "replay" not in checkpoint
     learning_starts = global_step + args.learning_starts if refill else args.learning_starts
@@ -285,18 +301,15 @@ def main(args: Args) -> dict:
     update_timer, updates_timed = time.time(), 0
     try:
         while global_step < args.total_timesteps:
-            decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-            epsilon = max(args.end_epsilon, args.start_epsilon
-                          - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
-            batch, episodes = sampler.collect(epsilon=epsilon)
-            replay.append(batch, batch.agent_info.rnn_state)
-            global_step += steps_per_collect
+            epsilon = exploration(args, global_step)["epsilon"]
+            previous_step = global_step
+            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(global_step, episodes)
             if global_step < learning_starts or len(replay) == 0:
                 logger.progress(global_step)
                 continue
 
-            updates_owed += args.replay_ratio * steps_per_collect
+            updates_owed += args.replay_ratio * (global_step - previous_step)
             while updates_owed >= 1:
                 updates_owed -= 1
                 sample = buffer_to(replay.sample(args.batch_size), device)
@@ -317,7 +330,7 @@ def main(args: Args) -> dict:
                                              "charts/epsilon": epsilon,
                                              "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
-            sampler.sync(q_net)
+            feeder.sync(q_net)
 
             if next_eval is not None and global_step >= next_eval:
                 next_eval += args.eval_every
@@ -335,7 +348,7 @@ def main(args: Args) -> dict:
             logger.log(global_step, {"eval/episodic_return": mean})
         return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
     finally:
-        sampler.close()
+        feeder.close()
         logger.close()
 
 

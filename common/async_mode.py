@@ -21,6 +21,13 @@ further behind. `sync` copies the parameters into shared memory under a lock; th
 picks up a new version before each batch. `exploration(step) -> dict` gives
 the policy keyword arguments (an epsilon, say) for the sampler's current step, in either process.
 
+With several data-parallel ranks (`--n-gpus N` or torchrun) every rank has its own sampling process and
+shared replay buffer (env seeds offset by rank, as in synchronous mode), and `collect` returns the
+smallest step count over the ranks, so every rank owes the same number of updates and the gradient
+all-reduce stays in step; the faster samplers wait through the lag bound. Sampling from N equal
+per-rank buffers, one batch each, is sampling one N-times-larger batch stratified over the ranks' data,
+and it works across nodes, where one buffer in shared memory could not.
+
 A sampling process that dies ends the run within seconds with its traceback; the sampling process
 exits when the main process dies.
 """
@@ -39,7 +46,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from common.envs import UsageError
+from common import distributed
 from common.namedarraytuple import buffer_from_example
 from common.samplers import EnvGroup, Episode, SamplerError, make_sampler, samples_example
 
@@ -59,9 +66,12 @@ class ReplayFeeder:
 
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: torch.nn.Module,
                  replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
-                 start_step: int = 0, seed: int | None = None, max_lag_steps: int | None = None):
+                 start_step: int = 0, seed: int | None = None, max_lag_steps: int | None = None,
+                 append: Callable[[Any, Any], None] | None = None):
+        """`append(replay, batch)` stores a batch (default `replay.append(batch)`; r2d1 adds the rnn state)."""
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
+        self.append = append or append_batch
         self.step = start_step
         self.steps_per_batch = horizon * args.n_envs
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
@@ -70,11 +80,13 @@ class ReplayFeeder:
         if not self.asynchronous:
             self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)
             self.example = self.sampler.example
-            self.replay = replay_factory(self.example, share_memory=False)
+            try:
+                self.replay = replay_factory(self.example, share_memory=False)
+            except BaseException:
+                self.sampler.close()
+                raise
             return
-        if getattr(args, "n_gpus", 0) > 1:
-            raise UsageError("--async-sampling with --n-gpus > 1 is not available in this version; "
-                             "use one of the two")
+        seed += 1_000_003 * distributed.rank()  # make_sampler's rank offset: the sampling process has no rank
         device = next(model.parameters()).device
         probe = EnvGroup(env_fn, [seed])
         try:
@@ -92,7 +104,7 @@ class ReplayFeeder:
         self.errors: Any = ctx.Queue()
         self.process = ctx.Process(
             target=sampling_main, daemon=False, name="rlsolo-async-sampler",
-            args=(args, env_fn, policy_step, self.shared_model, self.replay, horizon, exploration, seed,
+            args=(args, env_fn, policy_step, self.shared_model, self.replay, self.append, horizon, exploration, seed,
                   self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps),
         )
         self.process.start()
@@ -101,7 +113,7 @@ class ReplayFeeder:
         """Sync: sample one batch into replay. Async: wait for new sampled steps. Returns (step, episodes)."""
         if not self.asynchronous:
             batch, episodes = self.sampler.collect(**self.exploration(self.step))
-            self.replay.append(batch)
+            self.append(self.replay, batch)
             self.step += self.steps_per_batch
             return self.step, episodes
         self.counters[CONSUMED] = self.step  # the optimizer is done with the steps of the previous call
@@ -112,6 +124,8 @@ class ReplayFeeder:
                 raise SamplerError(f"the sampling process produced no data in {timeout_s:.0f} s")
             time.sleep(POLL_S)
         self.step = int(self.counters[STEP])
+        if distributed.world_size() > 1:  # every rank owes the same number of updates
+            self.step = int(distributed.all_reduce_min(torch.tensor(self.step)))
         episodes = []
         while True:
             try:
@@ -155,9 +169,14 @@ class ReplayFeeder:
         self.process = None
 
 
+def append_batch(replay: Any, batch: Any) -> None:
+    replay.append(batch)
+
+
 def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_model: torch.nn.Module, replay: Any,
-                  horizon: int, exploration: Callable[[int], dict], seed: int, counters: torch.Tensor, lock: Any,
-                  episodes_out: Any, errors: Any, parent_pid: int, max_lag_steps: int) -> None:
+                  append: Callable[[Any, Any], None], horizon: int, exploration: Callable[[int], dict], seed: int,
+                  counters: torch.Tensor, lock: Any, episodes_out: Any, errors: Any, parent_pid: int,
+                  max_lag_steps: int) -> None:
     """The sampling process: collect batches with any sampler kind and append them to the shared replay."""
     torch.set_num_threads(1)
     sampler = None
@@ -179,7 +198,7 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
                     ready[k].acquire()
                     if counters[STOP]:
                         return
-                    replay.append(batches[k])
+                    append(replay, batches[k])
                     counters[STEP] += steps_per_batch
                     free[k].release()
                     k ^= 1

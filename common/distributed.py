@@ -124,6 +124,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of `tensor` over all ranks (a new tensor, on the input's device)."""
+    if world_size() == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    out = tensor.to(device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.to(tensor.device)
+
+
 def gather_objects(items: Sequence[Any]) -> list[Any]:
     """Concatenate a small list (episode statistics) from every rank, in rank order, on every rank."""
     if world_size() == 1:
