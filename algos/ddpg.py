@@ -24,17 +24,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import CommonArgs, UsageError, run, setup
+from common.async_mode import ReplayFeeder
+from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, observation_shape, record_video, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import UniformReplayBuffer
-from common.samplers import evaluate, make_sampler
+from common.samplers import evaluate
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AsyncArgs):
     env_id: str = "Pendulum-v1"
     """environment id (continuous actions, vector observations): Pendulum-v1, Hopper-v5, HalfCheetah-v5 ..."""
     buffer_size: int = 1_000_000
@@ -173,6 +174,17 @@ def compile_fn(fn, args: Args):
     return torch.compile(fn) if args.compile else fn
 
 
+def exploration(args: Args, step: int) -> dict:
+    """Policy keyword arguments at environment step `step`: uniform actions before learning starts, then noise."""
+    return {"uniform": step < args.learning_starts, "exploration_noise": args.exploration_noise}
+
+
+def make_replay(args: Args, example, share_memory: bool = False) -> UniformReplayBuffer:
+    """The replay buffer (shared memory when a sampling process fills it)."""
+    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma,
+                               share_memory=share_memory)
+
+
 def main(args: Args) -> dict:
     device = setup(args)
     if args.cudagraphs and device.type != "cuda":
@@ -208,8 +220,9 @@ def main(args: Args) -> dict:
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
         updates_owed = checkpoint["updates_owed"]
 
-    sampler = make_sampler(args, env_fn, policy_step, actor, horizon=args.num_steps, seed=args.seed + global_step)
-    replay = UniformReplayBuffer(sampler.example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma)
+    feeder = ReplayFeeder(args, env_fn, policy_step, actor, partial(make_replay, args), horizon=args.num_steps,
+                          exploration=partial(exploration, args), start_step=global_step)
+    replay = feeder.replay
     if checkpoint is not None and "replay" in checkpoint:
         replay.load_state_dict(checkpoint["replay"])
 
@@ -224,7 +237,6 @@ def main(args: Args) -> dict:
         return saved
 
     logger = RunLogger(args, "ddpg", args.total_timesteps, start_step=global_step)
-    steps_per_collect = args.num_steps * args.n_envs
     # A run resumed without its replay buffer refills it (with its policy) before updating again.
     refill = checkpoint is not None and "replay" not in checkpoint
     learning_starts = global_step + args.learning_starts if refill else args.learning_starts
@@ -232,15 +244,13 @@ def main(args: Args) -> dict:
     update_timer, updates_timed = time.time(), 0
     try:
         while global_step < args.total_timesteps:
-            batch, episodes = sampler.collect(uniform=global_step < args.learning_starts,
-                                              exploration_noise=args.exploration_noise)
-            replay.append(batch)
-            global_step += steps_per_collect
+            previous_step = global_step
+            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(global_step, episodes)
             if global_step < learning_starts or len(replay) == 0:
                 continue
 
-            updates_owed += args.replay_ratio * steps_per_collect
+            updates_owed += args.replay_ratio * (global_step - previous_step)
             while updates_owed >= 1:
                 updates_owed -= 1
                 if args.cudagraphs:
@@ -264,7 +274,7 @@ def main(args: Args) -> dict:
                         "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
                         "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
-            sampler.sync(actor)
+            feeder.sync(actor)
 
             if next_eval is not None and global_step >= next_eval:
                 next_eval += args.eval_every
@@ -280,7 +290,7 @@ def main(args: Args) -> dict:
         logger.log(global_step, {"eval/episodic_return": mean})
         return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
     finally:
-        sampler.close()
+        feeder.close()
         logger.close()
 
 
