@@ -22,17 +22,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import CommonArgs, UsageError, run, setup
+from common.async_mode import ReplayFeeder
+from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
 from common.kernels import categorical_projection, polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import PrioritizedFrameReplayBuffer
-from common.samplers import evaluate, make_sampler
+from common.samplers import evaluate
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AsyncArgs):
     env_id: str = "ALE/Pong-v5"
     """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
@@ -177,6 +178,23 @@ def rainbow_loss(q_net: RainbowNetwork, target_net: RainbowNetwork, s):
     return loss, cross_entropy.detach(), q_mean
 
 
+def exploration(args: Args, step: int) -> dict:
+    """Policy keyword arguments at step `step`: epsilon 0 (the noisy layers explore), decaying with --noisy-std 0."""
+    if args.noisy_std != 0:
+        return {"epsilon": 0.0}
+    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
+    return {"epsilon": max(args.end_epsilon,
+                           args.start_epsilon - (args.start_epsilon - args.end_epsilon) * step / decay_steps)}
+
+
+def make_replay(args: Args, example, share_memory: bool = False) -> PrioritizedFrameReplayBuffer:
+    """The prioritized frame replay buffer (shared memory when a sampling process fills it)."""
+    return PrioritizedFrameReplayBuffer(
+        example, size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma,
+        frame_padding="repeat", alpha=args.priority_alpha, beta=args.priority_beta, share_memory=share_memory,
+    )
+
+
 def main(args: Args) -> dict:
     device = setup(args)
     env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
@@ -211,12 +229,9 @@ def main(args: Args) -> dict:
         restore_rng_state(checkpoint["rng"])
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
 
-    sampler = make_sampler(args, env_fn, policy_step, q_net, horizon=args.num_steps, seed=args.seed + global_step,
-                           eval_env_fn=eval_env_fn)
-    replay = PrioritizedFrameReplayBuffer(
-        sampler.example, size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step, gamma=args.gamma,
-        frame_padding="repeat", alpha=args.priority_alpha, beta=args.priority_beta,
-    )
+    feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
+                          exploration=partial(exploration, args), start_step=global_step)
+    replay = feeder.replay
     if checkpoint is not None and "replay" in checkpoint:
         replay.load_state_dict(checkpoint["replay"])
 
@@ -229,7 +244,6 @@ def main(args: Args) -> dict:
         return saved
 
     logger = RunLogger(args, "rainbow_atari", args.total_timesteps, start_step=global_step)
-    steps_per_collect = args.num_steps * args.n_envs
     # A run resumed without its replay buffer refills it before updating again.
     refill = checkpoint is not None and "replay" not in checkpoint
     learning_starts = global_step + args.learning_starts if refill else args.learning_starts
@@ -238,20 +252,15 @@ def main(args: Args) -> dict:
     update_timer, updates_timed = time.time(), 0
     try:
         while global_step < args.total_timesteps:
-            epsilon = 0.0
-            if args.noisy_std == 0:
-                decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-                epsilon = max(args.end_epsilon, args.start_epsilon
-                              - (args.start_epsilon - args.end_epsilon) * global_step / decay_steps)
-            batch, episodes = sampler.collect(epsilon=epsilon)
-            replay.append(batch)
-            global_step += steps_per_collect
+            previous_step = global_step
+            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(global_step, episodes)
             if global_step < learning_starts:
                 logger.progress(global_step)
                 continue
 
-            updates_owed += args.replay_ratio * steps_per_collect
+            updates_owed += args.replay_ratio * (global_step - previous_step)
+            epsilon = exploration(args, previous_step)["epsilon"]  # logged: the epsilon the new steps started from
             while updates_owed >= 1:
                 updates_owed -= 1
                 beta = args.priority_beta + (1.0 - args.priority_beta) * global_step / args.total_timesteps
@@ -272,7 +281,7 @@ def main(args: Args) -> dict:
                                              "charts/epsilon": epsilon,
                                              "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
-            sampler.sync(q_net)
+            feeder.sync(q_net)
 
             if next_eval is not None and global_step >= next_eval:
                 next_eval += args.eval_every
@@ -290,7 +299,7 @@ def main(args: Args) -> dict:
             logger.log(global_step, {"eval/episodic_return": mean})
         return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
     finally:
-        sampler.close()
+        feeder.close()
         logger.close()
 
 
