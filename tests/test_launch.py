@@ -314,3 +314,16 @@ def test_learning_smoke_suite_plots_curves_and_writes_the_table(tmp_path):
     for script in ("ppo", "dqn"):
         assert f"| CartPole-v1 | {script} | 2/2 | 4096 |" in text
     assert "![CartPole-v1](plots/smoke_CartPole-v1.png)" in text
+
+
+def test_async_speed_rates_cover_the_training_window_only(tmp_path):
+    async_speed = load_benchmark("async_speed")
+    from common.logger import save_checkpoint
+
+    rows = [(500, 1.0), (1000, 2.0), (3000, 6.0), (5000, 10.0)]  # start-up before step 1000 is left out
+    (tmp_path / "progress.csv").write_text("global_step,wall_time_s,losses/x\n"
+                                           + "".join(f"{s},{t},\n" for s, t in rows))
+    save_checkpoint(tmp_path, {"n_updates": 1600})
+    rates = async_speed.window_rates(tmp_path, learning_starts=1000)
+    assert rates.samples_per_s == pytest.approx(4000 / 8.0) and rates.updates_per_s == pytest.approx(1600 / 8.0)
+    assert rates.total == pytest.approx(700.0)
