@@ -221,10 +221,9 @@ def main(args: Args) -> dict:
         updates_owed = checkpoint["updates_owed"]
 
     feeder = ReplayFeeder(args, env_fn, policy_step, actor, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=global_step)
+                          exploration=partial(exploration, args), start_step=global_step,
+                          replay_state=checkpoint.get("replay") if checkpoint else None)
     replay = feeder.replay
-    if checkpoint is not None and "replay" in checkpoint:
-        replay.load_state_dict(checkpoint["replay"])
 
     def state():
         saved = {"actor": actor.state_dict(), "critic": critic.state_dict(),

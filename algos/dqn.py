@@ -175,10 +175,9 @@ def main(args: Args) -> dict:
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
 
     feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=global_step)
+                          exploration=partial(exploration, args), start_step=global_step,
+                          replay_state=checkpoint.get("replay") if checkpoint else None)
     replay = feeder.replay
-    if checkpoint is not None and "replay" in checkpoint:
-        replay.load_state_dict(checkpoint["replay"])
 
     def state():
         saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),
@@ -209,7 +208,7 @@ def main(args: Args) -> dict:
             epsilon = exploration(args, global_step)["epsilon"]
             while updates_owed >= 1:
                 updates_owed -= 1
-                beta = args.priority_beta + (1.0 - args.priority_beta) * global_step / args.total_timesteps
+                beta = args.priority_beta + (1 - args.priority_beta) * min(global_step / args.total_timesteps, 1)
                 sample = replay.sample(args.batch_size, beta=beta) if args.prioritized \
                     else replay.sample(args.batch_size)
                 sample = buffer_to(sample, device)

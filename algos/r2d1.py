@@ -279,10 +279,9 @@ def main(args: Args) -> dict:
         global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
 
     feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=global_step, append=append_sequences)
+                          exploration=partial(exploration, args), start_step=global_step, append=append_sequences,
+                          replay_state=checkpoint.get("replay") if checkpoint else None)
     replay = feeder.replay
-    if checkpoint is not None and "replay" in checkpoint:
-        replay.load_state_dict(checkpoint["replay"])
 
     def state():
         saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),

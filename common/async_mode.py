@@ -67,8 +67,9 @@ class ReplayFeeder:
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: torch.nn.Module,
                  replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
                  start_step: int = 0, seed: int | None = None, max_lag_steps: int | None = None,
-                 append: Callable[[Any, Any], None] | None = None):
-        """`append(replay, batch)` stores a batch (default `replay.append(batch)`; r2d1 adds the rnn state)."""
+                 append: Callable[[Any, Any], None] | None = None, replay_state: dict | None = None):
+        """`append(replay, batch)` stores a batch (default `replay.append(batch)`; r2d1 adds the rnn state);
+        `replay_state` (a replay `state_dict()` from a checkpoint) is loaded before any sampling starts."""
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
@@ -82,6 +83,8 @@ class ReplayFeeder:
             self.example = self.sampler.example
             try:
                 self.replay = replay_factory(self.example, share_memory=False)
+                if replay_state is not None:
+                    self.replay.load_state_dict(replay_state)
             except BaseException:
                 self.sampler.close()
                 raise
@@ -94,6 +97,8 @@ class ReplayFeeder:
         finally:
             probe.close()
         self.replay = replay_factory(self.example, share_memory=True)
+        if replay_state is not None:
+            self.replay.load_state_dict(replay_state)
         self.shared_model = copy.deepcopy(model).cpu()
         self.shared_model.share_memory()
         self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()
