@@ -277,7 +277,7 @@ def test_suites_skip_missing_scripts(tmp_path):
     experiments, skipped = learning.suite_experiments("classic", [1, 2], algos_dir=tmp_path)
     assert {e.script for e in experiments} == {"ppo"} and "ddpg" in skipped and "ppo" not in skipped
     assert [e.seed for e in experiments] == [1, 1, 2, 2]
-    assert experiments[0].flags == ("--total-timesteps", "500000")
+    assert experiments[0].flags == ("--total-timesteps", "200000")
 
 
 def test_plot_helpers():
