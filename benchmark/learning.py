@@ -1,6 +1,6 @@
 """Learning benchmark: run a named suite of scripts x envs x seeds through `common.launch`, then plot it.
 
-    python benchmark/learning.py classic --seeds 3 --max-parallel 2
+    python benchmark/learning.py --suite classic --seeds 3 && python benchmark/plot.py
     python benchmark/learning.py mujoco --seeds 5 -- --track          # flags after `--` go to every run
     python benchmark/learning.py smoke --seeds 2                      # ppo + dqn on CartPole, 4096 steps
 
@@ -17,6 +17,8 @@ benchmark/README.md. Exits 1 if a run failed (what finished is still plotted).
 from __future__ import annotations
 
 import importlib.util
+import os
+import platform
 import shlex
 import sys
 import time
@@ -29,6 +31,7 @@ from common.envs import UsageError
 from common.launch import ALGOS_DIR, grid, launch, split_argv
 
 HERE = Path(__file__).resolve().parent
+NOTE_FILE = "benchmark_note.md"
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ SUITES: dict[str, tuple[Group, ...]] = {
 
 @dataclass
 class LearningArgs:
-    suite: tyro.conf.Positional[str] = "smoke"
-    """the suite to run: smoke | classic | mujoco | atari"""
+    suite: str = "smoke"
+    """the suite to run: smoke | classic | mujoco | atari (also accepted as the first, positional argument)"""
     seeds: int = 3
     """seeds per (script, env): 1..N"""
     max_parallel: int | None = None
@@ -106,6 +109,8 @@ def load_plot_module():
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     own, passed = split_argv(sys.argv[1:] if argv is None else argv)
+    if own and not own[0].startswith("-"):  # `learning.py classic ...` = `learning.py --suite classic ...`
+        own = ["--suite", *own]
     args = tyro.cli(LearningArgs, args=own, description=__doc__.split("\n\n")[0])
     if args.list_suites:
         for name, groups in SUITES.items():
@@ -132,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     from common.logger import git_commit  # imports torch: only once there is something to report
 
     command = shlex.join(["python", "benchmark/learning.py", *(sys.argv[1:] if argv is None else argv)])
-    note = (f"`{command}` ({time.strftime('%Y-%m-%d')}, commit {git_commit() or '?'}, {len(results)} runs, "
-            f"launch directory `{output_dir}`).")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    note = (f"`{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {machine}, commit {git_commit() or '?'}, "
+            f"{len(results)} runs, launch directory `{output_dir}`).")
     if skipped:
         note += f" Not run (no script yet): {', '.join(skipped)}."
+    (output_dir / NOTE_FILE).write_text(note + "\n")  # benchmark/plot.py reuses it
     body = load_plot_module().report([output_dir], args.suite, Path(args.plot_dir), Path(args.readme), note)
     print(body)
     failed = [r for r in results if not r.ok]

@@ -182,18 +182,38 @@ def report(launch_dirs: list[Path], name: str, plot_dir: Path, readme: Path | No
 
 @dataclass
 class PlotArgs:
-    launch_dirs: tyro.conf.Positional[tuple[str, ...]]
-    """launch directories (of common.launch or benchmark/learning.py)"""
-    name: str = "results"
-    """name of the results: PNG file prefix and the README block (a suite name: classic, mujoco ...)"""
+    launch_dirs: tyro.conf.Positional[tuple[str, ...]] = ()
+    """launch directories (of common.launch or benchmark/learning.py); default: the newest runs/learning-*"""
+    name: str | None = None
+    """name of the results: PNG file prefix and README block (default: the suite of a runs/learning-<suite>-*
+    directory, else "results")"""
     plot_dir: str = str(HERE / "results" / "learning")
     """where the PNGs go"""
     readme: str = str(HERE / "README.md")
     """the README whose Learning section gets the table"""
 
 
+def newest_learning_dir(runs_dir: Path = Path("runs")) -> Path:
+    """The most recent launch directory of benchmark/learning.py (runs/learning-<suite>-<time>)."""
+    candidates = sorted((d for d in runs_dir.glob("learning-*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(f"no {runs_dir}/learning-* directory: run benchmark/learning.py first, or name the "
+                         "launch directories to plot")
+    return candidates[-1]
+
+
+def suite_of(launch_dir: Path) -> str | None:
+    """`classic` for runs/learning-classic-20261121-120000, else None."""
+    match = re.fullmatch(r"learning-(.+)-\d{8}-\d{6}", launch_dir.name)
+    return match.group(1) if match else None
+
+
 if __name__ == "__main__":
     args = tyro.cli(PlotArgs)
-    body = report([Path(d) for d in args.launch_dirs], args.name, Path(args.plot_dir), Path(args.readme),
-                  note=f"Runs: {', '.join(f'`{d}`' for d in args.launch_dirs)}.")
+    launch_dirs = [Path(d) for d in args.launch_dirs] or [newest_learning_dir()]
+    name = args.name or suite_of(launch_dirs[0]) or "results"
+    note_file = launch_dirs[0] / "benchmark_note.md"  # written by benchmark/learning.py
+    note = note_file.read_text().strip() if len(launch_dirs) == 1 and note_file.is_file() else \
+        f"Runs: {', '.join(f'`{d}`' for d in launch_dirs)}."
+    body = report(launch_dirs, name, Path(args.plot_dir), Path(args.readme), note=note)
     print(body)

@@ -297,16 +297,17 @@ def test_plot_helpers():
 def test_learning_smoke_suite_plots_curves_and_writes_the_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\n## Throughput\n\nsomeone else's section\n")
+    launch_dir = tmp_path / "runs" / "learning-smoke-20261121-120000"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run(
-        [sys.executable, "benchmark/learning.py", "smoke", "--seeds", "2", "--max-parallel", "2",
-         "--output-dir", str(tmp_path / "learn"), "--plot-dir", str(tmp_path / "plots"), "--readme", str(readme),
+        [sys.executable, "benchmark/learning.py", "--suite", "smoke", "--seeds", "2", "--max-parallel", "2",
+         "--output-dir", str(launch_dir), "--plot-dir", str(tmp_path / "plots"), "--readme", str(readme),
          "--", "--eval-episodes", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(list((tmp_path / "learn").glob("*/summary.json"))) == 4
+    assert len(list(launch_dir.glob("*/summary.json"))) == 4
     png = tmp_path / "plots" / "smoke_CartPole-v1.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
@@ -314,6 +315,14 @@ def test_learning_smoke_suite_plots_curves_and_writes_the_table(tmp_path):
     for script in ("ppo", "dqn"):
         assert f"| CartPole-v1 | {script} | 2/2 | 4096 |" in text
     assert "![CartPole-v1](plots/smoke_CartPole-v1.png)" in text
+
+    # `python benchmark/plot.py` alone redraws the newest runs/learning-* directory, keeping learning.py's note.
+    png.unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "plot.py"), "--plot-dir", str(tmp_path / "plots"),
+                           "--readme", str(readme)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert png.stat().st_size > 10_000 and readme.read_text().count("### smoke") == 1
+    assert "benchmark/learning.py --suite smoke --seeds 2" in readme.read_text()
 
 
 def test_async_speed_rates_cover_the_training_window_only(tmp_path):
