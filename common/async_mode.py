@@ -89,7 +89,7 @@ class ReplayFeeder:
                 self.sampler.close()
                 raise
             return
-        seed += 1_000_003 * distributed.rank()  # make_sampler's rank offset: the sampling process has no rank
+        seed = distributed.replica_seed(seed)  # here: the sampling process has no rank for make_sampler to add
         device = next(model.parameters()).device
         probe = EnvGroup(env_fn, [seed])
         try:

@@ -124,6 +124,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def replica_seed(seed: int) -> int:
+    """The environment seed of this rank's replica: data-parallel replicas must not sample the same episodes."""
+    return seed + 1_000_003 * rank()
+
+
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     """The elementwise minimum of `tensor` over all ranks (a new tensor, on the input's device)."""
     if world_size() == 1:

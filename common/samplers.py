@@ -810,7 +810,7 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
     alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`.
     """
     device = device if device is not None else next(model.parameters()).device
-    seed = (args.seed if seed is None else seed) + 1_000_003 * distributed.rank()  # data-parallel replicas differ
+    seed = distributed.replica_seed(args.seed if seed is None else seed)
     if args.sampler == "serial":
         return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device, eval_env_fn)
     if args.sampler in PARALLEL_KINDS:
