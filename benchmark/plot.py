@@ -89,12 +89,21 @@ def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], n_points: int = 200):
     return grid, values.mean(0), values.min(0), values.max(0)
 
 
+def step_label(steps: float) -> str:
+    """A short axis label for a step count: 0, 500, 50k, 1.5M."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(steps) >= scale:
+            return f"{steps / scale:g}{suffix}"
+    return f"{steps:g}"
+
+
 def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> Path:
     """Draw return vs steps and vs wall time for every script on `env_id` (mean over seeds, min-max band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     by_script: dict[str, list[Run]] = defaultdict(list)
@@ -109,6 +118,7 @@ def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> P
             (line,) = ax.plot(grid, mean, label=f"{script} ({len(script_runs)} seeds)")
             ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axes[0].set_xlabel("environment steps")
+    axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: step_label(x)))
     axes[1].set_xlabel("wall time (s)")
     for ax in axes:
         ax.set_ylabel("episodic return")

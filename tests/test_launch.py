@@ -292,6 +292,7 @@ def test_plot_helpers():
     twice = plot.update_readme(plot.update_readme(once, "mujoco", "table 2"), "classic", "table 3")
     assert "table 1" not in twice and "table 2" in twice and "table 3" in twice and "mine" in twice
     assert twice.count("## Learning") == 1 and twice.index("classic") < twice.index("mujoco")
+    assert [plot.step_label(x) for x in (0, 500, 125_000, 1_500_000)] == ["0", "500", "125k", "1.5M"]
 
 
 def test_learning_smoke_suite_plots_curves_and_writes_the_table(tmp_path):
