@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +21,16 @@ def run_script(script: str, *flags: str, timeout: float = 900, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def load_script(name: str):
+    """Import algos/<name>.py as a module (its `main` does not run)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def read_summary(run_dir: Path) -> dict:

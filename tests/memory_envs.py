@@ -1,9 +1,12 @@
-"""Test-only memory tasks, registered with gymnasium on import.
+"""Test-only environments, registered with gymnasium on import.
 
 `CartPoleNoVelocity-v0`: CartPole-v1 (500-step limit) that observes only cart position and pole angle;
 the velocities must be inferred from history, so a feed-forward policy on one observation cannot
 balance the pole well while a recurrent one can. Use it as
 `make_env("tests.memory_envs:CartPoleNoVelocity-v0")` from the repository root.
+
+`ConstantReward-v0`: reward 1 every step, the same observation always, never terminated; the 10-step
+time limit truncates every episode, so a correct value estimate bootstraps at the cut.
 """
 
 import gymnasium as gym
@@ -37,3 +40,24 @@ if "CartPoleNoVelocity-v0" not in gym.registry:
         max_episode_steps=500,
         reward_threshold=475.0,
     )
+
+
+class ConstantRewardEnv(gym.Env):
+    """Reward 1 every step, the same observation always, never terminated (the time limit truncates)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 1.0, False, False, {}
+
+
+if "ConstantReward-v0" not in gym.registry:
+    gym.register(id="ConstantReward-v0", entry_point=ConstantRewardEnv, max_episode_steps=10)

@@ -5,7 +5,6 @@ the test.
 """
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, read_summary, run_script
+from conftest import ROOT, load_script, read_summary, run_script
 
 from common.envs import make_env
 from common.replay import SequenceReplayBuffer
@@ -24,16 +23,6 @@ MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-t
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 DEEP_Q_SCRIPTS = ["dqn", "dqn_atari", "c51", "c51_atari", "rainbow_atari", "r2d1"]
 EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "charts/updates_per_second", "charts/SPS"}
-
-
-def load_script(name: str):
-    """Import algos/<name>.py as a module (its `main` does not run)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def logged_metrics(run_dir) -> set[str]:

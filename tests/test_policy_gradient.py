@@ -2,15 +2,13 @@
 bootstrapping, recurrent sequence re-runs, normalisation statistics, every sampler kind on Atari.
 
 Learning tests run the real CLI with each script's defaults and only the flags named in the issue, seeded.
-This module also registers `ConstantReward-v0` (reward 1 per step, truncated after 10 steps, never
-terminated), used by the subprocesses as `tests.test_policy_gradient:ConstantReward-v0`.
+The truncation tests use `tests.memory_envs:ConstantReward-v0` (reward 1 per step, truncated after 10
+steps, never terminated).
 """
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from torch.distributions import Categorical
 
 from common.envs import make_env
@@ -27,43 +26,11 @@ from common.namedarraytuple import buffer_map
 from common.normalization import RunningMeanStd
 from common.samplers import Samples, call_policy, make_sampler
 
-ROOT = Path(__file__).resolve().parents[1]
-CONSTANT_ENV = "tests.test_policy_gradient:ConstantReward-v0"
+CONSTANT_ENV = "tests.memory_envs:ConstantReward-v0"
 MEMORY_ENV = "tests.memory_envs:CartPoleNoVelocity-v0"
 LOSSES = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
           "losses/explained_variance", "charts/learning_rate"]
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
-
-
-class ConstantRewardEnv(gym.Env):
-    """Reward 1 every step, the same observation always, never terminated (the time limit truncates)."""
-
-    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, render_mode=None):
-        self.render_mode = render_mode
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action):
-        return np.zeros(1, np.float32), 1.0, False, False, {}
-
-
-if "ConstantReward-v0" not in gym.registry:
-    gym.register(id="ConstantReward-v0", entry_point=ConstantRewardEnv, max_episode_steps=10)
-
-
-def load_script(name: str):
-    """Import algos/<name>.py as a module (its `main` does not run)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def progress_columns(run_dir: Path) -> set[str]:
