@@ -23,7 +23,7 @@ import torch.nn as nn
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
-from common.kernels import categorical_projection, polyak_update
+from common.kernels import categorical_projection, linear_schedule, polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
@@ -148,9 +148,8 @@ def categorical_loss(q_net: CategoricalAtariNetwork, target_net: CategoricalAtar
 
 def exploration(args: Args, step: int) -> dict:
     """Policy keyword arguments at environment step `step`: the linearly decaying epsilon."""
-    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-    return {"epsilon": max(args.end_epsilon,
-                           args.start_epsilon - (args.start_epsilon - args.end_epsilon) * step / decay_steps)}
+    return {"epsilon": linear_schedule(args.start_epsilon, args.end_epsilon,
+                                       args.exploration_fraction * args.total_timesteps, step)}
 
 
 def make_replay(args: Args, example, share_memory: bool = False):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
-from common.kernels import polyak_update
+from common.kernels import linear_schedule, polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
@@ -131,9 +131,8 @@ def td_loss(q_net: QNetwork, target_net: QNetwork, s, double: bool):
 
 def exploration(args: Args, step: int) -> dict:
     """Policy keyword arguments at environment step `step`: the linearly decaying epsilon."""
-    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-    fraction = min(step / decay_steps, 1.0)
-    return {"epsilon": args.start_epsilon + (args.end_epsilon - args.start_epsilon) * fraction}
+    return {"epsilon": linear_schedule(args.start_epsilon, args.end_epsilon,
+                                       args.exploration_fraction * args.total_timesteps, step)}
 
 
 def make_replay(args: Args, example, share_memory: bool = False):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
-from common.kernels import inverse_value_rescale, n_step_returns, polyak_update, value_rescale
+from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to, namedarraytuple
 from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSequenceReplayBuffer
@@ -223,9 +223,8 @@ def r2d1_loss(q_net: R2D1Network, target_net: R2D1Network, s, burn_in: int, trai
 
 def exploration(args: Args, step: int) -> dict:
     """Policy keyword arguments at environment step `step`: the linearly decaying epsilon."""
-    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-    return {"epsilon": max(args.end_epsilon,
-                           args.start_epsilon - (args.start_epsilon - args.end_epsilon) * step / decay_steps)}
+    return {"epsilon": linear_schedule(args.start_epsilon, args.end_epsilon,
+                                       args.exploration_fraction * args.total_timesteps, step)}
 
 
 def make_replay(args: Args, example, share_memory: bool = False):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
 from common.envs import make_env, record_video, require_discrete_actions
-from common.kernels import categorical_projection, polyak_update
+from common.kernels import categorical_projection, linear_schedule, polyak_update
 from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
 from common.namedarraytuple import buffer_to
 from common.replay import PrioritizedFrameReplayBuffer
@@ -182,9 +182,8 @@ def exploration(args: Args, step: int) -> dict:
     """Policy keyword arguments at step `step`: epsilon 0 (the noisy layers explore), decaying with --noisy-std 0."""
     if args.noisy_std != 0:
         return {"epsilon": 0.0}
-    decay_steps = max(args.exploration_fraction * args.total_timesteps, 1)
-    return {"epsilon": max(args.end_epsilon,
-                           args.start_epsilon - (args.start_epsilon - args.end_epsilon) * step / decay_steps)}
+    return {"epsilon": linear_schedule(args.start_epsilon, args.end_epsilon,
+                                       args.exploration_fraction * args.total_timesteps, step)}
 
 
 def make_replay(args: Args, example, share_memory: bool = False) -> PrioritizedFrameReplayBuffer:

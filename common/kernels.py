@@ -139,6 +139,12 @@ def polyak_update(target_params: Iterable[Tensor], source_params: Iterable[Tenso
             torch._foreach_lerp_(targets, sources, tau)
 
 
+def linear_schedule(start: float, end: float, duration: float, step: float) -> float:
+    """`start` at step 0, moving linearly to `end` at step `duration`, `end` after (a duration < 1 counts as 1)."""
+    duration = max(duration, 1)
+    return end if step >= duration else start + (end - start) * (step / duration)
+
+
 def explained_variance(y_pred: Tensor, y_true: Tensor) -> float:
     """1 - Var[y_true - y_pred] / Var[y_true] over all elements; nan when y_true is constant."""
     y_pred = y_pred.flatten()

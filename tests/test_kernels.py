@@ -12,6 +12,7 @@ from common.kernels import (
     explained_variance,
     gae_advantages,
     inverse_value_rescale,
+    linear_schedule,
     n_step_returns,
     polyak_update,
     value_rescale,
@@ -235,6 +236,18 @@ def test_categorical_projection_clamps_to_support():
     expected[[0, 2], -1] = 1.0
     expected[[1, 3], 0] = 1.0
     assert_close(projected, expected)
+
+
+def test_linear_schedule():
+    # Decaying and rising, checked against the line through (0, start) and (duration, end).
+    for start, end, duration in [(1.0, 0.02, 40.0), (0.4, 1.0, 3.0)]:
+        for step in range(0, 60):
+            expected = end if step >= duration else start + (end - start) * step / duration
+            assert math.isclose(linear_schedule(start, end, duration, step), expected, rel_tol=1e-12)
+    assert linear_schedule(1.0, 0.05, 100.0, 50) == pytest.approx(0.525)
+    assert linear_schedule(1.0, 0.05, 100.0, 100) == 0.05 and linear_schedule(1.0, 0.05, 100.0, 10**6) == 0.05
+    # A schedule shorter than one step lasts one step.
+    assert linear_schedule(1.0, 0.1, 0.0, 0) == 1.0 and linear_schedule(1.0, 0.1, 0.0, 1) == 0.1
 
 
 def test_polyak_update():
