@@ -4,8 +4,13 @@ Mnih et al. 2015 (https://www.nature.com/articles/nature14236); double: van Hass
 dueling: Wang et al. 2016; prioritized replay: Schaul et al. 2016.
 
     python algos/dqn.py --env-id CartPole-v1
-    python algos/dqn.py --env-id CartPole-v1 --double --dueling --n-step 3 --prioritized
+    python algos/dqn.py --env-id CartPole-v1 --dueling --prioritized
+    python algos/dqn.py --env-id CartPole-v1 --no-double --n-step 1      # the 2015 Nature DQN target
     python algos/dqn.py --n-envs 2 --sampler parallel-cpu --n-workers 2
+
+The defaults use double Q-learning with 3-step returns: on CartPole-v1 at 100k steps they end with a greedy
+return of at least 488 on each of 12 seeds; the one-step target without double Q-learning ends below 400 on
+4 of 9 seeds (each of them learns, then falls back before the end).
 """
 
 from __future__ import annotations
@@ -33,12 +38,12 @@ from common.samplers import evaluate
 class Args(CommonArgs, AsyncArgs):
     n_envs: int = 4
     """total number of training environments"""
-    double: bool = False
-    """double Q-learning: the online network picks the bootstrap action"""
+    double: bool = True
+    """double Q-learning: the online network picks the bootstrap action (--no-double: the target network does)"""
     dueling: bool = False
     """dueling value / advantage heads"""
-    n_step: int = 1
-    """n-step returns"""
+    n_step: int = 3
+    """n-step returns (1: the one-step target)"""
     prioritized: bool = False
     """prioritized experience replay"""
     priority_alpha: float = 0.6
