@@ -1,3 +1,4 @@
+import csv
 import importlib.util
 import json
 import os
@@ -35,6 +36,12 @@ def load_script(name: str):
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def read_progress(run_dir: Path) -> list[dict]:
+    """The rows of a run's progress.csv (a metric not logged in a row reads as "")."""
+    with open(run_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture

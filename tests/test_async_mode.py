@@ -1,6 +1,5 @@
 """ReplayFeeder: the same training loop fed synchronously or by a sampling process."""
 
-import csv
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, read_progress
 
 from common import distributed
 from common.async_mode import ReplayFeeder
@@ -112,11 +111,11 @@ def test_a_killed_sampling_process_ends_the_run_quickly():
 def test_dqn_async_sampling_learns_cartpole(run_in):
     # An asynchronous run is not deterministic (how far the sampler's policy lags the optimizer depends on
     # the load), and DQN on CartPole can dip late in a run whatever the sampling mode (a run under the
-    # test suite's load ended at 345). So: the greedy policy reaches the
-    # solved level during the run, and the final one is still far above an untrained network's (about 9).
+    # test suite's load ended at 345). So: the greedy policy reaches the solved level during the run, and
+    # the final one is still far above an untrained network's (about 9).
     _, run_dir, summary = run_in("dqn", "--async-sampling", "--env-id", "CartPole-v1", "--total-timesteps", "100000",
                                  "--eval-every", "10000")
-    rows = list(csv.DictReader((run_dir / "progress.csv").open()))
+    rows = read_progress(run_dir)
     evals = [float(r["eval/episodic_return"]) for r in rows if r.get("eval/episodic_return")]
     assert summary["global_step"] >= 100_000 and len(evals) >= 10, (summary, evals)
     assert max(evals) >= 475 and summary["final_eval_return"] >= 100, (summary, evals)
@@ -186,7 +185,7 @@ def test_torchrun_two_ranks_dqn_async_sampling_learns_cartpole(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp-async" / "summary.json").read_text())
-    rows = list(csv.DictReader((tmp_path / "ddp-async" / "progress.csv").open()))
+    rows = read_progress(tmp_path / "ddp-async")
     returns = [float(r["charts/episodic_return"]) for r in rows if r["charts/episodic_return"]]
     # Training returns (both ranks' episodes) reach the level of a solved task; the final evaluation of an
     # asynchronous run is left out, since DQN on CartPole can dip late in a run whatever the sampling mode.
@@ -198,7 +197,7 @@ def test_r2d1_async_sampling_trains_on_sequences(run_in):
                                     "--total-timesteps", "12000", "--learning-starts", "2000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["global_step"] >= 12_000
-    rows = list(csv.DictReader((run_dir / "progress.csv").open()))
+    rows = read_progress(run_dir)
     losses = [float(r["losses/td_loss"]) for r in rows if r["losses/td_loss"]]
     returns = [float(r["charts/episodic_return"]) for r in rows if r["charts/episodic_return"]]
     assert len(losses) >= 5 and all(math.isfinite(x) for x in losses) and returns, (losses, returns)

@@ -3,10 +3,10 @@
 dqn.py and sac.py are tested in test_async_mode.py.
 """
 
-import csv
 import math
 
 import pytest
+from conftest import read_progress
 
 PENDULUM = ["--env-id", "Pendulum-v1", "--total-timesteps", "1500", "--learning-starts", "500",
             "--buffer-size", "2000", "--batch-size", "64", "--eval-episodes", "2"]
@@ -26,18 +26,13 @@ SHORT_RUNS = {
 }
 
 
-def progress_rows(run_dir) -> list[dict]:
-    with open(run_dir / "progress.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.parametrize("script", list(SHORT_RUNS))
 def test_async_sampling_updates_and_logs_training_episodes(run_in, script):
     flags, total, loss_column = SHORT_RUNS[script]
     proc, run_dir, summary = run_in(script, "--async-sampling", *flags, timeout=300)
     assert proc.returncode == 0 and summary["global_step"] >= total, summary
     assert math.isfinite(summary["final_eval_return"])
-    rows = progress_rows(run_dir)
+    rows = read_progress(run_dir)
     losses = [float(row[loss_column]) for row in rows if row.get(loss_column)]
     assert losses and all(math.isfinite(loss) for loss in losses), losses
     # Episodes finished in the sampling process reach the main process's log.

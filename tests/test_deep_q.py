@@ -4,7 +4,6 @@ Learning tests run the real CLI with each script's default hyper-parameters and 
 the test.
 """
 
-import csv
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, load_script, read_summary, run_script
+from conftest import ROOT, load_script, read_progress, read_summary, run_script
 
 from common.envs import make_env
 from common.replay import SequenceReplayBuffer
@@ -26,8 +25,7 @@ EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "char
 
 
 def logged_metrics(run_dir) -> set[str]:
-    with open(run_dir / "progress.csv", newline="") as f:
-        return {key for row in csv.DictReader(f) for key, value in row.items() if value not in ("", None)}
+    return {key for row in read_progress(run_dir) for key, value in row.items() if value not in ("", None)}
 
 
 @pytest.mark.parametrize("flags", [["--no-double", "--n-step", "1"], [], ["--dueling"], ["--prioritized"]],

@@ -1,13 +1,12 @@
 """Q-function policy gradient scripts (ddpg.py, td3.py, sac.py): learning, MuJoCo, samplers, compile, errors, resume."""
 
-import csv
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_summary, run_script
+from conftest import read_progress, read_summary, run_script
 
 from common.evaluate import evaluate_run
 
@@ -26,8 +25,7 @@ def test_hopper_end_to_end(run_in, script):
     _, run_dir, summary = run_in(script, "--env-id", "Hopper-v5", "--total-timesteps", "2000",
                                  "--learning-starts", "1000", "--eval-episodes", "2")
     assert summary["global_step"] == 2000 and math.isfinite(summary["final_eval_return"])
-    with open(run_dir / "progress.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_progress(run_dir)
     columns = set(rows[-1])
     assert {"losses/qf_loss", "losses/actor_loss", "charts/episodic_return", "charts/SPS"} <= columns
     assert all(math.isfinite(float(row["losses/qf_loss"])) for row in rows if row.get("losses/qf_loss"))

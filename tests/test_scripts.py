@@ -1,6 +1,5 @@
 """Script behaviour: run directory contents, bad input, continuous actions, resume after SIGKILL."""
 
-import csv
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, read_summary, run_script
+from conftest import ROOT, read_progress, read_summary, run_script
 
 SCRIPTS = ["ppo", "dqn"]
 
@@ -48,8 +47,7 @@ def test_run_directory_has_config_progress_checkpoint_and_summary(run_in):
     for key in ["global_step", "wall_time_s", "sps", "final_eval_return", "final_eval_return_std"]:
         assert key in summary
     assert summary["global_step"] >= 2048 and summary["sps"] > 0
-    with open(run_dir / "progress.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_progress(run_dir)
     assert rows and {"global_step", "losses/policy_loss", "charts/episodic_return"} <= set(rows[0]) | set(rows[-1])
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["global_step"] == summary["global_step"]
