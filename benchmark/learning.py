@@ -3,20 +3,26 @@
     python benchmark/learning.py --suite classic --seeds 3 && python benchmark/plot.py
     python benchmark/learning.py mujoco --seeds 5 -- --track          # flags after `--` go to every run
     python benchmark/learning.py smoke --seeds 2                      # ppo + dqn on CartPole, 4096 steps
+    python benchmark/learning.py --resume runs/learning-mujoco-cpu-20261201-120000   # continue a launch
 
 Suites (`--list-suites` prints them): `smoke`; `classic` (ppo, a2c, dqn, c51, r2d1 on CartPole-v1 / Acrobot-v1,
 200k steps; sac, td3, ddpg on Pendulum-v1, 30k steps: about 25 minutes for 3 seeds on 2 cores); `mujoco`
-(sac, td3, ddpg, ppo on Hopper / HalfCheetah / Walker2d-v5, 1M steps); `atari` (ppo_atari, dqn_atari,
+(sac, td3, ddpg, ppo on Hopper / HalfCheetah / Walker2d-v5, 1M steps); `mujoco-cpu` (ppo on Hopper /
+HalfCheetah / Walker2d-v5, 1M steps, seeds 1-3; td3 and sac on Hopper / HalfCheetah-v5, 300k steps, seeds 1-2:
+about 8 CPU-hours); `atari` (ppo_atari, dqn_atari,
 c51_atari, rainbow_atari, r2d1 on Pong / Breakout / BeamRider, 10M
 steps). Scripts not in algos/ yet are skipped with a message. The runs go to a launch directory
 (runs/learning-<suite>-<time>, with summary.md); then benchmark/plot.py draws the learning curves into
 benchmark/results/learning/<suite>_<env>.png and writes the table into the Learning section of
-benchmark/README.md. Exits 1 if a run failed (what finished is still plotted).
+benchmark/README.md. Exits 1 if a run failed (what finished is still plotted). A launch that was stopped
+(Ctrl-C, a killed session) continues with `--resume <launch dir>`: finished runs are kept, interrupted ones
+continue from their last checkpoint, so at most the time since each run's last checkpoint is lost.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import shlex
@@ -32,6 +38,7 @@ from common.launch import ALGOS_DIR, grid, launch, split_argv
 
 HERE = Path(__file__).resolve().parent
 NOTE_FILE = "benchmark_note.md"
+SUITE_FILE = "suite.json"  # the launch's command line, for --resume
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class Group:
     env_ids: tuple[str, ...]
     total_timesteps: int
     flags: tuple[str, ...] = ()
+    seeds: int = 3
+    """seeds 1..N unless --seeds says otherwise"""
 
 
 SUITES: dict[str, tuple[Group, ...]] = {
@@ -51,6 +60,14 @@ SUITES: dict[str, tuple[Group, ...]] = {
         Group(("sac", "td3", "ddpg"), ("Pendulum-v1",), 30_000),
     ),
     "mujoco": (Group(("sac", "td3", "ddpg", "ppo"), ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"), 1_000_000),),
+    # What 2 cores can finish (about 8 CPU-hours, resumable): each script on its defaults. The replay
+    # capacity only has to hold the 300k steps (the buffer never wraps, so sampling is the same as with the
+    # default 1M), which keeps the replay in the checkpoints small enough to save every 5 minutes.
+    "mujoco-cpu": (
+        Group(("ppo",), ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"), 1_000_000),
+        Group(("td3", "sac"), ("Hopper-v5", "HalfCheetah-v5"), 300_000,
+              ("--buffer-size", "400000", "--checkpoint-replay", "--checkpoint-every-s", "300"), seeds=2),
+    ),
     "atari": (
         Group(("ppo_atari", "dqn_atari", "c51_atari", "rainbow_atari", "r2d1"),
               ("ALE/Pong-v5", "ALE/Breakout-v5", "ALE/BeamRider-v5"), 10_000_000),
@@ -62,8 +79,8 @@ SUITES: dict[str, tuple[Group, ...]] = {
 class LearningArgs:
     suite: str = "smoke"
     """the suite to run: smoke | classic | mujoco | atari (also accepted as the first, positional argument)"""
-    seeds: int = 3
-    """seeds per (script, env): 1..N"""
+    seeds: int | None = None
+    """seeds per (script, env): 1..N (default: each group's own, 3 unless the suite says otherwise)"""
     max_parallel: int | None = None
     """runs at once (default: one per GPU, else one per CPU core)"""
     only: tuple[str, ...] = ()
@@ -78,11 +95,18 @@ class LearningArgs:
     """the README whose Learning section gets the results table"""
     list_suites: bool = False
     """print the suites and exit"""
+    resume: str | None = None
+    """continue the suite of this launch directory: finished runs are kept, interrupted ones resume from
+    their checkpoints, the rest start; then everything is plotted (other flags are taken from the launch)"""
 
 
-def suite_experiments(suite: str, seeds: list[int], only: tuple[str, ...] = (), total_timesteps: int | None = None,
-                      extra_flags: tuple[str, ...] = (), algos_dir: Path = ALGOS_DIR):
-    """The suite's experiments (seed-major) and the scripts skipped because algos/ does not have them."""
+def suite_experiments(suite: str, seeds: list[int] | None = None, only: tuple[str, ...] = (),
+                      total_timesteps: int | None = None, extra_flags: tuple[str, ...] = (),
+                      algos_dir: Path = ALGOS_DIR):
+    """The suite's experiments (seed-major) and the scripts skipped because algos/ does not have them.
+
+    `seeds` None: each group's own seeds 1..group.seeds.
+    """
     if suite not in SUITES:
         raise UsageError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
     experiments, skipped = [], []
@@ -91,9 +115,9 @@ def suite_experiments(suite: str, seeds: list[int], only: tuple[str, ...] = (), 
         present = [s for s in scripts if (algos_dir / f"{s}.py").is_file()]
         skipped += [s for s in scripts if s not in present and s not in skipped]
         flags = ("--total-timesteps", str(total_timesteps or group.total_timesteps)) + group.flags + tuple(extra_flags)
-        experiments += grid(present, group.env_ids, seeds, common_flags=flags)
-    order = {seed: i for i, seed in enumerate(seeds)}
-    experiments.sort(key=lambda e: order[e.seed])  # stable: seed-major over all groups
+        group_seeds = seeds if seeds is not None else list(range(1, group.seeds + 1))
+        experiments += grid(present, group.env_ids, group_seeds, common_flags=flags)
+    experiments.sort(key=lambda e: e.seed)  # stable: seed-major over all groups
     return experiments, skipped
 
 
@@ -108,18 +132,32 @@ def load_plot_module():
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
-    own, passed = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, passed = split_argv(argv)
     if own and not own[0].startswith("-"):  # `learning.py classic ...` = `learning.py --suite classic ...`
         own = ["--suite", *own]
     args = tyro.cli(LearningArgs, args=own, description=__doc__.split("\n\n")[0])
+    resume_dir = None
+    if args.resume is not None:  # the launch's own command line, saved when it started
+        resume_dir = Path(args.resume)
+        if not (resume_dir / SUITE_FILE).is_file():
+            print(f"error: --resume {resume_dir}: no {SUITE_FILE} there; pass the launch directory of a "
+                  "benchmark/learning.py run", file=sys.stderr)
+            return 2
+        argv = json.loads((resume_dir / SUITE_FILE).read_text())["argv"]
+        own, passed = split_argv(argv)
+        if own and not own[0].startswith("-"):
+            own = ["--suite", *own]
+        args = tyro.cli(LearningArgs, args=own)
+        args.output_dir = str(resume_dir)
     if args.list_suites:
         for name, groups in SUITES.items():
             for g in groups:
                 print(f"{name}: {' '.join(g.scripts)} on {' '.join(g.env_ids)}, {g.total_timesteps} steps")
         return 0
     try:
-        experiments, skipped = suite_experiments(args.suite, list(range(1, args.seeds + 1)), args.only,
-                                                 args.total_timesteps, tuple(passed))
+        seeds = None if args.seeds is None else list(range(1, args.seeds + 1))
+        experiments, skipped = suite_experiments(args.suite, seeds, args.only, args.total_timesteps, tuple(passed))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -129,14 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no script of suite {args.suite!r} exists yet", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir or Path("runs") / time.strftime(f"learning-{args.suite}-%Y%m%d-%H%M%S"))
+    if resume_dir is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / SUITE_FILE).write_text(json.dumps({"argv": argv}) + "\n")
     try:
-        results = launch(experiments, args.max_parallel, output_dir)
+        results = launch(experiments, args.max_parallel, output_dir, resume=resume_dir is not None)
     except KeyboardInterrupt:
-        print(f"interrupted; partial results in {output_dir / 'summary.md'}", file=sys.stderr)
+        print(f"interrupted; partial results in {output_dir / 'summary.md'}; continue with "
+              f"`python benchmark/learning.py --resume {output_dir}`", file=sys.stderr)
         return 130
     from common.logger import git_commit  # imports torch: only once there is something to report
 
-    command = shlex.join(["python", "benchmark/learning.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "benchmark/learning.py", *argv])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     note = (f"`{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {machine}, commit {git_commit() or '?'}, "
             f"{len(results)} runs, launch directory `{output_dir}`).")

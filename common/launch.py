@@ -309,14 +309,21 @@ def _say(quiet: bool, message: str) -> None:
         print(f"[launch] {message}", flush=True)
 
 
+def resume_command(experiment: Experiment, run_dir: Path, python: str = sys.executable) -> list[str]:
+    """The command line that continues an interrupted run from its checkpoint (its config.json has the flags)."""
+    return [python, str(script_path(experiment.script)), "--resume", str(run_dir)]
+
+
 def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, output_dir: str | Path | None = None,
            cores: Sequence[int] | None = None, gpus: Sequence[str] | None = None, group: str | None = None,
-           grace_s: float = 10.0, quiet: bool = False) -> list[Result]:
+           grace_s: float = 10.0, quiet: bool = False, resume: bool = False) -> list[Result]:
     """Run `experiments`, at most `max_parallel` at once (default: one per GPU, else one per core).
 
     Writes every run under `output_dir` (default runs/launch-<time>), and summary.md / summary.csv there.
     `group` (default: the launch directory's name) is each run's --wandb-group. On KeyboardInterrupt the
-    runs are stopped, the summary is written, and the exception propagates.
+    runs are stopped, the summary is written, and the exception propagates. With `resume`, a run whose
+    directory has a summary.json is finished and not run again, and one with a checkpoint continues from it
+    (`--resume`); the others start afresh.
     """
     for experiment in experiments:
         script_path(experiment.script)
@@ -332,7 +339,13 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
     slots = plan_slots(max(1, min(max_parallel, len(experiments))), cores, gpus)
     group = group or output_dir.name
     results = [Result(e, output_dir / e.name) for e in experiments]
-    pending = list(range(len(results)))
+    if resume:
+        for result in results:
+            result.summary = _read_summary(result.run_dir)
+            if result.summary:  # finished in an earlier launch
+                result.returncode, result.end_time = 0, (result.run_dir / "summary.json").stat().st_mtime
+                result.start_time = result.end_time - float(result.summary.get("wall_time_s", 0.0))
+    pending = [i for i, result in enumerate(results) if result.returncode is None]
     free = list(slots)
     running: dict[int, tuple[subprocess.Popen, Result]] = {}
     described = "; ".join(f"slot {s.index}: cores {list(s.cores)}, gpu {s.gpu or '-'}" for s in slots)
@@ -343,15 +356,19 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
                 i, slot = pending.pop(0), free.pop(0)
                 result = results[i]
                 result.run_dir.mkdir(parents=True, exist_ok=True)
-                command = run_command(result.experiment, output_dir, group)
-                (result.run_dir / "command.txt").write_text(shlex.join(command) + "\n")
-                with open(result.run_dir / "stdout.log", "wb") as out, open(result.run_dir / "stderr.log", "wb") as err:
+                resuming = resume and (result.run_dir / "checkpoint.pt").is_file()
+                command = resume_command(result.experiment, result.run_dir) if resuming else \
+                    run_command(result.experiment, output_dir, group)
+                with open(result.run_dir / "command.txt", "a" if resuming else "w") as f:
+                    f.write(shlex.join(command) + "\n")
+                mode = "ab" if resuming else "wb"
+                with open(result.run_dir / "stdout.log", mode) as out, open(result.run_dir / "stderr.log", mode) as err:
                     proc = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                             env=child_environment(slot, dict(os.environ)), start_new_session=True,
                                             preexec_fn=_in_slot(slot.cores))
                 result.slot, result.pid, result.start_time = slot, proc.pid, time.time()
                 running[i] = (proc, result)
-                _say(quiet, f"start {i + 1}/{len(results)} {result.experiment.name} "
+                _say(quiet, f"{'resume' if resuming else 'start'} {i + 1}/{len(results)} {result.experiment.name} "
                             f"(pid {proc.pid}, slot {slot.index})")
             time.sleep(0.1)
             for i, (proc, result) in list(running.items()):

@@ -1,9 +1,9 @@
 """Run directory, console progress, CSV and Weights & Biases logging, checkpoints.
 
-Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `checkpoint.pt` (written
-atomically: a run killed at any moment leaves the previous checkpoint intact) and, at the end,
-`summary.json`. Metric names follow the usual convention: `charts/episodic_return`, `charts/SPS`,
-`losses/<name>`, `eval/<name>`.
+Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `episodes.csv` (one row
+per finished training episode), `checkpoint.pt` (written atomically: a run killed at any moment leaves the
+previous checkpoint intact) and, at the end, `summary.json`. Metric names follow the usual convention:
+`charts/episodic_return`, `charts/SPS`, `losses/<name>`, `eval/<name>`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from common import distributed
 
 CHECKPOINT = "checkpoint.pt"
+EPISODES = "episodes.csv"  # every finished training episode: global_step, raw return, length
 
 
 def capture_rng_state() -> dict:
@@ -75,6 +76,20 @@ def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.devic
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def keep_episodes_until(path: Path, step: int) -> list[float]:
+    """Drop the rows of an episodes.csv logged after `step` (a resumed run logs them again); the returns kept."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [row for row in rows if int(row["global_step"]) <= step]
+    if len(kept) < len(rows):
+        with open(path, "w", newline="") as f:
+            f.write("global_step,return,length\n")
+            f.writelines(f"{row['global_step']},{row['return']},{row['length']}\n" for row in kept)
+    return [float(row["return"]) for row in kept]
+
+
 def git_commit() -> str | None:
     """The repository's current commit, if the code runs from a git checkout."""
     try:
@@ -114,6 +129,7 @@ class RunLogger:
         self.wandb_run = None
         self.columns: list[str] = []
         self.csv_path = self.run_dir / "progress.csv"
+        self.episodes_path = self.run_dir / EPISODES
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +143,7 @@ class RunLogger:
                 header = next(csv.reader(f), None)
             self.columns = header or []
         if args.resume is not None:
+            self.recent_returns = keep_episodes_until(self.episodes_path, start_step)[-100:]
             print(f"resumed from step {start_step} ({self.run_dir})", flush=True)
         if args.track:
             import wandb
@@ -173,6 +190,11 @@ class RunLogger:
         returns = [float(r) for r, _ in episodes]
         lengths = [int(n) for _, n in episodes]
         self.recent_returns = (self.recent_returns + returns)[-100:]
+        new_file = not self.episodes_path.exists()
+        with open(self.episodes_path, "a", newline="") as f:
+            if new_file:
+                f.write("global_step,return,length\n")
+            f.writelines(f"{step},{r!r},{n}\n" for r, n in zip(returns, lengths))
         self.log(step, {"charts/episodic_return": float(np.mean(returns)),
                         "charts/episodic_length": float(np.mean(lengths))})
 
@@ -238,6 +260,8 @@ class RunLogger:
             "global_step": int(step),
             "wall_time_s": round(time.time() - self.start_time, 3),
             "sps": round(self.sps(step), 2),
+            # the metric CleanRL reports: mean raw return of the last 100 training episodes
+            "train_return_last100": float(np.mean(self.recent_returns)) if self.recent_returns else float("nan"),
             **to_floats(summary),
         }
         if not self.enabled:
