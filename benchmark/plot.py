@@ -7,7 +7,8 @@ Every run directory inside the launch directories (one with a config.json) is re
 one PNG with two panels, episodic return against environment steps and against wall-clock time: per
 script, the mean over seeds (line) and their min-max range (band), after a moving average over each run's
 episodes. The markdown table (per script and env: seeds, final deterministic eval return mean ± std over
-seeds, SPS, wall time) goes into benchmark/README.md, in the "Learning" section, between the markers
+seeds, mean of the last 100 training episodes, the published result where ANCHORS has one, SPS, wall
+time) goes into benchmark/README.md, in the "Learning" section, between the markers
 `<!-- learning:NAME:begin -->` and `<!-- learning:NAME:end -->`; the rest of the file is left as it is.
 """
 
@@ -109,14 +110,20 @@ def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> P
     by_script: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_script[run.script].append(run)
-    for script, script_runs in sorted(by_script.items()):
+    for i, (script, script_runs) in enumerate(sorted(by_script.items())):
+        color = f"C{i}"
         for ax, x_of in zip(axes, (lambda r: r.steps, lambda r: r.wall_time_s)):
             band = seed_band([(x_of(r), moving_average(r.returns, smoothing)) for r in script_runs])
             if band is None:
                 continue
             grid, mean, low, high = band
-            (line,) = ax.plot(grid, mean, label=f"{script} ({len(script_runs)} seeds)")
-            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.plot(grid, mean, color=color, label=f"{script} ({len(script_runs)} seeds)")
+            ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
+        anchor = ANCHORS.get((script, env_id))
+        finished = [r.summary["global_step"] for r in script_runs if r.summary]
+        if anchor is not None and finished:  # the published result, at the budget these runs trained for
+            axes[0].errorbar([max(finished)], [anchor[0]], yerr=[anchor[1]], fmt="*", markersize=12, capsize=4,
+                             color=color, label=f"{script}: {anchor[2].split(',')[0]}")
     axes[0].set_xlabel("environment steps")
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: step_label(x)))
     axes[1].set_xlabel("wall time (s)")
@@ -132,6 +139,21 @@ def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> P
     return path
 
 
+# Published results to compare with: (script, env) -> (mean, std, source and metric).
+CLEANRL_PPO = "CleanRL ppo_continuous_action, 1M steps, v4, last 100 training episodes, 3 seeds"
+TIANSHOU_SAC = "Tianshou SAC, 300k steps, v3, test return, 10 seeds"
+TD3_PAPER = "TD3 authors' curves, 300k steps, v1, evaluation, 10 seeds"
+ANCHORS: dict[tuple[str, str], tuple[float, float, str]] = {
+    ("ppo", "Hopper-v5"): (2382.9, 271.7, CLEANRL_PPO),
+    ("ppo", "HalfCheetah-v5"): (1442.6, 46.0, CLEANRL_PPO),
+    ("ppo", "Walker2d-v5"): (2288.0, 571.8, CLEANRL_PPO),
+    ("sac", "Hopper-v5"): (3388.0, 115.0, TIANSHOU_SAC),
+    ("sac", "HalfCheetah-v5"): (9059.0, 1051.0, TIANSHOU_SAC),
+    ("td3", "Hopper-v5"): (2410.0, 900.0, TD3_PAPER),
+    ("td3", "HalfCheetah-v5"): (7697.0, 727.0, TD3_PAPER),
+}
+
+
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
@@ -142,16 +164,28 @@ def results_table(runs: list[Run]) -> str:
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.env_id, run.script)].append(run)
-    lines = ["| env | script | seeds | steps | final eval return | SPS | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    anchored = any((script, env_id) in ANCHORS for env_id, script in groups)
+    lines = ["| env | script | seeds | steps | final eval return | last 100 training episodes |"
+             + (" published | published metric |" if anchored else "") + " SPS | wall time (s) |",
+             "|---|---|---|---|---|---|" + ("---|---|" if anchored else "") + "---|---|"]
     for (env_id, script), group in sorted(groups.items()):
         done = [r.summary for r in group if r.summary]
         steps = f"{int(np.mean([s['global_step'] for s in done]))}" if done else "-"
         sps = f"{np.mean([s['sps'] for s in done]):.0f}" if done else "-"
         wall = f"{np.mean([s['wall_time_s'] for s in done]):.0f}" if done else "-"
         final = _mean_std([s.get("final_eval_return", math.nan) for s in done])
-        lines.append(f"| {env_id} | {script} | {len(done)}/{len(group)} | {steps} | {final} | {sps} | {wall} |")
+        last100 = _mean_std([s.get("train_return_last100", math.nan) for s in done])
+        anchor = ""
+        if anchored:
+            mean, std, source = ANCHORS.get((script, env_id), (math.nan, math.nan, "-"))
+            anchor = f" {_fmt_anchor(mean, std)} | {source} |"
+        lines.append(f"| {env_id} | {script} | {len(done)}/{len(group)} | {steps} | {final} | {last100} |{anchor} "
+                     f"{sps} | {wall} |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_anchor(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.1f} ± {std:.1f}"
 
 
 def update_readme(text: str, name: str, body: str) -> str:

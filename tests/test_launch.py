@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, read_summary
 
 from common.launch import (
     Experiment,
@@ -337,3 +337,71 @@ def test_async_speed_rates_cover_the_training_window_only(tmp_path):
     rates = async_speed.window_rates(tmp_path, learning_starts=1000)
     assert rates.samples_per_s == pytest.approx(4000 / 8.0) and rates.updates_per_s == pytest.approx(1600 / 8.0)
     assert rates.total == pytest.approx(700.0)
+
+
+def test_learning_suite_resume_keeps_finished_runs_and_continues_the_interrupted_one(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    flags = ["--suite", "smoke", "--seeds", "2", "--max-parallel", "1", "--plot-dir", str(tmp_path / "plots"),
+             "--readme", str(tmp_path / "README.md"), "--", "--eval-episodes", "2", "--checkpoint-every-s", "0.2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = subprocess.run([sys.executable, "benchmark/learning.py", "--output-dir", str(whole), *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # Kill the launch outright while its second run is under way and has checkpointed.
+    proc = subprocess.Popen([sys.executable, "benchmark/learning.py", "--output-dir", str(cut), *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    interrupted = None
+    while interrupted is None and time.monotonic() < deadline and proc.poll() is None:
+        runs = sorted(d for d in cut.glob("*__*") if d.is_dir())
+        finished = [d for d in runs if (d / "summary.json").exists()]
+        started = [d for d in runs if (d / "checkpoint.pt").exists() and not (d / "summary.json").exists()]
+        if finished and started:
+            interrupted = started[0]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert interrupted is not None, "the launch never had a finished run and a checkpointed one at once"
+    time.sleep(1.0)  # the runs die with the launcher (parent-death signal)
+    kept = {d.name: (d / "summary.json").stat().st_mtime_ns for d in cut.glob("*/") if (d / "summary.json").exists()}
+    assert kept and interrupted.name not in kept
+
+    proc = subprocess.run([sys.executable, "benchmark/learning.py", "--resume", str(cut)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any(line.startswith("[launch] resume ") and interrupted.name in line for line in proc.stdout.splitlines())
+    for name, mtime in kept.items():  # finished runs are not run again
+        assert (cut / name / "summary.json").stat().st_mtime_ns == mtime
+    resumed_from = [int(line.split()[3]) for line in (interrupted / "stdout.log").read_text().splitlines()
+                    if line.startswith("resumed from step")]
+    assert len(resumed_from) == 1 and 0 < resumed_from[0] < 4096
+    summaries = {d.name: read_summary(d) for d in cut.glob("*/") if (d / "summary.json").exists()}
+    reference = {d.name: read_summary(d) for d in whole.glob("*/") if (d / "summary.json").exists()}
+    assert set(summaries) == set(reference) and len(summaries) == 4
+    for name in summaries:
+        assert summaries[name]["global_step"] == 4096
+        if name != interrupted.name:  # seeded runs that were not cut off end exactly as in the whole launch
+            assert summaries[name]["final_eval_return"] == reference[name]["final_eval_return"], name
+    assert "| CartPole-v1 | ppo | 2/2 | 4096 |" in (tmp_path / "README.md").read_text()
+
+
+def test_results_table_and_curves_name_the_published_anchor(tmp_path):
+    plot = load_benchmark("plot")
+    for seed, (final, last100) in enumerate([(2500.0, 2400.0), (2700.0, 2200.0)], start=1):
+        run_dir = tmp_path / "launch" / f"ppo__Hopper-v5__{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps({"env_id": "Hopper-v5", "seed": seed, "script": "ppo"}))
+        (run_dir / "progress.csv").write_text("global_step,wall_time_s,charts/episodic_return\n"
+                                              + "".join(f"{s},{s / 1000},{s / 400}\n" for s in range(0, 10**6, 10**4)))
+        (run_dir / "summary.json").write_text(json.dumps({
+            "global_step": 10**6, "sps": 1000.0, "wall_time_s": 1000.0, "final_eval_return": final,
+            "final_eval_return_std": 10.0, "train_return_last100": last100}))
+    body = plot.report([tmp_path / "launch"], "mujoco-cpu", tmp_path / "plots", tmp_path / "README.md")
+    row = next(line for line in body.splitlines() if line.startswith("| Hopper-v5 | ppo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:8] == ["2/2", "1000000", "2600.00 ± 100.00", "2300.00 ± 100.00", "2382.9 ± 271.7",
+                          plot.CLEANRL_PPO]
+    assert (tmp_path / "plots" / "mujoco-cpu_Hopper-v5.png").stat().st_size > 10_000
