@@ -73,7 +73,8 @@ class ReplayFeeder:
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
-        self.step = start_step
+        self.step = self.start_step = start_step
+        self.replay_restored = replay_state is not None
         self.steps_per_batch = horizon * args.n_envs
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
         max_lag_steps = max_lag_steps or max(4 * self.steps_per_batch, 1000)
@@ -113,6 +114,10 @@ class ReplayFeeder:
                   self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps),
         )
         self.process.start()
+
+    def first_update_step(self, learning_starts: int) -> int:
+        """The step of the first update: a run resumed without its replay refills it for `learning_starts` steps."""
+        return learning_starts if self.replay_restored else self.start_step + learning_starts
 
     def collect(self, timeout_s: float = 600.0) -> tuple[int, list[Episode]]:
         """Sync: sample one batch into replay. Async: wait for new sampled steps. Returns (step, episodes)."""

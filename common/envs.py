@@ -13,6 +13,7 @@ Atari stack, innermost first (DeepMind preprocessing):
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from collections.abc import Callable
@@ -233,37 +234,30 @@ class RecordEpisodes(gym.Wrapper):
             self.writer = None
 
 
-# Set by VideoEnvFn while its env_fn runs: the next make_env call records (video_dir, episodes).
-_video_request: tuple[Path, int] | None = None
-
-
 class VideoEnvFn:
     """An env_fn whose first env (in each process) records its first episodes; see `record_video`."""
 
-    def __init__(self, env_fn: Callable[[int], gym.Env], video_dir: str | Path, episodes: int):
+    def __init__(self, env_fn: Callable[..., gym.Env], video_dir: str | Path, episodes: int):
+        try:
+            inspect.signature(env_fn).bind(0, video_dir=video_dir, video_episodes=episodes)
+        except TypeError:
+            raise UsageError("cannot record a video: the env_fn takes no video_dir / video_episodes keywords; "
+                             "build the env with common.envs.make_env and pass them on to it") from None
         self.env_fn, self.video_dir, self.episodes = env_fn, Path(video_dir), episodes
         self.recorded = False
 
     def __call__(self, seed: int) -> gym.Env:
-        global _video_request
         if self.recorded:
             return self.env_fn(seed)
         self.recorded = True
-        _video_request = (self.video_dir, self.episodes)
-        try:
-            env = self.env_fn(seed)
-        finally:
-            pending, _video_request = _video_request, None
-        if pending is not None:
-            raise UsageError("cannot record a video: the env_fn does not build its env with common.envs.make_env")
-        return env
+        return self.env_fn(seed, video_dir=self.video_dir, video_episodes=self.episodes)
 
 
 def record_video(env_fn: Callable[[int], gym.Env], video_dir: str | Path | None,
                  episodes: int = 1) -> Callable[[int], gym.Env]:
     """`env_fn`, with its first env recording its first `episodes` episodes to mp4 files in `video_dir`.
 
-    `env_fn` is any function that builds its env with `make_env` (which picks the request up); with
+    `env_fn(seed, video_dir=..., video_episodes=...)` must pass both keywords on to `make_env`; with
     `video_dir=None` it is returned unchanged. Under `evaluate`, the first env is evaluation env 0.
     """
     return env_fn if video_dir is None else VideoEnvFn(env_fn, video_dir, episodes)
@@ -353,12 +347,9 @@ def make_env(
     uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping.
     `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. 4 frames).
     The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
-    With `video_dir` (or under `record_video`), its first `video_episodes` episodes are written to
-    `<video_dir>/seed<seed>-episode<k>.mp4`.
+    With `video_dir` (`record_video` passes it to the first env), its first `video_episodes` episodes are
+    written to `<video_dir>/seed<seed>-episode<k>.mp4`.
     """
-    global _video_request
-    if video_dir is None and _video_request is not None:
-        (video_dir, video_episodes), _video_request = _video_request, None
     if video_dir is not None:
         render_mode = "rgb_array"
         _headless_rendering_defaults()

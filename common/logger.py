@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from common import distributed
+from common.envs import UsageError
 
 CHECKPOINT = "checkpoint.pt"
 EPISODES = "episodes.csv"  # every finished training episode: global_step, raw return, length
@@ -64,6 +66,57 @@ def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@dataclass
+class Counters:
+    """The step counters of a run; a checkpoint saves them with the objects the script declares."""
+
+    global_step: int = 0
+    """environment steps, summed over environments"""
+    n_updates: int = 0
+    """gradient updates"""
+    updates_owed: float = 0.0
+    """updates that the replay ratio owes and that have not run yet"""
+
+
+def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
+    """What a checkpoint holds: the state of every declared object, the counters and the RNG states.
+
+    `trained` maps names to what the run trains: modules, optimizers, LR schedulers, replay buffers
+    (anything with `state_dict` / `load_state_dict`) and tensors (a learned temperature, say).
+    """
+    state = {name: obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
+             for name, obj in trained.items()}
+    return {**state, **dataclasses.asdict(counters), "rng": capture_rng_state()}
+
+
+def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], counters: Counters,
+                       device: torch.device | str = "cpu") -> dict | None:
+    """Load <run_dir>/checkpoint.pt into every declared object, the counters and the RNG states.
+
+    Returns the checkpoint, or None for a new run (`run_dir` None). Saved entries that `trained` does not
+    declare stay in the returned dict for the caller (a replay buffer that a sampling process loads).
+    """
+    if run_dir is None:
+        return None
+    checkpoint = load_checkpoint(run_dir, device)
+    if checkpoint is None:
+        raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} there yet; start the run afresh")
+    missing = [name for name in trained if name not in checkpoint]
+    if missing:
+        raise UsageError(f"--resume {run_dir}: the checkpoint has no {', '.join(missing)}; it was written by "
+                         "another script: resume it with that script")
+    for name, obj in trained.items():
+        if isinstance(obj, torch.Tensor):
+            with torch.no_grad():
+                obj.copy_(checkpoint[name])
+        else:
+            obj.load_state_dict(checkpoint[name])
+    for counter in dataclasses.fields(counters):
+        setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
+    restore_rng_state(checkpoint["rng"])
+    return checkpoint
 
 
 def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
@@ -240,16 +293,16 @@ class RunLogger:
         print(("\r" + line) if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint(self, state: Mapping[str, Any]) -> None:
-        """Save a checkpoint now (when --save-model)."""
+    def checkpoint(self, trained: Mapping[str, Any], counters: Counters) -> None:
+        """Save the declared objects, counters and RNG states now (when --save-model; rank 0 only)."""
         if self.args.save_model and self.enabled:
-            save_checkpoint(self.run_dir, state)
+            save_checkpoint(self.run_dir, checkpoint_state(trained, counters))
         self.last_checkpoint = time.time()
 
-    def maybe_checkpoint(self, make_state: Callable[[], Mapping[str, Any]]) -> None:
-        """Save a checkpoint if --checkpoint-every-s seconds have passed since the last one."""
+    def maybe_checkpoint(self, trained: Mapping[str, Any], counters: Counters) -> None:
+        """`checkpoint` if --checkpoint-every-s seconds have passed since the last one."""
         if self.enabled and self.args.save_model and time.time() - self.last_checkpoint >= self.args.checkpoint_every_s:
-            self.checkpoint(make_state())
+            self.checkpoint(trained, counters)
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
@@ -303,3 +356,45 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
         stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).cpu().tolist()
         values.update(zip(tensors, stacked))
     return values
+
+
+class Evaluation:
+    """A run's deterministic evaluation: every --eval-every steps, and once at the end into summary.json.
+
+    Whole episodes of the evaluation env under `policy_step(model, ..., deterministic=True, **policy_kwargs)`,
+    seeded by --seed. Only rank 0 evaluates (other ranks report NaN).
+    """
+
+    def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: Any,
+                 device: torch.device, start_step: int = 0, **policy_kwargs: Any):
+        self.args, self.env_fn, self.policy_step, self.model = args, env_fn, policy_step, model
+        self.device, self.policy_kwargs = device, policy_kwargs
+        self.next_step = (start_step // args.eval_every + 1) * args.eval_every if args.eval_every > 0 else None
+
+    def returns(self, video_dir: Path | None = None) -> list[float]:
+        """The returns of --eval-episodes episodes (the first recorded to `video_dir` when given)."""
+        from common.envs import record_video
+        from common.samplers import evaluate
+
+        if not distributed.is_main():
+            return []
+        env_fn = record_video(self.env_fn, video_dir)
+        return [e.ret for e in evaluate(env_fn, self.policy_step, self.model, self.args.eval_episodes,
+                                        self.args.seed, self.device, **self.policy_kwargs)]
+
+    def maybe_log(self, logger: RunLogger, step: int) -> None:
+        """Evaluate and log eval/episodic_return once `step` reaches the next multiple of --eval-every."""
+        if self.next_step is None or step < self.next_step:
+            return
+        self.next_step = (step // self.args.eval_every + 1) * self.args.eval_every
+        returns = self.returns()
+        if returns:
+            logger.log(step, {"eval/episodic_return": float(np.mean(returns))})
+
+    def finish(self, logger: RunLogger, step: int) -> dict:
+        """The final evaluation (recorded with --capture-video), logged and written into summary.json."""
+        final = self.returns(logger.video_dir)
+        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
+        if final:
+            logger.log(step, {"eval/episodic_return": mean})
+        return logger.finish(step, {"final_eval_return": mean, "final_eval_return_std": std})

@@ -1,0 +1,86 @@
+"""Building blocks shared by the Q-function policy-gradient scripts (ddpg.py, td3.py, sac.py).
+
+A critic ensemble with stacked weights, evaluated in one batched matmul per layer, the action scaling
+between the actor's [-1, 1] and the env's bounds, and the optimizer and compile helpers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialization, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, detach: bool = False, first: int | None = None) -> torch.Tensor:
+        """`first`: only the first members (x is then [first, B, in]); `detach`: no gradient to the weights."""
+        weight, bias = self.weight[:first], self.bias[:first]
+        if detach:
+            weight, bias = weight.detach(), bias.detach()
+        return torch.baddbmm(bias, x, weight)
+
+
+class Critics(nn.Module):
+    """`n` Q-functions Q(s, a), MLPs with stacked weights; `forward` returns [n, B] ([first, B] with `first`)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n: int = 2):
+        super().__init__()
+        self.n = n
+        sizes = [obs_dim + act_dim, hidden, hidden, 1]
+        self.layers = nn.ModuleList(EnsembleLinear(n, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False,
+                first: int | None = None) -> torch.Tensor:
+        """`detach`: no gradient reaches the critics' parameters (it still reaches `action`)."""
+        x = torch.cat([obs.float(), action], -1).expand(first or self.n, -1, -1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x, detach, first))
+        return self.layers[-1](x, detach, first).squeeze(-1)
+
+
+class ScaledActions(nn.Module):
+    """Base of the actors: they act in [-1, 1], and `to_env` / `from_env` map to and from the env's bounds."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray):
+        super().__init__()
+        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+
+    def to_env(self, action: torch.Tensor) -> torch.Tensor:
+        return self.action_bias + self.action_scale * action
+
+    def from_env(self, action: torch.Tensor) -> torch.Tensor:
+        return (action - self.action_bias) / self.action_scale
+
+    def uniform_action(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Uniformly random actions in [-1, 1] [batch_size, act_dim] (the warm-up before learning starts)."""
+        return torch.rand((batch_size,) + self.action_scale.shape, device=device) * 2.0 - 1.0
+
+
+def default_hidden_size(env) -> int:
+    """MuJoCo locomotion needs the usual 256 units; classic control learns as well, and faster, with 64."""
+    return 256 if "mujoco" in type(env.unwrapped).__module__ else 64
+
+
+def adam(params: Iterable, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with its fused kernel where torch has one (CUDA, CPU), else the foreach implementation."""
+    return torch.optim.Adam(params, lr=lr, **({"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}))
+
+
+def compile_fn(fn: Callable, compile: bool, cudagraphs: bool = False) -> Callable:
+    """torch.compile `fn` with `compile`; `cudagraphs` also captures it in CUDA graphs ('reduce-overhead')."""
+    if cudagraphs:
+        return torch.compile(fn, mode="reduce-overhead")
+    return torch.compile(fn) if compile else fn
