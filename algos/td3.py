@@ -13,7 +13,6 @@ weights, evaluated in one batched matmul per layer (torch.baddbmm).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,16 +20,16 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, record_video, require_continuous_actions
+from common.envs import make_env, observation_shape, require_continuous_actions
 from common.kernels import polyak_update
-from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
+from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size
 from common.replay import UniformReplayBuffer
-from common.samplers import evaluate
 
 
 @dataclass
@@ -71,76 +70,29 @@ class Args(CommonArgs, AsyncArgs):
     """CUDA only: capture the compiled losses in CUDA graphs (torch.compile mode 'reduce-overhead')"""
 
 
-class EnsembleLinear(nn.Module):
-    """`n` independent linear layers applied in one batched matmul: [n, B, in] -> [n, B, out]."""
-
-    def __init__(self, n: int, in_features: int, out_features: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialization, per member
-        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor, detach: bool = False, n: int | None = None) -> torch.Tensor:
-        weight, bias = self.weight[:n], self.bias[:n]
-        if detach:
-            weight, bias = weight.detach(), bias.detach()
-        return torch.baddbmm(bias, x, weight)
-
-
-class Critics(nn.Module):
-    """`n` Q-functions Q(s, a) with stacked weights; `forward` returns [n, B] ([first, B] with `first`)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n: int = 2):
-        super().__init__()
-        self.n = n
-        sizes = [obs_dim + act_dim, hidden, hidden, 1]
-        self.layers = nn.ModuleList(EnsembleLinear(n, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False,
-                first: int | None = None) -> torch.Tensor:
-        """`detach`: no gradient reaches the critics' parameters (it still reaches `action`)."""
-        x = torch.cat([obs.float(), action], -1).expand(first or self.n, -1, -1)
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x, detach, first))
-        return self.layers[-1](x, detach, first).squeeze(-1)
-
-
-class Actor(nn.Module):
+class Actor(ScaledActions):
     """Deterministic policy; actions are in [-1, 1] until `to_env` scales them to the env's bounds."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
-        super().__init__()
+        super().__init__(low, high)
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim),
         )
-        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
-        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs.float()))
-
-    def to_env(self, action: torch.Tensor) -> torch.Tensor:
-        return self.action_bias + self.action_scale * action
-
-    def from_env(self, action: torch.Tensor) -> torch.Tensor:
-        return (action - self.action_bias) / self.action_scale
 
 
 def policy_step(model: Actor, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 uniform: bool = False, exploration_noise: float = 0.0):
     """The actor's action plus clipped Gaussian noise (none when deterministic; uniform when `uniform`)."""
     if uniform and not deterministic:
-        action = torch.rand((obs.shape[0],) + model.action_scale.shape, device=obs.device) * 2.0 - 1.0
+        action = model.uniform_action(obs.shape[0], obs.device)
     else:
         action = model(obs)
         if not deterministic and exploration_noise > 0:
             action = (action + exploration_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
     return model.to_env(action), None, None
-
-
-def default_hidden_size(env) -> int:
-    """MuJoCo locomotion needs the usual 256 units; classic control learns as well, and faster, with 64."""
-    return 256 if "mujoco" in type(env.unwrapped).__module__ else 64
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
@@ -172,18 +124,6 @@ def td3_critic_loss(critics: Critics, target_critics: Critics, target_actor: Act
 def td3_actor_loss(actor: Actor, critics: Critics, obs):
     """Deterministic policy gradient through the first critic: -Q1(s, pi(s))."""
     return -critics(obs, actor(obs), detach=True, first=1).mean()
-
-
-def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with its fused kernel where torch has one (CUDA, CPU), else the foreach implementation."""
-    return torch.optim.Adam(params, lr=lr, **({"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}))
-
-
-def compile_fn(fn, args: Args):
-    """torch.compile `fn` with --compile; --cudagraphs also captures it in CUDA graphs."""
-    if args.cudagraphs:
-        return torch.compile(fn, mode="reduce-overhead")
-    return torch.compile(fn) if args.compile else fn
 
 
 def exploration(args: Args, step: int) -> dict:
@@ -219,52 +159,36 @@ def main(args: Args) -> dict:
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     actor_optimizer = adam(actor.parameters(), args.learning_rate, device)
     critic_optimizer = adam(critics.parameters(), args.learning_rate, device)
-    critic_loss_fn, actor_loss_fn = compile_fn(td3_critic_loss, args), compile_fn(td3_actor_loss, args)
+    critic_loss_fn = compile_fn(td3_critic_loss, args.compile, args.cudagraphs)
+    actor_loss_fn = compile_fn(td3_actor_loss, args.compile, args.cudagraphs)
 
-    global_step, n_updates, updates_owed = 0, 0, 0.0
-    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    if checkpoint is not None:
-        for name, module in [("actor", actor), ("critics", critics), ("target_actor", target_actor),
-                             ("target_critics", target_critics), ("actor_optimizer", actor_optimizer),
-                             ("critic_optimizer", critic_optimizer)]:
-            module.load_state_dict(checkpoint[name])
-        restore_rng_state(checkpoint["rng"])
-        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
-        updates_owed = checkpoint["updates_owed"]
-
+    # What a checkpoint saves and --resume restores, with the counters and the RNG states.
+    trained = dict(actor=actor, critics=critics, target_actor=target_actor, target_critics=target_critics,
+                   actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer)
+    count = Counters()
+    checkpoint = restore_checkpoint(args.resume, trained, count, device)
     feeder = ReplayFeeder(args, env_fn, policy_step, actor, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=global_step,
+                          exploration=partial(exploration, args), start_step=count.global_step,
                           replay_state=checkpoint.get("replay") if checkpoint else None)
     replay = feeder.replay
-
-    def state():
-        saved = {"actor": actor.state_dict(), "critics": critics.state_dict(),
-                 "target_actor": target_actor.state_dict(), "target_critics": target_critics.state_dict(),
-                 "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-                 "rng": capture_rng_state(), "global_step": global_step, "n_updates": n_updates,
-                 "updates_owed": updates_owed}
-        if args.checkpoint_replay:
-            saved["replay"] = replay.state_dict()
-        return saved
-
-    logger = RunLogger(args, "td3", args.total_timesteps, start_step=global_step)
-    # A run resumed without its replay buffer refills it (with its policy) before updating again.
-    refill = checkpoint is not None and "replay" not in checkpoint
-    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
-    next_eval = args.eval_every or None
+    if args.checkpoint_replay:
+        trained["replay"] = replay
+    learning_starts = feeder.first_update_step(args.learning_starts)
+    logger = RunLogger(args, "td3", args.total_timesteps, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
     update_timer, updates_timed = time.time(), 0
     actor_loss = torch.zeros((), device=device)
     try:
-        while global_step < args.total_timesteps:
-            previous_step = global_step
-            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
-            logger.log_episodes(global_step, episodes)
-            if global_step < learning_starts or len(replay) == 0:
+        while count.global_step < args.total_timesteps:
+            previous_step = count.global_step
+            count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
+            logger.log_episodes(count.global_step, episodes)
+            if count.global_step < learning_starts or len(replay) == 0:
                 continue
 
-            updates_owed += args.replay_ratio * (global_step - previous_step)
-            while updates_owed >= 1:
-                updates_owed -= 1
+            count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
+            while count.updates_owed >= 1:
+                count.updates_owed -= 1
                 if args.cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()  # a new update: earlier graph outputs may be reused
                 sample = buffer_to(replay.sample(args.batch_size), device)
@@ -272,37 +196,31 @@ def main(args: Args) -> dict:
                                                 args.noise_clip)
                 critic_optimizer.zero_grad(set_to_none=True)
                 q_loss.backward()
+                distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
                 critic_optimizer.step()
-                n_updates += 1
+                count.n_updates += 1
                 updates_timed += 1
-                if n_updates % args.policy_frequency == 0:
+                if count.n_updates % args.policy_frequency == 0:
                     actor_loss = actor_loss_fn(actor, critics, sample.observation)
                     actor_optimizer.zero_grad(set_to_none=True)
                     actor_loss.backward()
+                    distributed.all_reduce_gradients(actor.parameters())
                     actor_optimizer.step()
                     polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
                     polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
-                if n_updates % args.log_every_updates == 0:
+                if count.n_updates % args.log_every_updates == 0:
                     now = time.time()
-                    logger.log(global_step, {
+                    logger.log(count.global_step, {
                         "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
                         "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
             feeder.sync(actor)
+            evaluation.maybe_log(logger, count.global_step)
+            logger.maybe_checkpoint(trained, count)
+            logger.progress(count.global_step)
 
-            if next_eval is not None and global_step >= next_eval:
-                next_eval += args.eval_every
-                episodes_eval = evaluate(eval_env_fn, policy_step, actor, args.eval_episodes, args.seed, device)
-                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
-            logger.maybe_checkpoint(state)
-            logger.progress(global_step)
-
-        logger.checkpoint(state())
-        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
-        final = [e.ret for e in evaluate(eval_env_fn, policy_step, actor, args.eval_episodes, args.seed, device)]
-        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        logger.log(global_step, {"eval/episodic_return": mean})
-        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+        logger.checkpoint(trained, count)
+        return evaluation.finish(logger, count.global_step)
     finally:
         feeder.close()
         logger.close()
