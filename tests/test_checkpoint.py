@@ -1,0 +1,135 @@
+"""Checkpoints from one declaration: every declared object, the counters and the RNG states round-trip."""
+
+import math
+import random
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import load_script
+
+from common.envs import UsageError
+from common.logger import Counters, checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
+from common.networks import Critics
+
+
+def step_once(optimizer: torch.optim.Optimizer) -> None:
+    """One Adam step on a made-up loss, so that the optimizer has state to save."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad()
+    sum((p.float() - 0.5).square().sum() for p in params).backward()
+    optimizer.step()
+
+
+def ppo_family(seed: int) -> dict:
+    ppo = load_script("ppo")
+    torch.manual_seed(seed)
+    space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    model = ppo.ActorCritic(3, space, 16, norm_obs=True)
+    model.obs_norm.update(torch.randn(32, 3) * seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, eps=1e-5)
+    step_once(optimizer)
+    reward_scaler = ppo.RewardScaler(4, 0.99)
+    reward_scaler(torch.rand(5, 4) * seed, torch.zeros(5, 4, dtype=torch.bool))
+    return dict(model=model, optimizer=optimizer, reward_scaler=reward_scaler)
+
+
+def dqn_family(seed: int) -> dict:
+    dqn = load_script("dqn")
+    torch.manual_seed(seed)
+    q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=1e-3)
+    step_once(optimizer)
+    return dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
+
+
+def sac_family(seed: int) -> dict:
+    sac = load_script("sac")
+    torch.manual_seed(seed)
+    actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
+    critics, target_critics = Critics(3, 1, 16), Critics(3, 1, 16)
+    log_alpha = torch.tensor(math.log(0.2) * seed, requires_grad=True)
+    critic_optimizer = torch.optim.Adam(critics.parameters(), lr=1e-3)
+    actor_optimizer = torch.optim.Adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": 1e-3}], lr=3e-4)
+    step_once(critic_optimizer)
+    step_once(actor_optimizer)
+    return dict(actor=actor, critics=critics, target_critics=target_critics, log_alpha=log_alpha,
+                critic_optimizer=critic_optimizer, actor_optimizer=actor_optimizer)
+
+
+def flat_state(obj) -> list:
+    """Every tensor and number in an object's state, in a fixed order."""
+    state = obj.detach() if isinstance(obj, torch.Tensor) else obj.state_dict()
+
+    def walk(x):
+        if isinstance(x, dict):
+            return [item for key in sorted(x, key=str) for item in walk(x[key])]
+        if isinstance(x, (list, tuple)):
+            return [item for value in x for item in walk(value)]
+        return [x]
+
+    return walk(state)
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", [ppo_family, dqn_family, sac_family], ids=["policy-gradient", "deep-q", "qpg"])
+def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, family):
+    saved = family(seed=1)
+    counters = Counters(global_step=12_345, n_updates=678, updates_owed=0.75)
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path, checkpoint_state(saved, counters))
+    draws = (torch.rand(4), np.random.rand(4), random.random())
+
+    restored, restored_counters = family(seed=2), Counters()
+    for name in saved:  # the two builds differ before the restore, so the comparison below can fail
+        assert not same(flat_state(saved[name]), flat_state(restored[name])), name
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    checkpoint = restore_checkpoint(tmp_path, restored, restored_counters)
+
+    for name in saved:
+        assert same(flat_state(saved[name]), flat_state(restored[name])), name
+    assert restored_counters == counters
+    assert torch.equal(torch.rand(4), draws[0]) and np.array_equal(np.random.rand(4), draws[1])
+    assert random.random() == draws[2]
+    assert set(checkpoint) == set(saved) | {"global_step", "n_updates", "updates_owed", "rng"}
+    # The restored optimizer steps the restored parameters (not the ones it was built with).
+    optimizer = next(obj for obj in restored.values() if isinstance(obj, torch.optim.Optimizer))
+    before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+    step_once(optimizer)
+    after = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_restore_names_what_the_checkpoint_lacks(tmp_path):
+    save_checkpoint(tmp_path, checkpoint_state(dqn_family(seed=1), Counters()))
+    with pytest.raises(UsageError, match="has no actor"):
+        restore_checkpoint(tmp_path, {"actor": torch.nn.Linear(2, 2)}, Counters())
+    with pytest.raises(UsageError, match="no checkpoint.pt"):
+        restore_checkpoint(tmp_path / "missing", {}, Counters())
+    assert restore_checkpoint(None, {}, Counters()) is None
+
+
+@pytest.mark.parametrize("script, flags, declared", [
+    ("ppo", ["--total-timesteps", "1024"], {"model", "optimizer", "reward_scaler"}),
+    ("dqn", ["--total-timesteps", "700", "--learning-starts", "500", "--replay-ratio", "1", "--checkpoint-replay"],
+     {"q_net", "target_net", "optimizer", "replay"}),
+    ("sac", ["--env-id", "Pendulum-v1", "--total-timesteps", "1100", "--learning-starts", "1000"],
+     {"actor", "critics", "target_critics", "log_alpha", "critic_optimizer", "actor_optimizer"}),
+])
+def test_a_run_checkpoints_what_its_script_declares(run_in, script, flags, declared):
+    _, run_dir, summary = run_in(script, *flags, "--eval-episodes", "1")
+    checkpoint = load_checkpoint(run_dir)
+    assert set(checkpoint) == declared | {"global_step", "n_updates", "updates_owed", "rng"}
+    assert checkpoint["global_step"] == summary["global_step"] == int(flags[flags.index("--total-timesteps") + 1])
+    if script != "ppo":  # one update per step from step learning_starts on, that step included
+        learning_starts = int(flags[flags.index("--learning-starts") + 1])
+        assert checkpoint["n_updates"] == checkpoint["global_step"] - learning_starts + 1
