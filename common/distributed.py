@@ -1,10 +1,10 @@
 """Synchronous data-parallel training: N full replicas, gradients averaged after every backward pass.
 
 Each replica (process) has its own sampler and environments (seeds offset by rank) and computes the loss
-on its own batch. Joining the group registers a global optimizer pre-step hook that all-reduces the
-gradients of the parameters being stepped, so every optimizer of every script takes the mean-gradient
-step on every rank, with no change to the script; replicas start identical because every rank seeds
-torch with the same seed before building its networks (`broadcast_parameters` is there for models built
+on its own batch. Every script calls `all_reduce_gradients` in its update, between `backward()` and
+gradient clipping / `optimizer.step()`, so every rank clips and steps the mean gradient, which is what one
+process computes on the union of the batches; replicas start identical because every rank seeds torch
+with the same seed before building its networks (`broadcast_parameters` is there for models built
 otherwise). Running observation statistics merge the batches of all ranks. Only rank 0 logs, evaluates
 and checkpoints; episode statistics are gathered from every rank.
 
@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -67,13 +66,6 @@ def init(device_type: str, timeout_s: float = 300.0) -> None:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    if world_size() > 1:
-        register_optimizer_step_pre_hook(_average_gradients_before_step)
-
-
-def _average_gradients_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Global optimizer pre-step hook: every optimizer of every script steps on rank-averaged gradients."""
-    all_reduce_gradients(p for group in optimizer.param_groups for p in group["params"])
 
 
 def shutdown() -> None:
