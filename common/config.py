@@ -66,7 +66,10 @@ class SamplerArgs:
     n_workers: int = 2
     """worker processes of the parallel samplers (ignored by serial)"""
     n_gpus: int = 0
-    """number of GPUs to train on (0: use --device as it is)"""
+    """data-parallel training on this many GPUs, one process each (NCCL); 0: one process on --device"""
+    n_procs: int = 0
+    """data-parallel training in this many local processes on --device (gloo on CPU); --n-gpus N is the
+    same with one GPU per process"""
     cpu_affinity: bool = False
     """pin each sampler worker to one CPU core"""
     start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
@@ -128,7 +131,7 @@ def resolve_device(args: CommonArgs) -> torch.device:
     if args.n_gpus > n_visible:
         raise UsageError(
             f"--n-gpus {args.n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus"
-            + (" or use --device cpu" if n_visible == 0 else "")
+            + (", or train in N local processes on the CPU with --n-procs N --device cpu" if n_visible == 0 else "")
         )
     if args.device == "cuda" or args.n_gpus > 0:
         if n_visible == 0:
@@ -139,8 +142,16 @@ def resolve_device(args: CommonArgs) -> torch.device:
     return torch.device("cpu")
 
 
-def validate(args: CommonArgs) -> None:
-    """Check the shared flags against each other; raise UsageError naming the problem and the fix."""
+def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
+    """Check the shared flags against each other; raise UsageError naming the problem and the fix.
+
+    A parallel sampler whose --n-envs was not given rounds the script's default up to a multiple of its
+    workers (x 2 groups for alternating-gpu), and says so.
+    """
+    if args.n_gpus < 0 or args.n_procs < 0 or (args.n_gpus and args.n_procs):
+        raise UsageError("give either --n-gpus N (one GPU per process) or --n-procs N (processes on --device), "
+                         "not both, and neither negative")
+    resolve_device(args)  # a missing GPU is the first thing to report
     if args.n_envs < 1:
         raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
     if args.total_timesteps < 1:
@@ -149,11 +160,16 @@ def validate(args: CommonArgs) -> None:
         if args.n_workers < 1:
             raise UsageError(f"--n-workers must be at least 1, got {args.n_workers}")
         groups = 2 if args.sampler == "alternating-gpu" else 1
-        if args.n_envs % (args.n_workers * groups) != 0:
+        multiple = args.n_workers * groups
+        if args.n_envs % multiple != 0 and not n_envs_given:
+            default, args.n_envs = args.n_envs, -(-args.n_envs // multiple) * multiple
+            print(f"--n-envs {args.n_envs}: the default {default} rounded up to a multiple of --n-workers "
+                  f"{args.n_workers}" + (" x 2 alternating groups" if groups == 2 else ""), flush=True)
+        if args.n_envs % multiple != 0:
             raise UsageError(
                 f"--n-envs {args.n_envs} does not split evenly over --n-workers {args.n_workers}"
                 + (" in two alternating groups" if groups == 2 else "")
-                + f": use a multiple of {args.n_workers * groups}"
+                + f": use a multiple of {multiple}"
             )
     if args.eval_episodes < 0:
         raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
@@ -177,7 +193,9 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
         env = args.env_id.replace("/", "-").replace(":", "-")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.run_name = f"{script_name()}__{env}__{args.seed}__{stamp}-{os.getpid()}"
-    validate(args)
+    argv = sys.argv[1:] if argv is None else argv
+    validate(args, n_envs_given=args.resume is not None or any(a.split("=")[0] in ("--n-envs", "--n_envs")
+                                                                 for a in argv))
     return args
 
 
@@ -185,9 +203,9 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
     """Parse flags and call `main(args)`; bad input ends with `error: ...` on stderr and exit code 2."""
     try:
         args = parse_args(args_cls, argv)
-        if args.n_gpus > 1 and not distributed.launched():
-            resolve_device(args)  # one-line error when fewer GPUs are visible
-            sys.exit(distributed.spawn_local(args.n_gpus))
+        n_ranks = max(args.n_gpus, args.n_procs)
+        if n_ranks > 1 and not distributed.launched():
+            sys.exit(distributed.spawn_local(n_ranks))
         main(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
