@@ -48,7 +48,16 @@ import torch.multiprocessing as mp
 
 from common import distributed
 from common.namedarraytuple import buffer_from_example
-from common.samplers import EnvGroup, Episode, SamplerError, make_sampler, samples_example
+from common.samplers import (
+    REPLICA_STREAM,
+    SAMPLING_PROCESS_STREAM,
+    EnvGroup,
+    Episode,
+    SamplerError,
+    make_sampler,
+    samples_example,
+    seed_worker,
+)
 
 POLL_S = 0.001
 STEP, VERSION, STOP, CONSUMED = 0, 1, 2, 3
@@ -91,7 +100,11 @@ class ReplayFeeder:
                 raise
             return
         seed = distributed.replica_seed(seed)  # here: the sampling process has no rank for make_sampler to add
+        if distributed.rank() > 0:  # as make_sampler does: the replay minibatches of each rank are its own
+            seed_worker(seed, REPLICA_STREAM)
         device = next(model.parameters()).device
+        # parallel-gpu / alternating-gpu run the sampling process's inference on --device; the others on CPU.
+        self.inference_device = device if args.sampler in ("parallel-gpu", "alternating-gpu") else torch.device("cpu")
         probe = EnvGroup(env_fn, [seed])
         try:
             self.example = samples_example(probe, policy_step, model, device)
@@ -111,7 +124,8 @@ class ReplayFeeder:
         self.process = ctx.Process(
             target=sampling_main, daemon=False, name="rlsolo-async-sampler",
             args=(args, env_fn, policy_step, self.shared_model, self.replay, self.append, horizon, exploration, seed,
-                  self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps),
+                  self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps,
+                  self.inference_device),
         )
         self.process.start()
 
@@ -186,15 +200,19 @@ def append_batch(replay: Any, batch: Any) -> None:
 def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_model: torch.nn.Module, replay: Any,
                   append: Callable[[Any, Any], None], horizon: int, exploration: Callable[[int], dict], seed: int,
                   counters: torch.Tensor, lock: Any, episodes_out: Any, errors: Any, parent_pid: int,
-                  max_lag_steps: int) -> None:
-    """The sampling process: collect batches with any sampler kind and append them to the shared replay."""
+                  max_lag_steps: int, device: torch.device) -> None:
+    """The sampling process: collect batches with any sampler kind and append them to the shared replay.
+
+    Its generators are seeded by `seed` (the run's seed and rank), its inference runs on `device`, and its
+    copy of the policy is refreshed from `shared_model` whenever the optimizer publishes new parameters.
+    """
     torch.set_num_threads(1)
+    seed_worker(seed, SAMPLING_PROCESS_STREAM)
     sampler = None
     try:
-        model = copy.deepcopy(shared_model)
+        model = copy.deepcopy(shared_model).to(device)
         version = -1
-        sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed,
-                               device=torch.device("cpu"))
+        sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed, device=device)
         batches = [buffer_from_example(sampler.example, (horizon, args.n_envs)) for _ in range(2)]
         ready = [threading.Semaphore(0), threading.Semaphore(0)]
         free = [threading.Semaphore(1), threading.Semaphore(1)]

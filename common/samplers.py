@@ -463,8 +463,13 @@ def step_envs_only(slices: list[EnvSlice], horizon: int, watch: MainWatch) -> No
                 envs.obs_ready.release()
 
 
+# Streams of `seed_worker` besides the workers' own (their index): a data-parallel rank's main process
+# (rank > 0) and an asynchronous sampling process.
+REPLICA_STREAM, SAMPLING_PROCESS_STREAM = 1 << 30, (1 << 30) + 1
+
+
 def seed_worker(seed: int, index: int) -> None:
-    """Give each worker its own random streams (policy sampling), derived from the run seed."""
+    """Give a process its own random streams (policy sampling, exploration), derived from the seed and `index`."""
     low, high = np.random.SeedSequence([seed & (2**64 - 1), index]).generate_state(2)
     random.seed(int(low))
     np.random.seed(int(low))
@@ -807,10 +812,14 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
     """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps.
 
     `device` (default: the model's) is where the main process runs the policy (serial, parallel-gpu,
-    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`.
+    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`. Under
+    data-parallel training, every rank but rank 0 reseeds its generators here by (seed, rank): the
+    networks were built identically from one seed, and from now on each rank explores on its own.
     """
     device = device if device is not None else next(model.parameters()).device
     seed = distributed.replica_seed(args.seed if seed is None else seed)
+    if distributed.rank() > 0:
+        seed_worker(seed, REPLICA_STREAM)
     if args.sampler == "serial":
         return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device, eval_env_fn)
     if args.sampler in PARALLEL_KINDS:

@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -131,3 +133,54 @@ def test_two_node_rendezvous_on_localhost(tmp_path):
                 node.kill()
     assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
     assert json.loads((tmp_path / "two-node" / "summary.json").read_text())["global_step"] >= 1024
+
+
+def _exploration_rank_main(rank, world, port, queue):
+    from types import SimpleNamespace
+
+    from common.envs import make_env
+    from common.samplers import make_sampler
+
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        distributed.init("cpu")
+    torch.set_num_threads(1)
+    torch.manual_seed(1)  # what setup() does on every rank
+    model = make_model()
+    args = SimpleNamespace(seed=1, sampler="serial", n_envs=2)
+    env_fn = partial(make_env, "tests.memory_envs:ConstantReward-v0")
+    sampler = make_sampler(args, env_fn, _uniform_policy_step, model, horizon=5)
+    batch, _ = sampler.collect()
+    sampler.close()
+    queue.put((rank, batch.action.numpy().copy(), [p.detach().numpy().copy() for p in model.parameters()]))
+    distributed.shutdown()
+
+
+def _uniform_policy_step(model, obs, prev_action, prev_reward, rnn_state, deterministic=False):
+    """Random numbers from the process's global generator as actions (the env ignores them)."""
+    return torch.randint(0, 2**20, (obs.shape[0],)), None, None
+
+
+def _run_ranks(world):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = distributed.free_port()
+    procs = [ctx.Process(target=_exploration_rank_main, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        return dict((r, (a, params)) for r, a, params in (queue.get(timeout=120) for _ in range(world)))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def test_ranks_explore_with_their_own_generators_and_rank_0_keeps_the_single_process_stream():
+    first, again, single = _run_ranks(2), _run_ranks(2), _run_ranks(1)
+    assert not np.array_equal(first[0][0], first[1][0])  # the two ranks' warm-up actions differ
+    assert np.array_equal(first[0][0], again[0][0]) and np.array_equal(first[1][0], again[1][0])  # seeded
+    assert np.array_equal(first[0][0], single[0][0])  # rank 0 draws what a single process draws
+    assert all(np.array_equal(a, b) for a, b in zip(first[0][1], first[1][1]))  # identical networks
