@@ -201,3 +201,17 @@ def test_r2d1_async_sampling_trains_on_sequences(run_in):
     losses = [float(r["losses/td_loss"]) for r in rows if r["losses/td_loss"]]
     returns = [float(r["charts/episodic_return"]) for r in rows if r["charts/episodic_return"]]
     assert len(losses) >= 5 and all(math.isfinite(x) for x in losses) and returns, (losses, returns)
+
+
+def test_async_sampling_process_is_seeded(run_in):
+    # No update ever reaches the sampler (learning starts after the run): two runs with one seed draw the
+    # same actions, and another seed draws others.
+    flags = ["--async-sampling", "--env-id", "Pendulum-v1", "--total-timesteps", "600", "--learning-starts", "5000",
+             "--buffer-size", "4000", "--checkpoint-replay", "--eval-episodes", "0"]
+    actions = []
+    for name, seed in (("first", "1"), ("second", "1"), ("other", "2")):
+        _, run_dir, _ = run_in("sac", *flags, "--seed", seed, run_name=name)
+        replay = torch.load(run_dir / "checkpoint.pt", weights_only=True)["replay"]
+        actions.append(replay["action"][:600])
+    assert actions[0].abs().sum() > 0 and torch.equal(actions[0], actions[1])
+    assert not torch.equal(actions[0], actions[2])
