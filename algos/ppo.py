@@ -261,7 +261,8 @@ def main(args: Args) -> dict:
                     distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
                     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and stats[3] > args.target_kl:
+                # Data-parallel ranks stop together: on the mean KL over ranks.
+                if args.target_kl is not None and distributed.all_reduce_mean(stats[3]) > args.target_kl:
                     break
             if args.norm_obs:
                 # After the update, so that the batch was collected and optimised with the same statistics.

@@ -20,6 +20,7 @@ works for any loss code (functional calls, vmap over stacked critics) without wr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -146,6 +147,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """preexec_fn of a local rank: SIGKILL it when the launching process dies, so that no rank is orphaned."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def spawn_local(n_processes: int, argv: Sequence[str] | None = None, poll_s: float = 0.2) -> int:
     """Run this script as `n_processes` local ranks with torchrun's environment; return the exit code.
 
@@ -157,7 +164,7 @@ def spawn_local(n_processes: int, argv: Sequence[str] | None = None, poll_s: flo
     for r in range(n_processes):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n_processes),
                "LOCAL_WORLD_SIZE": str(n_processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, preexec_fn=_die_with_parent))
     code = 0
     try:
         while any(p.poll() is None for p in procs):

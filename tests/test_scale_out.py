@@ -53,3 +53,10 @@ def test_n_procs_runs_the_local_data_parallel_launcher_on_cpu(tmp_path, script, 
 def test_n_gpus_and_n_procs_together_are_refused():
     proc = run_script("ppo", "--n-gpus", "1", "--n-procs", "2", check=False, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--n-procs" in proc.stderr
+
+
+def test_target_kl_stops_every_rank_at_the_same_epoch(tmp_path):
+    # A KL target so small that the early stop fires; ranks deciding apart would hang in the next collective.
+    proc = run_script("ppo", "--n-procs", "2", "--device", "cpu", "--total-timesteps", "8192", "--target-kl", "1e-4",
+                      "--eval-episodes", "1", "--output-dir", str(tmp_path), "--run-name", "kl", timeout=300)
+    assert read_summary(tmp_path / "kl")["global_step"] == 8192, proc.stdout[-2000:]
