@@ -2,9 +2,12 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +187,73 @@ def test_ranks_explore_with_their_own_generators_and_rank_0_keeps_the_single_pro
     assert np.array_equal(first[0][0], again[0][0]) and np.array_equal(first[1][0], again[1][0])  # seeded
     assert np.array_equal(first[0][0], single[0][0])  # rank 0 draws what a single process draws
     assert all(np.array_equal(a, b) for a, b in zip(first[0][1], first[1][1]))  # identical networks
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if b"algos/ppo.py" not in cmdline:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_ends_the_whole_run_and_resume_continues(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = ["algos/ppo.py", "--device", "cpu", "--sampler", "parallel-cpu", "--n-envs", "4", "--total-timesteps",
+           "40000", "--checkpoint-every-s", "1", "--eval-episodes", "1", "--output-dir", str(tmp_path),
+           "--run-name", "r"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(distributed.free_port()), *run], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "r" / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "r" / "checkpoint.pt").exists(), "no checkpoint within 300 s"
+        family = _descendants(proc.pid)
+        rank1 = next(pid for pid in family if _rank_of(pid) == "1")
+        os.kill(rank1, signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = proc.wait(timeout=60)
+        assert code != 0 and time.monotonic() - killed_at < 30
+        time.sleep(2.0)  # sampler workers notice their rank is gone
+        assert not [pid for pid in family if _alive(pid)], "processes of the run outlived it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["global_step"]
+    resumed = torchrun("--nproc-per-node", "2", "--master-port", str(distributed.free_port()), "algos/ppo.py",
+                       "--resume", str(tmp_path / "r"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stdout
+    final_step = json.loads((tmp_path / "r" / "summary.json").read_text())["global_step"]
+    assert 40000 <= final_step < 40000 + 4 * 128 * 2 and (final_step - step) % 512 == 0  # whole batches from `step`
