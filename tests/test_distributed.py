@@ -258,3 +258,128 @@ def test_a_rank_killed_ends_the_whole_run_and_resume_continues(tmp_path):
     final_step = json.loads((tmp_path / "r" / "summary.json").read_text())["global_step"]
     batch = 4 * 64  # --n-envs x the CartPole preset's --num-steps
     assert 40000 <= final_step < 40000 + batch and (final_step - step) % batch == 0  # whole batches from `step`
+
+
+# ---- Two ranks on halves of a fixed batch against one process on the whole, with clipping that fires ----
+
+HALF, UPDATES, MAX_GRAD_NORM = 32, 4, 0.05
+
+
+def _batch(family: str) -> dict:
+    """A fixed batch of 2 x HALF samples with the fields the family's loss reads."""
+    gen = torch.Generator().manual_seed(5)
+    n = 2 * HALF
+    if family == "ppo":
+        return {"obs": torch.randn(n, 4, generator=gen), "action": torch.randint(0, 2, (n,), generator=gen),
+                "old_log_prob": -torch.rand(n, generator=gen) - 0.5, "advantage": torch.randn(n, generator=gen),
+                "returns": torch.randn(n, generator=gen), "old_value": torch.randn(n, generator=gen)}
+    obs_dim, act = (4, torch.randint(0, 2, (n,), generator=gen)) if family == "dqn" else \
+        (3, torch.rand(n, 1, generator=gen) * 4 - 2)
+    return {"observation": torch.randn(n, obs_dim, generator=gen), "action": act,
+            "bootstrap_observation": torch.randn(n, obs_dim, generator=gen),
+            "n_step_return": torch.randn(n, generator=gen), "discount": torch.full((n,), 0.99),
+            "weight": torch.ones(n)}
+
+
+def _deterministic_noise(like: torch.Tensor) -> torch.Tensor:
+    """Stand-in for torch.randn_like: a function of each row's values, so a sample's noise does not depend on
+    where it sits in the batch (one process on the whole batch draws what the two ranks draw on their halves)."""
+    return torch.sin(1000.0 * like.detach().sum(-1, keepdim=True) + torch.arange(like.shape[-1]))
+
+
+def _update(family: str, rank: int | None) -> list[torch.Tensor]:
+    """UPDATES steps of the family's script update (loss, backward, all-reduce, clip, step); the parameters.
+
+    Plain SGD: Adam would turn float rounding in near-zero gradients into steps of its full learning rate.
+    """
+    randn_like = torch.randn_like
+    try:
+        return _update_sgd(family, rank)
+    finally:
+        torch.randn_like = randn_like
+
+
+def _update_sgd(family: str, rank: int | None) -> list[torch.Tensor]:
+    from types import SimpleNamespace
+
+    from conftest import load_script
+
+    batch = _batch(family)
+    if rank is not None:
+        batch = {k: v[rank * HALF:(rank + 1) * HALF] for k, v in batch.items()}
+    torch.manual_seed(0)
+    if family == "ppo":
+        ppo = load_script("ppo")
+        model = ppo.ActorCritic(4, __import__("gymnasium").spaces.Discrete(2), 16, norm_obs=False)
+        args = SimpleNamespace(clip_coef=0.2, norm_adv=False, clip_vloss=True, ent_coef=0.01, vf_coef=0.5)
+        optimizers = [(torch.optim.SGD(model.parameters(), lr=0.5), model.parameters,
+                       lambda: ppo.ppo_loss(model, *batch.values(), args)[0])]
+    elif family == "dqn":
+        dqn = load_script("dqn")
+        q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+        model, sample = q_net, SimpleNamespace(**batch)
+        optimizers = [(torch.optim.SGD(q_net.parameters(), lr=0.5), q_net.parameters,
+                       lambda: dqn.td_loss(q_net, target_net, sample, True)[0])]
+    else:
+        sac = load_script("sac")
+        torch.randn_like = _deterministic_noise
+        actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
+        critics, target_critics = sac.Critics(3, 1, 16), sac.Critics(3, 1, 16)
+        log_alpha = torch.tensor(-1.0, requires_grad=True)
+        model, sample = torch.nn.ModuleList([actor, critics]), SimpleNamespace(**batch)
+        optimizers = [
+            (torch.optim.SGD(critics.parameters(), lr=0.5), critics.parameters,
+             lambda: sac.soft_q_loss(critics, target_critics, actor, log_alpha, sample)[0]),
+            (torch.optim.SGD([*actor.parameters(), log_alpha], lr=0.5), lambda: [*actor.parameters(), log_alpha],
+             lambda: sac.actor_and_alpha_loss(actor, critics, log_alpha, sample.observation, -1.0)[0]),
+        ]
+    clipped = 0
+    for _ in range(UPDATES):
+        for optimizer, parameters, loss in optimizers:
+            optimizer.zero_grad()
+            loss().backward()
+            distributed.all_reduce_gradients(parameters())
+            clipped += float(torch.nn.utils.clip_grad_norm_(parameters(), MAX_GRAD_NORM)) > MAX_GRAD_NORM
+            optimizer.step()
+    assert clipped > 0  # the clipping fired, so its order relative to the averaging matters
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _equality_rank_main(rank, port, family, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    queue.put((rank, [p.numpy() for p in _update(family, rank)]))
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("family", ["ppo", "dqn", "sac"])
+def test_two_ranks_with_clipping_equal_one_process_on_the_whole_batch(family):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = distributed.free_port()
+    procs = [ctx.Process(target=_equality_rank_main, args=(r, port, family, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        ranks = dict(queue.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    reference = _update(family, None)
+    for rank in range(2):
+        for got, want in zip(ranks[rank], reference):
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "algos").glob("*.py")))
+def test_every_script_averages_gradients_before_clipping_and_stepping(script):
+    lines = (ROOT / "algos" / f"{script}.py").read_text().splitlines()
+    backward = [i for i, line in enumerate(lines) if ".backward()" in line]
+    assert backward
+    for i in backward:
+        after = lines[i + 1:i + 4]
+        assert "distributed.all_reduce_gradients(" in after[0], f"{script}.py:{i + 2}: {after[0].strip()}"
