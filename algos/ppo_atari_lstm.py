@@ -303,8 +303,8 @@ def main(args: Args) -> dict:
                     distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
                     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and stats[3] > args.target_kl:
-                    break
+                if args.target_kl is not None and distributed.all_reduce_mean(stats[3]) > args.target_kl:
+                    break  # on the KL averaged over data-parallel ranks: they stop at the same epoch
             if args.norm_obs:  # after the update: the batch was collected and optimised with the same statistics
                 model.obs_norm.update(batch.observation)
             sampler.sync(model)
