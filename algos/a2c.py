@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
+from common import distributed
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, record_video
+from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
-from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
-from common.samplers import evaluate, make_sampler
+from common.samplers import make_sampler
 
 
 @dataclass
@@ -114,9 +115,12 @@ def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, de
     return action, AgentInfo(model.log_prob(dist, action), model.value(obs)), None
 
 
-def make_a2c_env(env_id: str, seed: int, training: bool = True) -> gym.Env:
-    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
-    env = make_env(env_id, seed, training=training)
+def make_a2c_env(env_id: str, seed: int, training: bool = True, **video) -> gym.Env:
+    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded).
+
+    `video` (video_dir, video_episodes) goes on to make_env: common.envs.record_video records through it.
+    """
+    env = make_env(env_id, seed, training=training, **video)
     return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
 
 
@@ -176,29 +180,21 @@ def main(args: Args) -> dict:
                                     eps=args.rmsprop_eps, foreach=True)
     loss_fn = torch.compile(a2c_loss) if args.compile else a2c_loss
 
-    global_step, n_updates = 0, 0
-    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"])
-        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
-
-    def state():
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-                "global_step": global_step, "n_updates": n_updates}
-
-    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step)
-    logger = RunLogger(args, "a2c", args.total_timesteps, start_step=global_step)
+    # What a checkpoint saves and --resume restores, with the counters and the RNG states.
+    trained = dict(model=model, optimizer=optimizer)
+    count = Counters()
+    restore_checkpoint(args.resume, trained, count, device)
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
+    logger = RunLogger(args, "a2c", args.total_timesteps, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
     batch_size = args.n_envs * args.num_steps
-    next_eval = args.eval_every or None
     try:
-        while global_step < args.total_timesteps:
+        while count.global_step < args.total_timesteps:
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - count.global_step / args.total_timesteps)
             batch, episodes = sampler.collect()
-            global_step += batch_size
-            logger.log_episodes(global_step, episodes)
+            count.global_step += batch_size
+            logger.log_episodes(count.global_step, episodes)
 
             batch = buffer_to(batch, device)
             value = batch.agent_info.value
@@ -211,36 +207,30 @@ def main(args: Args) -> dict:
                                   flat(returns), args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm, foreach=True)
             optimizer.step()
-            n_updates += 1
+            count.n_updates += 1
             sampler.sync(model)
 
-            if n_updates % args.log_every_updates == 0:
+            if count.n_updates % args.log_every_updates == 0:
                 policy_loss, value_loss, entropy, old_log_prob = stats
                 with torch.no_grad():  # how far this update moved the policy on its own batch
                     new_log_prob = model.log_prob(model.distribution(flat(batch.observation)), flat(batch.action))
                     log_ratio = new_log_prob - old_log_prob
                     approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
-                logger.log(global_step, {
+                logger.log(count.global_step, {
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
                     "losses/approx_kl": approx_kl,
                     "losses/explained_variance": explained_variance(flat(value), flat(returns)),
                 })
-            if next_eval is not None and global_step >= next_eval:
-                next_eval += args.eval_every
-                episodes_eval = evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)
-                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
-            logger.maybe_checkpoint(state)
-            logger.progress(global_step)
+            evaluation.maybe_log(logger, count.global_step)
+            logger.maybe_checkpoint(trained, count)
+            logger.progress(count.global_step)
 
-        logger.checkpoint(state())
-        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
-        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
-        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        logger.log(global_step, {"eval/episodic_return": mean})
-        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+        logger.checkpoint(trained, count)
+        return evaluation.finish(logger, count.global_step)
     finally:
         sampler.close()
         logger.close()

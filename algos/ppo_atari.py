@@ -20,12 +20,13 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical
 
+from common import distributed
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, record_video, require_discrete_actions
+from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
-from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
-from common.samplers import evaluate, make_sampler
+from common.samplers import make_sampler
 
 
 @dataclass
@@ -183,31 +184,22 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
-    global_step = 0
-    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"])
-        global_step = checkpoint["global_step"]
-
-    def state():
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": capture_rng_state(), "global_step": global_step}
-
-    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step,
-                           eval_env_fn=eval_env_fn)
-    logger = RunLogger(args, "ppo_atari", args.total_timesteps, start_step=global_step)
+    # What a checkpoint saves and --resume restores, with the counters and the RNG states.
+    trained = dict(model=model, optimizer=optimizer)
+    count = Counters()
+    restore_checkpoint(args.resume, trained, count, device)
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
+    logger = RunLogger(args, "ppo_atari", args.total_timesteps, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
     batch_size = args.n_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    next_eval = args.eval_every or None
     try:
-        while global_step < args.total_timesteps:
+        while count.global_step < args.total_timesteps:
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - count.global_step / args.total_timesteps)
             batch, episodes = sampler.collect()
-            global_step += batch_size
-            logger.log_episodes(global_step, episodes)
+            count.global_step += batch_size
+            logger.log_episodes(count.global_step, episodes)
 
             batch = buffer_to(batch, device)
             value = batch.agent_info.value
@@ -227,32 +219,26 @@ def main(args: Args) -> dict:
                                           returns[mb], old_value[mb], args)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
                     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and stats[3] > args.target_kl:
-                    break
+                if args.target_kl is not None and distributed.all_reduce_mean(stats[3]) > args.target_kl:
+                    break  # on the KL averaged over data-parallel ranks: they stop at the same epoch
             sampler.sync(model)
 
             policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
-            logger.log(global_step, {
+            logger.log(count.global_step, {
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
                 "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
                 "losses/explained_variance": explained_variance(old_value, returns),
             })
-            if next_eval is not None and global_step >= next_eval:
-                next_eval += args.eval_every
-                episodes_eval = sampler.evaluate(args.eval_episodes, seed=args.seed)
-                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
-            logger.maybe_checkpoint(state)
-            logger.progress(global_step)
+            evaluation.maybe_log(logger, count.global_step)
+            logger.maybe_checkpoint(trained, count)
+            logger.progress(count.global_step)
 
-        logger.checkpoint(state())
-        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
-        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
-        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        logger.log(global_step, {"eval/episodic_return": mean})
-        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+        logger.checkpoint(trained, count)
+        return evaluation.finish(logger, count.global_step)
     finally:
         sampler.close()
         logger.close()

@@ -28,13 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Categorical
 
+from common import distributed
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, record_video, require_discrete_actions
+from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
-from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
 from common.normalization import RewardScaler, RunningMeanStd
-from common.samplers import evaluate, make_sampler
+from common.samplers import make_sampler
 
 
 @dataclass
@@ -117,8 +118,7 @@ class NatureCNN(nn.Module):
         self.net = nn.Sequential(
             layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
             layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-            nn.Flatten(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(), nn.Flatten(),
             layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
         )
 
@@ -132,11 +132,9 @@ class RecurrentActorCritic(nn.Module):
         super().__init__()
         self.image, self.n_actions = len(obs_shape) == 3, n_actions
         self.obs_norm = RunningMeanStd(obs_shape) if norm_obs else nn.Identity()
-        if self.image:
-            self.torso, n_features = NatureCNN(obs_shape[0]), 512
-        else:
-            self.torso = nn.Sequential(layer_init(nn.Linear(obs_shape[0], hidden_size)), nn.Tanh())
-            n_features = hidden_size
+        n_features = 512 if self.image else hidden_size
+        self.torso = (NatureCNN(obs_shape[0]) if self.image
+                      else nn.Sequential(layer_init(nn.Linear(obs_shape[0], hidden_size)), nn.Tanh()))
         self.lstm = nn.LSTM(n_features + n_actions + 1, lstm_size)
         for name, param in self.lstm.named_parameters():
             nn.init.constant_(param, 0.0) if "bias" in name else nn.init.orthogonal_(param, 1.0)
@@ -219,9 +217,8 @@ def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
 
 
 def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value, args: Args):
-    """Clipped surrogate + (clipped) value loss - entropy bonus on the re-run of [T, b] sequences (its logits
-    and values); returns (loss, stats). Apart from the model, whose segments vary from batch to batch: that
-    is what `--compile` compiles."""
+    """Clipped surrogate + (clipped) value loss - entropy bonus on the logits and values of re-run [T, b]
+    sequences; returns (loss, stats). `--compile` compiles this, not the model, whose segments vary by batch."""
     dist = Categorical(logits=logits, validate_args=False)
     log_prob = dist.log_prob(action)
     entropy = dist.entropy().mean()
@@ -262,32 +259,21 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
-    global_step = 0
-    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        reward_scaler.load_state_dict(checkpoint["reward_scaler"])
-        restore_rng_state(checkpoint["rng"])
-        global_step = checkpoint["global_step"]
-
-    def state():
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "reward_scaler": reward_scaler.state_dict(), "rng": capture_rng_state(), "global_step": global_step}
-
-    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + global_step,
-                           eval_env_fn=eval_env_fn)
-    logger = RunLogger(args, "ppo_atari_lstm", args.total_timesteps, start_step=global_step)
+    # What a checkpoint saves and --resume restores, with the counters and the RNG states.
+    trained = dict(model=model, optimizer=optimizer, reward_scaler=reward_scaler)
+    count = Counters()
+    restore_checkpoint(args.resume, trained, count, device)
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
+    logger = RunLogger(args, "ppo_atari_lstm", args.total_timesteps, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
     batch_size = args.n_envs * args.num_steps
-    envs_per_minibatch = args.n_envs // args.num_minibatches
-    next_eval = args.eval_every or None
     try:
-        while global_step < args.total_timesteps:
+        while count.global_step < args.total_timesteps:
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_timesteps)
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - count.global_step / args.total_timesteps)
             batch, episodes = sampler.collect()
-            global_step += batch_size
-            logger.log_episodes(global_step, episodes)
+            count.global_step += batch_size
+            logger.log_episodes(count.global_step, episodes)
 
             batch = buffer_to(batch, device)
             value = batch.agent_info.value
@@ -298,53 +284,42 @@ def main(args: Args) -> dict:
                 advantage, returns = gae_advantages(reward, value, next_values(model, batch), batch.terminated,
                                                     batch.truncated, args.gamma, args.gae_lambda)
 
-            start_state = batch.agent_info.rnn_state[0]
             # The minibatches (env subsets) of every epoch, drawn up front so that the steps where each one
             # resets a state reach the host in one transfer, not with a sync per minibatch.
-            epochs = args.update_epochs
-            minibatch_envs = torch.stack([torch.randperm(args.n_envs, device=device) for _ in range(epochs)])
-            minibatch_envs = minibatch_envs.view(epochs, args.num_minibatches, envs_per_minibatch)
+            permutations = [torch.randperm(args.n_envs, device=device) for _ in range(args.update_epochs)]
+            minibatch_envs = torch.stack(permutations).view(args.update_epochs, args.num_minibatches, -1)
             minibatch_resets = reset[:, minibatch_envs].any(-1).permute(1, 2, 0).cpu()  # [epochs, minibatches, T]
-            for epoch in range(epochs):
+            for epoch in range(args.update_epochs):
                 for k, envs in enumerate(minibatch_envs[epoch]):
                     sequences = batch[:, envs]
-                    # Whole sequences, from the state stored at the batch start, zeroed after episode ends.
+                    # Whole sequences, from the state stored at their start, zeroed after episode ends.
                     logits, new_value, _ = model(sequences.observation, sequences.prev_action, sequences.prev_reward,
-                                                 start_state[envs], reset[:, envs],
+                                                 sequences.agent_info.rnn_state[0], reset[:, envs],
                                                  minibatch_resets[epoch, k].nonzero().flatten().tolist())
                     loss, stats = loss_fn(logits, new_value, sequences.action, sequences.agent_info.log_prob,
                                           advantage[:, envs], returns[:, envs], value[:, envs], args)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
                     nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
-                if args.target_kl is not None and stats[3] > args.target_kl:
-                    break
-            if args.norm_obs:
-                # After the update, so that the batch was collected and optimised with the same statistics.
+                if args.target_kl is not None and distributed.all_reduce_mean(stats[3]) > args.target_kl:
+                    break  # on the KL averaged over data-parallel ranks: they stop at the same epoch
+            if args.norm_obs:  # after the update: the batch was collected and optimised with the same statistics
                 model.obs_norm.update(batch.observation)
             sampler.sync(model)
 
             policy_loss, value_loss, entropy, approx_kl, clipfrac = stats
-            logger.log(global_step, {
-                "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "losses/policy_loss": policy_loss, "losses/value_loss": value_loss, "losses/entropy": entropy,
-                "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac,
-                "losses/explained_variance": explained_variance(value, returns),
-            })
-            if next_eval is not None and global_step >= next_eval:
-                next_eval += args.eval_every
-                episodes_eval = sampler.evaluate(args.eval_episodes, seed=args.seed)
-                logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
-            logger.maybe_checkpoint(state)
-            logger.progress(global_step)
+            logger.log(count.global_step, {
+                "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/policy_loss": policy_loss,
+                "losses/value_loss": value_loss, "losses/entropy": entropy, "losses/approx_kl": approx_kl,
+                "losses/clipfrac": clipfrac, "losses/explained_variance": explained_variance(value, returns)})
+            evaluation.maybe_log(logger, count.global_step)
+            logger.maybe_checkpoint(trained, count)
+            logger.progress(count.global_step)
 
-        logger.checkpoint(state())
-        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
-        final = [e.ret for e in evaluate(eval_env_fn, policy_step, model, args.eval_episodes, args.seed, device)]
-        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        logger.log(global_step, {"eval/episodic_return": mean})
-        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+        logger.checkpoint(trained, count)
+        return evaluation.finish(logger, count.global_step)
     finally:
         sampler.close()
         logger.close()
