@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, require_discrete_actions
+from common.envs import is_atari, make_env, require_discrete_actions
 from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
@@ -100,9 +100,9 @@ AgentInfo = namedarraytuple("AgentInfo", ["rnn_state"])  # the state before the 
 class R2D1Network(nn.Module):
     """Torso (CNN for images, MLP for vectors) -> LSTM(features, one-hot previous action, previous reward) -> Q."""
 
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: int, lstm_size: int):
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: int, lstm_size: int, sign_reward=False):
         super().__init__()
-        self.n_actions, self.lstm_size = n_actions, lstm_size
+        self.n_actions, self.lstm_size, self.sign_reward = n_actions, lstm_size, sign_reward
         self.image = len(obs_shape) == 3
         if self.image:
             self.torso = nn.Sequential(
@@ -120,12 +120,13 @@ class R2D1Network(nn.Module):
         self.head = nn.Sequential(nn.Linear(lstm_size, head_hidden), nn.ReLU(), nn.Linear(head_hidden, n_actions))
 
     def inputs(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor) -> torch.Tensor:
-        """LSTM inputs [..., F] for observations [..., *obs_shape] and previous actions / rewards [...]."""
+        """LSTM inputs [..., F] for observations, previous actions / rewards [...] (signs only with `sign_reward`)."""
         lead = prev_reward.shape
         obs = obs.reshape(-1, *obs.shape[len(lead):]).float()
         features = self.torso(obs / 255.0 if self.image else obs)
         features = features.view(*lead, features.shape[-1])
         one_hot = F.one_hot(prev_action.long(), self.n_actions).to(features.dtype)
+        prev_reward = prev_reward.sign() if self.sign_reward else prev_reward
         return torch.cat([features, one_hot, prev_reward.unsqueeze(-1).to(features.dtype)], -1)
 
     def initial_state(self, batch: int, device: torch.device) -> RnnState:
@@ -156,7 +157,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
     probe = eval_env_fn(args.seed)
     model = R2D1Network(tuple(probe.observation_space.shape), int(probe.action_space.n), args.hidden_size,
-                        args.lstm_size)
+                        args.lstm_size, is_atari(args.env_id))
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
     return model.to(device), eval_env_fn
@@ -261,8 +262,8 @@ def main(args: Args) -> dict:
     if args.n_step < 1 or args.train_length < 1 or args.burn_in < 0 or args.sequence_period < 1:
         raise UsageError("need --n-step >= 1, --train-length >= 1, --burn-in >= 0 and --sequence-period >= 1")
 
-    q_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size).to(device)
-    target_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size).to(device)
+    q_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id)).to(device)
+    target_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id)).to(device)
     target_net.load_state_dict(q_net.state_dict())
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     loss_fn = torch.compile(r2d1_loss) if args.compile else r2d1_loss

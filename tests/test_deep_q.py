@@ -155,3 +155,22 @@ def test_rainbow_noise_is_fresh_per_forward_and_off_when_deterministic():
         mean_only = rainbow.RainbowNetwork(4, 3, torch.linspace(-10, 10, 11), noisy_std=0.0)
         mean_only.load_state_dict(model.state_dict())
         torch.testing.assert_close(mean_only(obs), model(obs, noise=False))
+
+
+def test_r2d1_feeds_atari_previous_rewards_sign_clipped_in_evaluation_as_in_training():
+    r2d1 = load_script("r2d1")
+    atari = r2d1.R2D1Network((4, 84, 84), 6, hidden=16, lstm_size=8, sign_reward=True)
+    vector = r2d1.R2D1Network((2,), 2, hidden=16, lstm_size=8)
+    raw = torch.tensor([[7.0, -3.0, 0.0]])  # evaluation envs report raw scores
+    assert torch.equal(atari.inputs(torch.zeros(1, 3, 4, 84, 84), torch.zeros(1, 3), raw)[..., -1],
+                       torch.tensor([[1.0, -1.0, 0.0]]))
+    assert torch.equal(vector.inputs(torch.zeros(1, 3, 2), torch.zeros(1, 3), raw)[..., -1], raw)
+    # What training sees: the training env's rewards are already signs, so training is unchanged.
+    env = make_env("ALE/Pong-v5", 1, training=True)
+    env.reset(seed=1)
+    rewards = {env.step(env.action_space.sample())[1] for _ in range(400)}
+    env.close()
+    assert rewards <= {-1.0, 0.0, 1.0} and rewards != {0.0}
+    args = r2d1.Args(env_id="ALE/Pong-v5")  # evaluation rebuilds the network with the clipping on
+    saved = r2d1.R2D1Network((4, 84, 84), 6, args.hidden_size, args.lstm_size).state_dict()
+    assert r2d1.load_policy(args, {"q_net": saved}, torch.device("cpu"))[0].sign_reward
