@@ -163,12 +163,17 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
 
 
 def rainbow_loss(q_net: RainbowNetwork, target_net: RainbowNetwork, s):
-    """Double-Q categorical cross-entropy to the projected n-step target; returns (loss, per-sample loss, mean Q)."""
-    log_probs = q_net(s.observation)
-    rows = torch.arange(log_probs.shape[0], device=log_probs.device)
+    """Double-Q categorical cross-entropy to the projected n-step target; returns (loss, per-sample loss, mean Q).
+
+    Each network draws one noise sample: the online network picks the bootstrap action with the noise it trains.
+    """
+    n = s.observation.shape[0]
+    both = q_net(torch.cat([s.observation, s.bootstrap_observation]))
+    log_probs, next_log_probs = both[:n], both[n:].detach()
+    rows = torch.arange(n, device=log_probs.device)
     chosen = log_probs[rows, s.action.long()]
     with torch.no_grad():
-        next_action = q_net.q_values(q_net(s.bootstrap_observation)).argmax(-1)  # double: online picks
+        next_action = q_net.q_values(next_log_probs).argmax(-1)  # double: online picks
         next_probs = target_net(s.bootstrap_observation)[rows, next_action].exp()  # target evaluates
         target = categorical_projection(next_probs, s.n_step_return, s.discount, target_net.atoms)
     cross_entropy = -(target * chosen).sum(-1)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,3 +175,26 @@ def test_r2d1_feeds_atari_previous_rewards_sign_clipped_in_evaluation_as_in_trai
     args = r2d1.Args(env_id="ALE/Pong-v5")  # evaluation rebuilds the network with the clipping on
     saved = r2d1.R2D1Network((4, 84, 84), 6, args.hidden_size, args.lstm_size).state_dict()
     assert r2d1.load_policy(args, {"q_net": saved}, torch.device("cpu"))[0].sign_reward
+
+
+def test_rainbow_draws_one_noise_sample_per_network_per_update():
+    rainbow = load_script("rainbow_atari")
+    atoms = torch.linspace(-10, 10, 51)
+    q_net, target_net = rainbow.RainbowNetwork(4, 6, atoms, 0.5), rainbow.RainbowNetwork(4, 6, atoms, 0.5)
+    calls = {"online": 0, "target": 0}
+
+    def count(key):
+        return lambda *_: calls.__setitem__(key, calls[key] + 1)
+
+    for key, net in (("online", q_net), ("target", target_net)):
+        for layer in net.modules():
+            if isinstance(layer, rainbow.NoisyLinear):
+                layer.register_forward_hook(count(key))
+    n = 5
+    s = SimpleNamespace(observation=torch.randint(0, 255, (n, 4, 84, 84), dtype=torch.uint8),
+                        bootstrap_observation=torch.randint(0, 255, (n, 4, 84, 84), dtype=torch.uint8),
+                        action=torch.randint(0, 6, (n,)), n_step_return=torch.randn(n), discount=torch.full((n,), 0.99),
+                        weight=torch.ones(n))
+    loss, per_sample, _ = rainbow.rainbow_loss(q_net, target_net, s)
+    assert calls == {"online": 4, "target": 4}  # each noisy layer of each network ran once
+    assert per_sample.shape == (n,) and torch.isfinite(loss)
