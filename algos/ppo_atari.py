@@ -67,6 +67,9 @@ class Args(CommonArgs):
     """stop the epochs of an update early when the approximate KL exceeds this"""
     max_episode_steps: int | None = None
     """time limit of an episode in agent steps (default: the game's own)"""
+    eval_epsilon: float = 0.001
+    """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
+    lost life would otherwise idle until the time limit)"""
 
 
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
@@ -111,11 +114,21 @@ class ActorCritic(nn.Module):
         return self.critic(self.torso(obs)).squeeze(-1)
 
 
-def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
-    """Sample (or, deterministically, take the most likely) action; record log-prob and value."""
+def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
+                epsilon: float = 0.0):
+    """Sample (or, deterministically, take the most likely) action, uniform with probability `epsilon`;
+    record log-prob and value."""
     dist, value = model(obs)
     action = dist.probs.argmax(-1) if deterministic else dist.sample()
+    if epsilon > 0:
+        explore = torch.rand(action.shape, device=action.device) < epsilon
+        action = torch.where(explore, torch.randint_like(action, dist.probs.shape[-1]), action)
     return action, AgentInfo(dist.log_prob(action), value), None
+
+
+def eval_policy_kwargs(args: Args) -> dict:
+    """Keyword arguments of `policy_step` in evaluation (here and in common.evaluate): epsilon-greedy."""
+    return {"epsilon": args.eval_epsilon}
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
@@ -190,7 +203,8 @@ def main(args: Args) -> dict:
     restore_checkpoint(args.resume, trained, count, device)
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
     logger = RunLogger(args, "ppo_atari", args.total_timesteps, start_step=count.global_step)
-    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step,
+                            **eval_policy_kwargs(args))
     batch_size = args.n_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     try:

@@ -116,7 +116,8 @@ def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None
         _, quotas = evaluation_plan(episodes, seed)
         env_fn = record_video(env_fn, video_dir, min(video_episodes, quotas[0]))
     torch.manual_seed(seed)
-    return evaluate(env_fn, module.policy_step, model, episodes, seed, torch.device(device))
+    policy_kwargs = module.eval_policy_kwargs(args) if hasattr(module, "eval_policy_kwargs") else {}
+    return evaluate(env_fn, module.policy_step, model, episodes, seed, torch.device(device), **policy_kwargs)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -361,8 +361,9 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 class Evaluation:
     """A run's deterministic evaluation: every --eval-every steps, and once at the end into summary.json.
 
-    Whole episodes of the evaluation env under `policy_step(model, ..., deterministic=True, **policy_kwargs)`,
-    seeded by --seed. Only rank 0 evaluates (other ranks report NaN).
+    Whole episodes of the evaluation env under `policy_step(model, ..., deterministic=True, **policy_kwargs)`
+    (a script's `eval_policy_kwargs(args)`, which common.evaluate uses too), seeded by --seed. Only rank 0
+    evaluates (other ranks report NaN).
     """
 
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: Any,
@@ -379,8 +380,12 @@ class Evaluation:
         if not distributed.is_main():
             return []
         env_fn = record_video(self.env_fn, video_dir)
-        return [e.ret for e in evaluate(env_fn, self.policy_step, self.model, self.args.eval_episodes,
-                                        self.args.seed, self.device, **self.policy_kwargs)]
+        # Its own generator state, seeded by --seed: a stochastic evaluation (an evaluation epsilon) is the
+        # same as common.evaluate's, and training draws what it would draw without evaluations.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.args.seed)
+            return [e.ret for e in evaluate(env_fn, self.policy_step, self.model, self.args.eval_episodes,
+                                            self.args.seed, self.device, **self.policy_kwargs)]
 
     def maybe_log(self, logger: RunLogger, step: int) -> None:
         """Evaluate and log eval/episodic_return once `step` reaches the next multiple of --eval-every."""

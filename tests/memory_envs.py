@@ -61,3 +61,24 @@ class ConstantRewardEnv(gym.Env):
 
 if "ConstantReward-v0" not in gym.registry:
     gym.register(id="ConstantReward-v0", entry_point=ConstantRewardEnv, max_episode_steps=10)
+
+
+class GreedyNeverEndsEnv(gym.Env):
+    """Reward 1 a step; action 0 goes on forever (until the time limit), any other action ends the episode."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(4)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 1.0, int(action) != 0, False, {}
+
+
+if "GreedyNeverEnds-v0" not in gym.registry:
+    gym.register(id="GreedyNeverEnds-v0", entry_point=GreedyNeverEndsEnv, max_episode_steps=1000)

@@ -123,3 +123,48 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert main([str(run_dir), "--script", str(script)]) == 2
     err = capsys.readouterr().err
     assert "policy_step, load_policy" in err and err.count("\n") == 1
+
+
+class AlwaysNoop(torch.nn.Module):
+    """A policy whose most likely action is always 0 (an Atari agent that never learned to press FIRE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, obs):
+        return torch.distributions.Categorical(logits=self.logits.expand(obs.shape[0], 4)), torch.zeros(obs.shape[0])
+
+
+def test_atari_evaluation_is_epsilon_greedy_so_a_stalled_greedy_policy_still_ends_its_episodes():
+    from conftest import load_script
+
+    from common.logger import Evaluation
+
+    ppo_atari = load_script("ppo_atari")
+    args = ppo_atari.Args(eval_episodes=4, eval_every=0, seed=3)
+    assert args.eval_epsilon == 0.001 and ppo_atari.eval_policy_kwargs(args) == {"epsilon": 0.001}
+    env_fn = partial(make_env, "tests.memory_envs:GreedyNeverEnds-v0", training=False)
+    model = AlwaysNoop()
+    greedy = Evaluation(args, env_fn, ppo_atari.policy_step, model, torch.device("cpu")).returns()
+    assert greedy == [1000.0] * 4  # without epsilon the greedy policy idles to the time limit
+    args.eval_epsilon = 0.05
+    evaluation = Evaluation(args, env_fn, ppo_atari.policy_step, model, torch.device("cpu"),
+                            **ppo_atari.eval_policy_kwargs(args))
+    returns = evaluation.returns()
+    assert len(returns) == 4 and max(returns) < 1000
+    assert evaluation.returns() == returns  # seeded: the same episodes again
+
+
+def test_rainbow_evaluation_is_epsilon_greedy_on_the_mean_weights():
+    from conftest import load_script
+
+    rainbow = load_script("rainbow_atari")
+    assert rainbow.eval_policy_kwargs(rainbow.Args()) == {"epsilon": 0.001}
+    torch.manual_seed(0)
+    model = rainbow.RainbowNetwork(4, 6, torch.linspace(-10, 10, 51), 0.5)
+    obs = torch.zeros(64, 4, 84, 84, dtype=torch.uint8)
+    greedy = rainbow.policy_step(model, obs, None, None, None, deterministic=True)[0]
+    assert torch.equal(greedy, rainbow.policy_step(model, obs, None, None, None, deterministic=True)[0])
+    explored = rainbow.policy_step(model, obs, None, None, None, deterministic=True, epsilon=0.5)[0]
+    assert (explored != greedy).any() and (explored == greedy).any()
