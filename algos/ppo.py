@@ -30,6 +30,7 @@ from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
+from common.networks import layer_init
 from common.normalization import RewardScaler, RunningMeanStd
 from common.samplers import make_sampler
 
@@ -84,11 +85,6 @@ PRESETS = {
 
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
-
-def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
-    return layer
 
 
 class ActorCritic(nn.Module):

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.distributions import Categorical
@@ -26,6 +25,7 @@ from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
+from common.networks import NatureCNN, layer_init
 from common.samplers import make_sampler
 
 
@@ -74,28 +74,6 @@ class Args(CommonArgs):
 
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
-
-def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Module:
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
-    return layer
-
-
-class NatureCNN(nn.Module):
-    """Mnih et al. 2015's torso: three convolutions and a 512-unit layer on [C, 84, 84] uint8 frames."""
-
-    def __init__(self, in_channels: int, out_features: int = 512):
-        super().__init__()
-        self.net = nn.Sequential(
-            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-            nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
-        )
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.float() / 255.0)
 
 
 class ActorCritic(nn.Module):

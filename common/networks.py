@@ -1,7 +1,9 @@
-"""Building blocks shared by the Q-function policy-gradient scripts (ddpg.py, td3.py, sac.py).
+"""Network building blocks that several scripts share.
 
-A critic ensemble with stacked weights, evaluated in one batched matmul per layer, the action scaling
-between the actor's [-1, 1] and the env's bounds, and the optimizer and compile helpers.
+The policy-gradient scripts' orthogonal initialisation and Nature CNN torso; for the Q-function
+policy-gradient scripts (ddpg.py, td3.py, sac.py) a critic ensemble with stacked weights, evaluated in one
+batched matmul per layer, the action scaling between the actor's [-1, 1] and the env's bounds, and the
+optimizer and compile helpers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,30 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
+    """`layer` with orthogonal weights of gain `std` and a constant bias (the PPO / A2C initialisation)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class NatureCNN(nn.Module):
+    """Mnih et al. 2015's torso: three convolutions and a 512-unit layer on [C, 84, 84] uint8 frames."""
+
+    def __init__(self, in_channels: int, out_features: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float() / 255.0)
 
 
 class EnsembleLinear(nn.Module):
