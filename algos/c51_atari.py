@@ -169,7 +169,7 @@ def main(args: Args) -> dict:
     obs_shape = probe.observation_space.shape
     probe.close()
     if len(obs_shape) != 3:
-        raise UsageError(f"algos/dqn_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
+        raise UsageError(f"algos/c51_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
                          f"{obs_shape}: use c51.py for vector observations")
     if args.n_step < 1:
         raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
