@@ -15,19 +15,18 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, record_video, require_discrete_actions
+from common.envs import make_env, require_discrete_actions
 from common.kernels import linear_schedule, polyak_update
-from common.logger import RunLogger, capture_rng_state, load_checkpoint, restore_rng_state
+from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
-from common.samplers import evaluate
 
 
 @dataclass
@@ -177,50 +176,35 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     loss_fn = torch.compile(td_loss) if args.compile else td_loss
 
-    global_step, n_updates = 0, 0
-    checkpoint = load_checkpoint(args.resume, device) if args.resume else None
-    if checkpoint is not None:
-        q_net.load_state_dict(checkpoint["q_net"])
-        target_net.load_state_dict(checkpoint["target_net"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"])
-        global_step, n_updates = checkpoint["global_step"], checkpoint["n_updates"]
-
+    # What a checkpoint saves and --resume restores, with the counters and the RNG states.
+    trained = dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
+    count = Counters()
+    checkpoint = restore_checkpoint(args.resume, trained, count, device)
     feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=global_step,
+                          exploration=partial(exploration, args), start_step=count.global_step,
                           replay_state=checkpoint.get("replay") if checkpoint else None)
     replay = feeder.replay
-
-    def state():
-        saved = {"q_net": q_net.state_dict(), "target_net": target_net.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
-                 "global_step": global_step, "n_updates": n_updates}
-        if args.checkpoint_replay:
-            saved["replay"] = replay.state_dict()
-        return saved
-
-    logger = RunLogger(args, "dqn_atari", args.total_timesteps, start_step=global_step)
-    # A run resumed without its replay buffer refills it before updating again.
-    refill = checkpoint is not None and "replay" not in checkpoint
-    learning_starts = global_step + args.learning_starts if refill else args.learning_starts
-    updates_owed = 0.0
-    next_eval = args.eval_every or None
+    if args.checkpoint_replay:
+        trained["replay"] = replay
+    learning_starts = feeder.first_update_step(args.learning_starts)
+    logger = RunLogger(args, "dqn_atari", args.total_timesteps, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step)
     update_timer, updates_timed = time.time(), 0
     try:
-        while global_step < args.total_timesteps:
-            previous_step = global_step
-            global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
-            logger.log_episodes(global_step, episodes)
-            if global_step < learning_starts:
-                logger.progress(global_step)
+        while count.global_step < args.total_timesteps:
+            previous_step = count.global_step
+            count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
+            logger.log_episodes(count.global_step, episodes)
+            if count.global_step < learning_starts:
+                logger.progress(count.global_step)
                 continue
 
-            updates_owed += args.replay_ratio * (global_step - previous_step)
+            count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
             epsilon = exploration(args, previous_step)["epsilon"]  # logged: the epsilon the new steps started from
-            while updates_owed >= 1:
-                updates_owed -= 1
+            beta = args.priority_beta + (1 - args.priority_beta) * min(count.global_step / args.total_timesteps, 1)
+            while count.updates_owed >= 1:
+                count.updates_owed -= 1
                 if args.prioritized:
-                    beta = args.priority_beta + (1 - args.priority_beta) * min(global_step / args.total_timesteps, 1)
                     sample = replay.sample(args.batch_size, beta=beta)
                 else:
                     sample = replay.sample(args.batch_size)
@@ -228,37 +212,28 @@ def main(args: Args) -> dict:
                 loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.double)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks
                 nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
                 optimizer.step()
                 if args.prioritized:
                     replay.update_priorities(sample.index, td_abs)
-                n_updates += 1
+                count.n_updates += 1
                 updates_timed += 1
-                if n_updates % args.target_network_period == 0:
+                if count.n_updates % args.target_network_period == 0:
                     polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
-                if n_updates % 100 == 0:
+                if count.n_updates % 100 == 0:
                     now = time.time()
-                    logger.log(global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
-                                             "charts/epsilon": epsilon,
-                                             "charts/updates_per_second": updates_timed / (now - update_timer)})
+                    logger.log(count.global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                                   "charts/epsilon": epsilon,
+                                                   "charts/updates_per_second": updates_timed / (now - update_timer)})
                     update_timer, updates_timed = now, 0
             feeder.sync(q_net)
+            evaluation.maybe_log(logger, count.global_step)
+            logger.maybe_checkpoint(trained, count)
+            logger.progress(count.global_step)
 
-            if next_eval is not None and global_step >= next_eval:
-                next_eval += args.eval_every
-                episodes_eval = evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)
-                if episodes_eval:
-                    logger.log(global_step, {"eval/episodic_return": float(np.mean([e.ret for e in episodes_eval]))})
-            logger.maybe_checkpoint(state)
-            logger.progress(global_step)
-
-        logger.checkpoint(state())
-        eval_env_fn = record_video(eval_env_fn, logger.video_dir)  # with --capture-video
-        final = [e.ret for e in evaluate(eval_env_fn, policy_step, q_net, args.eval_episodes, args.seed, device)]
-        mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        if final:
-            logger.log(global_step, {"eval/episodic_return": mean})
-        return logger.finish(global_step, {"final_eval_return": mean, "final_eval_return_std": std})
+        logger.checkpoint(trained, count)
+        return evaluation.finish(logger, count.global_step)
     finally:
         feeder.close()
         logger.close()
