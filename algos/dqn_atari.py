@@ -79,6 +79,9 @@ class Args(CommonArgs, AsyncArgs):
     """gradient clipping norm"""
     checkpoint_replay: bool = False
     """also save the replay buffer in checkpoints, so --resume continues with it"""
+    eval_epsilon: float = 0.001
+    """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
+    lost life would otherwise idle until the time limit)"""
 
 
 class AtariQNetwork(nn.Module):
@@ -109,12 +112,17 @@ class AtariQNetwork(nn.Module):
 
 def policy_step(model: AtariQNetwork, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
-    """Epsilon-greedy action (greedy when deterministic)."""
+    """Epsilon-greedy action (evaluation, deterministic, passes its small --eval-epsilon)."""
     action = model(obs).argmax(-1)
-    if not deterministic and epsilon > 0:
+    if epsilon > 0:
         explore = torch.rand(action.shape, device=action.device) < epsilon
         action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
     return action, None, None
+
+
+def eval_policy_kwargs(args: Args) -> dict:
+    """Keyword arguments of `policy_step` in evaluation (here and in common.evaluate): epsilon-greedy."""
+    return {"epsilon": args.eval_epsilon}
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
@@ -188,7 +196,8 @@ def main(args: Args) -> dict:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
     logger = RunLogger(args, "dqn_atari", args.total_timesteps, start_step=count.global_step)
-    evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step,
+                            **eval_policy_kwargs(args))
     update_timer, updates_timed = time.time(), 0
     try:
         while count.global_step < args.total_timesteps:

@@ -156,15 +156,19 @@ def test_atari_evaluation_is_epsilon_greedy_so_a_stalled_greedy_policy_still_end
     assert evaluation.returns() == returns  # seeded: the same episodes again
 
 
-def test_rainbow_evaluation_is_epsilon_greedy_on_the_mean_weights():
+@pytest.mark.parametrize("script", ["rainbow_atari", "dqn_atari", "c51_atari"])
+def test_deep_q_atari_evaluation_is_epsilon_greedy(script):
     from conftest import load_script
 
-    rainbow = load_script("rainbow_atari")
-    assert rainbow.eval_policy_kwargs(rainbow.Args()) == {"epsilon": 0.001}
+    module = load_script(script)
+    assert module.eval_policy_kwargs(module.Args()) == {"epsilon": 0.001}
     torch.manual_seed(0)
-    model = rainbow.RainbowNetwork(4, 6, torch.linspace(-10, 10, 51), 0.5)
-    obs = torch.zeros(64, 4, 84, 84, dtype=torch.uint8)
-    greedy = rainbow.policy_step(model, obs, None, None, None, deterministic=True)[0]
-    assert torch.equal(greedy, rainbow.policy_step(model, obs, None, None, None, deterministic=True)[0])
-    explored = rainbow.policy_step(model, obs, None, None, None, deterministic=True, epsilon=0.5)[0]
+    atoms = torch.linspace(-10, 10, 51)
+    model = {"rainbow_atari": lambda: module.RainbowNetwork(4, 6, atoms, 0.5),
+             "dqn_atari": lambda: module.AtariQNetwork(4, 6, dueling=False),
+             "c51_atari": lambda: module.CategoricalAtariNetwork(4, 6, atoms)}[script]()
+    obs = torch.randint(0, 255, (64, 4, 84, 84), dtype=torch.uint8)
+    greedy = module.policy_step(model, obs, None, None, None, deterministic=True)[0]
+    assert torch.equal(greedy, module.policy_step(model, obs, None, None, None, deterministic=True)[0])
+    explored = module.policy_step(model, obs, None, None, None, deterministic=True, epsilon=0.5)[0]
     assert (explored != greedy).any() and (explored == greedy).any()
