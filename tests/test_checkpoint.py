@@ -120,7 +120,8 @@ def test_restore_names_what_the_checkpoint_lacks(tmp_path):
 
 @pytest.mark.parametrize("script, flags, declared", [
     ("ppo", ["--total-timesteps", "1024"], {"model", "optimizer", "reward_scaler"}),
-    ("dqn", ["--total-timesteps", "700", "--learning-starts", "500", "--replay-ratio", "1", "--checkpoint-replay"],
+    ("dqn", ["--total-timesteps", "700", "--learning-starts", "500", "--replay-ratio", "1", "--n-envs", "1",
+             "--checkpoint-replay"],
      {"q_net", "target_net", "optimizer", "replay"}),
     ("sac", ["--env-id", "Pendulum-v1", "--total-timesteps", "1100", "--learning-starts", "1000"],
      {"actor", "critics", "target_critics", "log_alpha", "critic_optimizer", "actor_optimizer"}),
