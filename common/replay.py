@@ -44,7 +44,7 @@ ReplaySamples = namedarraytuple(
         "bootstrap_observation",  # [N, ...] true next observation of the window's last step
         "discount",  # [N] gamma^m * (1 - terminated at the window's last step)
         "weight",  # [N] importance weight (ones for uniform sampling)
-        "index",  # [N] long: flat index to pass back to update_priorities
+        "index",  # [N] long: the item's id (global unit * n_envs + env), to pass back to update_priorities
     ],
 )
 
@@ -377,10 +377,16 @@ class UniformReplayBuffer:
     def _sample(self, batch_size: int, beta: float = 0.0) -> Any:
         with self._reading():
             index, weight = self._draw(batch_size, beta)
-            return self._gather(index, weight)
+            samples = self._gather(index, weight)
+            # The id names the item, not its ring slot: a late update_priorities can tell a rewritten slot.
+            ring_units = self.n_rows // self.interval
+            end_unit = -(-int(self.counters[_STEPS]) // self.interval)  # one past the newest unit written
+            unit = end_unit - 1 - (end_unit - 1 - index // self.n_envs) % ring_units
+            samples.index.copy_(torch.from_numpy(unit * self.n_envs + index % self.n_envs))
+            return samples
 
     def _draw(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
-        """Flat item indices [N] (ring unit * n_envs + env) and their importance weights [N]."""
+        """Flat ring indices [N] (ring unit * n_envs + env) and their importance weights [N]."""
         first_unit, n_units = self._unit_range()
         if n_units == 0:
             raise ValueError(f"replay has no valid items yet: append at least {self._tail + self._history + 1} steps")
@@ -496,15 +502,20 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         return index, (weight / weight.max()).astype(np.float32)
 
     def update_priorities(self, index: torch.Tensor | np.ndarray, priority: torch.Tensor | np.ndarray) -> None:
-        """Set the priority of sampled items `index` [N] to `priority` [N] >= 0 (e.g. |TD error|)."""
+        """Set the priority of sampled items `index` [N] (their ids) to `priority` [N] >= 0 (e.g. |TD error|).
+
+        An item that left the buffer since it was sampled (its slot rewritten, or its episode's final
+        observation evicted) is skipped: the item now in its slot keeps the priority it entered with.
+        """
         index = torch.as_tensor(index).detach().cpu().long().numpy()
         value = (torch.as_tensor(priority).detach().cpu().double().numpy() + self.eps) ** self.alpha
         with self._writing():
             first_unit, n_units = self._unit_range()
-            # An item overwritten or invalidated since it was sampled keeps zero tree mass.
-            valid = (index // self.n_envs - first_unit) % (self.n_rows // self.interval) < n_units
-            self.priority[index] = value
-            self.tree.update(index, value * valid)
+            unit = index // self.n_envs
+            current = (unit >= first_unit) & (unit < first_unit + n_units)
+            slot = index[current] % ((self.n_rows // self.interval) * self.n_envs)
+            self.priority[slot] = value[current]
+            self.tree.update(slot, value[current])
             self.max_priority[0] = max(self.max_priority[0], value.max(initial=0.0))
 
     def _after_append(self, units_before: tuple[int, int], steps_before: int) -> None:

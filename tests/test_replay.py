@@ -255,7 +255,7 @@ def test_prioritized_frequencies_follow_priority_to_the_alpha_and_weights_match_
     counts = np.zeros(buffer.size)
     for _ in range(300):
         samples = buffer.sample(256)
-        counts += np.bincount(samples.index.numpy(), minlength=buffer.size)
+        counts += np.bincount(samples.index.numpy() % buffer.size, minlength=buffer.size)
     assert counts[n_valid:].sum() == 0
     statistic = ((counts[:n_valid] - expected * counts.sum()) ** 2 / (expected * counts.sum())).sum()
     try:
@@ -267,7 +267,7 @@ def test_prioritized_frequencies_follow_priority_to_the_alpha_and_weights_match_
     assert statistic < critical
 
     samples = buffer.sample(64, beta=0.8)
-    probability = expected[samples.index.numpy()]
+    probability = expected[samples.index.numpy() % buffer.size]
     weight = (n_valid * probability) ** -0.8
     np.testing.assert_allclose(samples.weight.numpy(), weight / weight.max(), rtol=1e-5)
 
@@ -284,6 +284,26 @@ def test_new_items_enter_at_max_priority_and_the_tail_is_held_at_zero_until_vali
     assert buffer.tree.get(np.array([9, 10])).tolist() == [2.0**0.5, 0.0]  # restored at its own priority
     buffer.append(batches[11:12])
     assert buffer.tree.get(np.array([10, 11])).tolist() == [top, 0.0]  # entered at the max seen so far
+
+
+def test_a_late_priority_update_never_reaches_the_item_written_over_the_sampled_one():
+    # Asynchronous sampling: the sampler writes between the optimizer's sample and its update_priorities.
+    stream = make_stream(11, 1, seed=4, p_end=0.0)
+    batches = to_torch(stream)
+    buffer = PrioritizedReplayBuffer(batches[0, 0], size=8, n_envs=1, alpha=0.5, default_priority=2.0)
+    buffer.append(batches[:6])  # items 0..4 valid, item 5 waits for step 6
+    torch.manual_seed(0)
+    sampled = buffer.sample(64).index
+    assert set(sampled.tolist()) == {0, 1, 2, 3, 4}
+    buffer.append(batches[6:10])  # steps 8 and 9 overwrite the ring slots of items 0 and 1
+    buffer.update_priorities(sampled, torch.full((64,), 100.0))
+    entered, top = 2.0**0.5, (100.0 + buffer.eps) ** 0.5
+    # Slot 0 holds item 8 (valid) and slot 1 item 9 (waiting): both keep the priority they entered with.
+    assert buffer.tree.get(np.arange(5)).tolist() == [entered, 0.0, top, top, top]
+    assert buffer.priority[:2].tolist() == [entered, entered]
+    buffer.append(batches[10:11])  # item 9 becomes valid; step 10 overwrites item 2, which enters at the max
+    assert buffer.tree.get(np.arange(5)).tolist() == [entered, entered, 0.0, top, top]
+    assert buffer.priority[2] == top
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +362,7 @@ def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_
             last = {index: k for k, index in enumerate(samples.index.tolist())}  # duplicates: last one wins
             k = np.array(list(last.values()))
             expected = 0.9 * td_abs.max(0).values + 0.1 * td_abs.mean(0)
-            stored = buffer.priority[np.array(list(last.keys()))]
+            stored = buffer.priority[np.array(list(last.keys())) % len(buffer.priority)]
             np.testing.assert_allclose(stored, (expected.double().numpy()[k] + buffer.eps) ** buffer.alpha)
 
 
