@@ -22,8 +22,10 @@ def test_ppo_cartpole_reaches_475(run_in):
 
 @pytest.mark.parametrize("kind", KINDS[1:])
 def test_ppo_cartpole_reaches_475_with_every_sampler(run_in, kind):
+    # ppo's default 8 envs, as test_ppo_cartpole_reaches_475 (every kind ends at 500). With 4 envs x 64 steps
+    # the seed-1 alternating-gpu run reaches 500 at 56k steps and falls back to 131.6 by 100k.
     _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
-                           *sampler_flags(kind, 4))
+                           *sampler_flags(kind, 8))
     assert summary["final_eval_return"] >= 475, summary
 
 
