@@ -84,12 +84,17 @@ class Args(CommonArgs):
     """width of the MLP torso (vector observations)"""
     max_episode_steps: int | None = None
     """time limit of an episode in agent steps (default: the env's own)"""
+    eval_epsilon: float | None = None
+    """probability of a random action in evaluation episodes (auto: 0.001 images, so that a greedy policy that
+    never presses FIRE after a lost life cannot idle until the time limit; 0 vectors)"""
 
 
 # The values of the "auto" (None) fields, by observation kind.
 PRESETS = {
-    "image": dict(learning_rate=2.5e-4, clip_coef=0.1, lstm_size=128, norm_obs=False, norm_reward=False),
-    "vector": dict(learning_rate=1e-3, clip_coef=0.2, lstm_size=64, norm_obs=True, norm_reward=True),
+    "image": dict(learning_rate=2.5e-4, clip_coef=0.1, lstm_size=128, norm_obs=False, norm_reward=False,
+                  eval_epsilon=0.001),
+    "vector": dict(learning_rate=1e-3, clip_coef=0.2, lstm_size=64, norm_obs=True, norm_reward=True,
+                   eval_epsilon=0.0),
 }
 
 
@@ -152,14 +157,24 @@ class RecurrentActorCritic(nn.Module):
         return self.actor(out), self.critic(out).squeeze(-1), RnnState(h[0], c[0])
 
 
-def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
-    """One step for a batch of envs; agent_info keeps the rnn state the step started from."""
+def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
+                epsilon: float = 0.0):
+    """One step for a batch of envs, uniform with probability `epsilon`; agent_info keeps the rnn state the
+    step started from."""
     if rnn_state is None:
         rnn_state = model.initial_state(obs.shape[0], obs.device)
     logits, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
     dist = Categorical(logits=logits[0], validate_args=False)
     action = dist.probs.argmax(-1) if deterministic else dist.sample()
+    if epsilon > 0:
+        explore = torch.rand(action.shape, device=action.device) < epsilon
+        action = torch.where(explore, torch.randint_like(action, logits.shape[-1]), action)
     return action, AgentInfo(dist.log_prob(action), value[0], rnn_state), next_state
+
+
+def eval_policy_kwargs(args: Args) -> dict:
+    """Keyword arguments of `policy_step` in evaluation (here and in common.evaluate): epsilon-greedy."""
+    return {"epsilon": args.eval_epsilon}
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
@@ -244,7 +259,8 @@ def main(args: Args) -> dict:
     restore_checkpoint(args.resume, trained, count, device)
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
     logger = RunLogger(args, "ppo_atari_lstm", args.total_timesteps, start_step=count.global_step)
-    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step,
+                            **eval_policy_kwargs(args))
     batch_size = args.n_envs * args.num_steps
     try:
         while count.global_step < args.total_timesteps:

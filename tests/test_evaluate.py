@@ -156,6 +156,43 @@ def test_atari_evaluation_is_epsilon_greedy_so_a_stalled_greedy_policy_still_end
     assert evaluation.returns() == returns  # seeded: the same episodes again
 
 
+class RecurrentAlwaysNoop(torch.nn.Module):
+    """ppo_atari_lstm's model interface, most likely action always 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+
+    def initial_state(self, batch_size, device):
+        return torch.zeros(1, batch_size, 1, device=device), torch.zeros(1, batch_size, 1, device=device)
+
+    def forward(self, obs, prev_action, prev_reward, rnn_state):
+        time, batch = obs.shape[:2]
+        return self.logits.expand(time, batch, 4), torch.zeros(time, batch), rnn_state
+
+
+def test_recurrent_ppo_evaluates_epsilon_greedy_on_images_and_greedy_on_vectors():
+    from conftest import load_script
+
+    from common.logger import Evaluation
+
+    lstm = load_script("ppo_atari_lstm")
+    image_args, vector_args = lstm.Args(eval_episodes=4, eval_every=0, seed=3), lstm.Args(eval_episodes=4, seed=3)
+    lstm.resolve_presets(image_args, "image")
+    lstm.resolve_presets(vector_args, "vector")
+    assert lstm.eval_policy_kwargs(image_args) == {"epsilon": 0.001}
+    assert lstm.eval_policy_kwargs(vector_args) == {"epsilon": 0.0}
+    env_fn = partial(make_env, "tests.memory_envs:GreedyNeverEnds-v0", training=False)
+    model = RecurrentAlwaysNoop()
+    greedy = Evaluation(vector_args, env_fn, lstm.policy_step, model, torch.device("cpu"),
+                        **lstm.eval_policy_kwargs(vector_args)).returns()
+    assert greedy == [1000.0] * 4
+    image_args.eval_epsilon = 0.05
+    returns = Evaluation(image_args, env_fn, lstm.policy_step, model, torch.device("cpu"),
+                         **lstm.eval_policy_kwargs(image_args)).returns()
+    assert len(returns) == 4 and max(returns) < 1000
+
+
 @pytest.mark.parametrize("script", ["rainbow_atari", "dqn_atari", "c51_atari"])
 def test_deep_q_atari_evaluation_is_epsilon_greedy(script):
     from conftest import load_script
