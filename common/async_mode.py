@@ -103,8 +103,7 @@ class ReplayFeeder:
         if distributed.rank() > 0:  # as make_sampler does: the replay minibatches of each rank are its own
             seed_worker(seed, REPLICA_STREAM)
         device = next(model.parameters()).device
-        # parallel-gpu / alternating-gpu run the sampling process's inference on --device; the others on CPU.
-        self.inference_device = device if args.sampler in ("parallel-gpu", "alternating-gpu") else torch.device("cpu")
+        self.inference_device = inference_device(args.sampler, device)
         probe = EnvGroup(env_fn, [seed])
         try:
             self.example = samples_example(probe, policy_step, model, device)
@@ -191,6 +190,12 @@ class ReplayFeeder:
             self.process.kill()
             self.process.join()
         self.process = None
+
+
+def inference_device(sampler: str, model_device: torch.device) -> torch.device:
+    """Where the sampling process runs the policy: parallel-gpu / alternating-gpu on the model's device
+    (--device), the other kinds on the CPU (parallel-cpu's workers act on CPU copies)."""
+    return model_device if sampler in ("parallel-gpu", "alternating-gpu") else torch.device("cpu")
 
 
 def append_batch(replay: Any, batch: Any) -> None:

@@ -215,3 +215,38 @@ def test_async_sampling_process_is_seeded(run_in):
         actions.append(replay["action"][:600])
     assert actions[0].abs().sum() > 0 and torch.equal(actions[0], actions[1])
     assert not torch.equal(actions[0], actions[2])
+
+
+def test_parallel_gpu_kinds_run_the_sampling_process_inference_on_the_model_device():
+    from common.async_mode import inference_device
+
+    cuda = torch.device("cuda", 1)  # a device object needs no GPU
+    assert inference_device("parallel-gpu", cuda) == cuda and inference_device("alternating-gpu", cuda) == cuda
+    assert inference_device("parallel-cpu", cuda) == torch.device("cpu")
+    assert inference_device("serial", cuda) == torch.device("cpu")
+
+
+def test_the_sampling_process_moves_its_policy_to_the_device_it_is_given_and_samples_there(monkeypatch):
+    import queue
+    import threading
+
+    from common import async_mode
+
+    seen = {}
+
+    def recording_make_sampler(args, env_fn, policy_step, model, horizon, seed, device):
+        seen.update(device=device, model=next(model.parameters()).device)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(async_mode, "make_sampler", recording_make_sampler)
+    errors, threads = queue.Queue(), torch.get_num_threads()
+    meta = torch.device("meta")  # not the CPU: shows the device is the one passed in
+    try:
+        with pytest.raises(SystemExit):
+            async_mode.sampling_main(make_args(True), partial(make_env, "CartPole-v1"), switch_policy, Switch(), None,
+                                     async_mode.append_batch, 4, no_exploration, 0, torch.zeros(4, dtype=torch.int64),
+                                     threading.Lock(), queue.Queue(), errors, os.getppid(), 1000, meta)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"device": meta, "model": meta}
+    assert "recorded" in errors.get_nowait()
