@@ -123,7 +123,11 @@ def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_m
 
     def allocate(leaf):
         if isinstance(leaf, torch.Tensor):
-            tensor = torch.zeros(leading_dims + tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device)
+            shape = leading_dims + tuple(leaf.shape)
+            if leaf.device.type == "cpu" and not share_memory and leaf.dtype != torch.bfloat16:
+                # numpy's zeros come from the OS untouched: a large buffer costs memory only as it fills.
+                return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=leaf.dtype).numpy().dtype))
+            tensor = torch.zeros(shape, dtype=leaf.dtype, device=leaf.device)
             return tensor.share_memory_() if share_memory else tensor
         array = np.asarray(leaf)
         if share_memory:

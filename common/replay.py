@@ -272,8 +272,7 @@ class UniformReplayBuffer:
     # ---- storage plumbing ----
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.zeros(shape, dtype=dtype)
-        return tensor.share_memory_() if self.share_memory else tensor
+        return buffer_from_example(torch.zeros((), dtype=dtype), shape, self.share_memory)
 
     def _bind(self) -> None:
         """Expose every stored tensor as a numpy view attribute of the same name (zero copy)."""

@@ -1,6 +1,7 @@
 """common.replay against brute-force references computed with plain Python loops over the raw stream."""
 
 import io
+import os
 import multiprocessing as mp
 import pickle
 
@@ -521,3 +522,23 @@ def test_private_buffer_pickles_by_value():
     copy.append(stream[:3])
     assert int(copy.counters[0]) == 23 and int(buffer.counters[0]) == 20
     assert np.array_equal(buffer.observation, stream.observation.numpy())
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_large_buffer_takes_memory_only_as_it_fills():
+    # An Atari-sized ring (here 1 GB of frames) must not be zero-filled up front: a default dqn_atari run
+    # would commit its whole 1M-frame buffer (7 GiB) before the first step.
+    example = Samples(observation=torch.zeros(84, 84, dtype=torch.uint8), action=torch.zeros((), dtype=torch.int64),
+                      reward=torch.zeros(()), terminated=torch.zeros((), dtype=torch.bool),
+                      truncated=torch.zeros((), dtype=torch.bool), prev_action=torch.zeros((), dtype=torch.int64),
+                      prev_reward=torch.zeros(()), next_observation=torch.zeros(84, 84, dtype=torch.uint8),
+                      agent_info=None)
+    before = resident_bytes()
+    buffer = UniformReplayBuffer(example, size=150_000, n_envs=1)
+    assert buffer.observation.nbytes > 10**9
+    assert resident_bytes() - before < 2**27, "the ring was written when it was built"
+    assert buffer.observation[123_456].sum() == 0 and buffer.final_index[99_999, 0] == 0
