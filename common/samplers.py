@@ -326,9 +326,6 @@ class SerialSampler:
         return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device, max_envs,
                         **policy_kwargs)
 
-    def state(self) -> dict:
-        return {}
-
     def close(self) -> None:
         self.group.close()
 
@@ -699,9 +696,6 @@ class ParallelSampler:
             self.broken = self.broken or f"an evaluation was interrupted ({type(error).__name__})"
             raise
         return [episode for per_env in replies for episodes in per_env for episode in episodes]
-
-    def state(self) -> dict:
-        return {}
 
     # ---- talking to the workers ----
 
