@@ -90,15 +90,6 @@ def namedarraytuple(typename: str, field_names: Sequence[str] | str, module: str
     return cls
 
 
-def is_namedarraytuple(obj: Any) -> bool:
-    """True for instances of classes made by namedarraytuple."""
-    return isinstance(obj, tuple) and hasattr(obj, "_fields") and hasattr(type(obj), "items")
-
-
-def is_namedtuple_class(cls: Any) -> bool:
-    return isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")
-
-
 def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     """Apply `fn` to every leaf (array / tensor / scalar) of a (nested) namedtuple; None stays None."""
     if buffer is None:
@@ -167,29 +158,3 @@ def buffer_to(buffer: Any, device: torch.device | str | None = None, non_blockin
     if device is None:
         return buffer
     return buffer_map(lambda leaf: torch.as_tensor(leaf).to(device, non_blocking=non_blocking), buffer)
-
-
-def infer_leading_dims(tensor: torch.Tensor, n_dim: int) -> tuple[int, int, int, bool]:
-    """For a model input whose trailing `n_dim` dims are one sample, find its leading dims.
-
-    Accepts [...], [B, ...] and [T, B, ...]. Returns (n_leading, T, B, has_leading) so that the model
-    can flatten to [T*B, ...] and `restore_leading_dims` can undo it.
-    """
-    n_leading = tensor.dim() - n_dim
-    if n_leading not in (0, 1, 2):
-        raise ValueError(f"expected 0, 1 or 2 leading dims before a {n_dim}-dim sample, got {tuple(tensor.shape)}")
-    T, B = (1, 1) if n_leading == 0 else ((1, tensor.shape[0]) if n_leading == 1 else tensor.shape[:2])
-    return n_leading, T, B, n_leading > 0
-
-
-def restore_leading_dims(tensors: Any, n_leading: int, T: int = 1, B: int = 1) -> Any:
-    """Reshape [T*B, ...] outputs back to the input's leading dims ([...], [B, ...] or [T, B, ...])."""
-
-    def reshape(tensor):
-        if n_leading == 2:
-            return tensor.reshape((T, B) + tuple(tensor.shape[1:]))
-        if n_leading == 0:
-            return tensor.squeeze(0)
-        return tensor
-
-    return buffer_map(reshape, tensors)

@@ -8,10 +8,8 @@ import torch
 from common.namedarraytuple import (
     buffer_from_example,
     buffer_to,
-    infer_leading_dims,
     namedarraytuple,
     numpify_buffer,
-    restore_leading_dims,
     torchify_buffer,
 )
 
@@ -124,14 +122,3 @@ def test_buffer_from_example_shapes_dtypes_and_conversions():
     assert as_torch.info.x[1, 1] == 3.5
     moved = buffer_to(buf, "cpu")
     assert isinstance(moved.obs, torch.Tensor) and moved.obs.dtype == torch.uint8
-
-
-def test_leading_dims_roundtrip():
-    for shape in [(6,), (5, 6), (4, 5, 6)]:
-        x = torch.randn(shape)
-        n_leading, T, B, _ = infer_leading_dims(x, 1)
-        flat = x.reshape(T * B, 6)
-        restored = restore_leading_dims(flat, n_leading, T, B)
-        assert torch.equal(restored, x)
-    with pytest.raises(ValueError):
-        infer_leading_dims(torch.zeros(1, 2, 3, 4), 1)
