@@ -7,10 +7,8 @@
     batch[t] = step     # field-by-field copy from a Samples (or any structure with the same fields)
 
 Fields may themselves be namedarraytuples (nested structures recurse) or None (skipped everywhere).
-Indexing the tuple by position is `x.get(i)`; `x.items()` gives `(name, value)` pairs, so those two
-names cannot be fields. The same class works for numpy arrays and torch tensors, and instances pickle
-(also to processes started with `spawn`) as long as the class is bound to a module-level name equal
-to its type name.
+The same class works for numpy arrays and torch tensors, and instances pickle (also to processes started
+with `spawn`) as long as the class is bound to a module-level name equal to its type name.
 """
 
 from __future__ import annotations
@@ -23,15 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-RESERVED_NAMES = ("get", "items")
 
-
-def namedarraytuple(typename: str, field_names: Sequence[str] | str, module: str | None = None) -> type:
+def namedarraytuple(typename: str, field_names: Sequence[str] | str) -> type:
     """Return a namedtuple class whose indexing and item assignment apply to every non-None field."""
     base = namedtuple(typename, field_names)
-    for name in base._fields:
-        if name in RESERVED_NAMES:
-            raise ValueError(f"namedarraytuple {typename!r}: field name {name!r} is reserved; rename it")
 
     def __getitem__(self, loc):
         try:
@@ -57,33 +50,18 @@ def namedarraytuple(typename: str, field_names: Sequence[str] | str, module: str
             except (ValueError, IndexError, TypeError, RuntimeError) as error:
                 raise type(error)(f"namedarraytuple {typename}: field {name!r}: {error}") from error
 
-    def __contains__(self, key):
-        return key in self._fields
-
-    def get(self, index):
-        """The field at position `index` (plain tuple indexing)."""
-        return tuple.__getitem__(self, index)
-
-    def items(self):
-        """(name, value) pairs, like dict.items()."""
-        return zip(self._fields, self)
-
     namespace = {
         "__getitem__": __getitem__,
         "__setitem__": __setitem__,
-        "__contains__": __contains__,
-        "get": get,
-        "items": items,
         "__slots__": (),
         "__doc__": f"namedarraytuple {typename}({', '.join(base._fields)})",
     }
     cls = type(typename, (base,), namespace)
     # Pickle looks the class up as module.typename: point it at the module that defined it.
-    if module is None:
-        try:
-            module = sys._getframe(1).f_globals.get("__name__", "__main__")
-        except (AttributeError, ValueError):
-            module = "__main__"
+    try:
+        module = sys._getframe(1).f_globals.get("__name__", "__main__")
+    except (AttributeError, ValueError):
+        module = "__main__"
     cls.__module__ = module
     base.__module__ = module
     base.__qualname__ = base.__name__ = f"{typename}_base"

@@ -54,21 +54,10 @@ def test_setitem_broadcasts_a_value_into_every_field():
     assert (outer.obs[:, 0] != 0).any()
 
 
-def test_none_fields_stay_none_and_contains_checks_names():
+def test_none_fields_stay_none():
     p = Point(x=np.zeros(3), y=None)
     p[0] = 5.0
     assert p.y is None and p[1:].y is None and p.x[0] == 5.0
-    assert "x" in p and "y" in p and "z" not in p
-
-
-def test_get_items_and_reserved_names():
-    p = Point(x=np.zeros(2), y=np.ones(2))
-    assert p.get(1) is p.y
-    assert [name for name, _ in p.items()] == ["x", "y"]
-    with pytest.raises(ValueError, match="reserved"):
-        namedarraytuple("Bad", ["get", "a"])
-    with pytest.raises(ValueError, match="reserved"):
-        namedarraytuple("Bad", ["items"])
 
 
 def test_error_inside_a_field_names_the_field():

@@ -397,7 +397,7 @@ def test_state_dict_round_trip_restores_identical_samples(buffer_class):
         expected = buffer.sample(32)
         torch.manual_seed(123)
         got = restored.sample(32)
-        for name, value in expected.items():
+        for name, value in zip(expected._fields, expected):
             assert torch.equal(value, getattr(got, name)), name
     assert len(restored) == len(buffer)
 
