@@ -100,8 +100,7 @@ def fake_batches(args: Args, device: torch.device, n: int = 8) -> list:
     b, o, a = args.batch_size, args.obs_dim, args.act_dim
     return [buffer_to(ReplaySamples(
         observation=torch.randn(b, o, dtype=torch.float64), action=torch.rand(b, a) * 2 - 1,
-        prev_action=torch.zeros(b, a), prev_reward=torch.zeros(b), n_step_return=torch.randn(b),
-        done=torch.zeros(b), bootstrap_observation=torch.randn(b, o, dtype=torch.float64),
+        n_step_return=torch.randn(b), bootstrap_observation=torch.randn(b, o, dtype=torch.float64),
         discount=torch.full((b,), 0.99), weight=torch.ones(b), index=torch.arange(b),
     ), device) for _ in range(n)]
 

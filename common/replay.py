@@ -37,10 +37,7 @@ ReplaySamples = namedarraytuple(
     [
         "observation",  # [N, ...] observation at the window's first step t
         "action",  # [N, ...] action taken at t
-        "prev_action",  # [N, ...]
-        "prev_reward",  # [N]
         "n_step_return",  # [N] sum_{j<m} gamma^j r_{t+j}, the window cut at the first episode end
-        "done",  # [N] 1.0 where the episode terminated within the window
         "bootstrap_observation",  # [N, ...] true next observation of the window's last step
         "discount",  # [N] gamma^m * (1 - terminated at the window's last step)
         "weight",  # [N] importance weight (ones for uniform sampling)
@@ -405,17 +402,13 @@ class UniformReplayBuffer:
         n_step_return = (self.reward[window, env[:, None]] * in_window) @ (self.gamma ** np.arange(self.n_step))
         window_length = in_window.sum(axis=1)
         last = window_length - 1
-        done = terminated[np.arange(len(index)), last]
-        discount = self.gamma**window_length * ~done
+        discount = self.gamma**window_length * ~terminated[np.arange(len(index)), last]
         observation = self._observation(row, env)
         bootstrap = self._next_observation(window[np.arange(len(index)), last], env)
         return ReplaySamples(
             observation=torch.from_numpy(observation),
             action=torch.from_numpy(self.action[row, env]),
-            prev_action=torch.from_numpy(self.prev_action[row, env]),
-            prev_reward=torch.from_numpy(self.prev_reward[row, env]),
             n_step_return=torch.from_numpy(n_step_return.astype(np.float32)),
-            done=torch.from_numpy(done.astype(np.float32)),
             bootstrap_observation=torch.from_numpy(bootstrap),
             discount=torch.from_numpy(discount.astype(np.float32)),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),

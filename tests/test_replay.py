@@ -128,13 +128,10 @@ def check_transitions(buffer, stream, samples, steps_written, history):
         g = global_step(index // n_envs, steps_written, buffer.n_rows)
         # never an invalid index: the window, its next observation and the stack history are all stored
         assert max(0, steps_written - buffer.n_rows) + history <= g <= steps_written - buffer.n_step - 1
-        n_step_return, done, discount, bootstrap = reference_transition(stream, g, b, buffer.n_step, GAMMA)
+        n_step_return, _, discount, bootstrap = reference_transition(stream, g, b, buffer.n_step, GAMMA)
         assert np.array_equal(samples.observation[i].numpy(), stream.observation[g, b])
         assert np.array_equal(samples.action[i].numpy(), stream.action[g, b])
-        assert np.array_equal(samples.prev_action[i].numpy(), stream.prev_action[g, b])
-        assert samples.prev_reward[i].item() == stream.prev_reward[g, b]
         assert samples.n_step_return[i].item() == pytest.approx(n_step_return, abs=1e-5)
-        assert samples.done[i].item() == float(done)
         assert samples.discount[i].item() == pytest.approx(discount, abs=1e-6)
         assert np.array_equal(samples.bootstrap_observation[i].numpy(), bootstrap)
 
@@ -464,15 +461,12 @@ def check_samples(buffer):
         observation = samples.observation.tolist()
         for i, (g, b, code) in enumerate(observation):
             g, b = int(g), int(b)
-            n_step_return, done, bootstrap = expected_transition(g, b)
+            n_step_return, _, bootstrap = expected_transition(g, b)
             consistent = (
                 code == g * N_ENVS + b
                 and samples.index[i].item() % N_ENVS == b
                 and samples.action[i].item() == g * N_ENVS + b
-                and samples.prev_action[i].item() == -g
-                and samples.prev_reward[i].item() == -code
                 and abs(samples.n_step_return[i].item() - n_step_return) < 1e-4
-                and samples.done[i].item() == float(done)
                 and samples.bootstrap_observation[i].tolist() == bootstrap
             )
             if not consistent:
