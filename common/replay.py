@@ -544,9 +544,9 @@ class FrameReplayBuffer(UniformReplayBuffer):
 
     Only the newest frame of every observation is kept (plus the newest frame of each episode's final
     observation, in a pool of `final_capacity` frames, default size // 16); stacks are rebuilt when sampled
-    from the frames of the same episode, earlier slots zero (`frame_padding="zero"`) or repeating the
-    episode's first frame (`"repeat"`, what envs.FrameStack does after a reset). If episodes end more often
-    than the pool can hold, the oldest items whose final frame was evicted stop being sampled.
+    from the frames of the same episode, slots before its first frame repeating that frame (what
+    envs.FrameStack does after a reset; `frame_padding="repeat"`, the only padding). If episodes end more
+    often than the pool can hold, the oldest items whose final frame was evicted stop being sampled.
     Other arguments go to the buffer class it is combined with (UniformReplayBuffer: n_step, gamma,
     share_memory; PrioritizedReplayBuffer adds alpha, beta, default_priority; SequenceReplayBuffer...).
     """
@@ -557,18 +557,17 @@ class FrameReplayBuffer(UniformReplayBuffer):
         size: int,
         n_envs: int,
         *args: Any,
-        frame_padding: str = "zero",
+        frame_padding: str = "repeat",
         final_capacity: int | None = None,
         **kwargs: Any,
     ):
-        if frame_padding not in ("zero", "repeat"):
-            raise ValueError(f"frame_padding must be 'zero' or 'repeat', got {frame_padding!r}")
+        if frame_padding != "repeat":
+            raise ValueError(f"frame_padding must be 'repeat' (as envs.FrameStack pads), got {frame_padding!r}")
         shape = tuple(example.observation.shape)
         if len(shape) < 2:
             raise ValueError(f"frame replay needs stacked observations [K, *frame_shape], got {shape}")
         self.frame_stack = shape[0]
         self._newest_frame = (Ellipsis, -1) + (slice(None),) * (len(shape) - 1)
-        self.frame_padding = frame_padding
         self.final_capacity = final_capacity
         super().__init__(example, size, n_envs, *args, **kwargs)
 
@@ -586,17 +585,11 @@ class FrameReplayBuffer(UniformReplayBuffer):
         """Stacks [M, K, ...] with newest frame at row `newest` [M], cut at the first True of `ended_before` [M, K-1].
 
         `ended_before[:, k - 1]` says whether an episode ended at the k-th older frame: that frame and all
-        older ones belong to an earlier episode.
+        older ones belong to an earlier episode, and the episode's first frame fills their slots.
         """
         n_older = (~np.logical_or.accumulate(ended_before, axis=1)).sum(axis=1)
-        offset = np.arange(self.frame_stack - 1, -1, -1)  # oldest frame first
-        outside = offset > n_older[:, None]
-        if self.frame_padding == "repeat":
-            offset = np.minimum(offset, n_older[:, None])  # the episode's first frame fills the earlier slots
-        stack = self.observation[(newest[:, None] - offset) % self.n_rows, env[:, None]]
-        if self.frame_padding == "zero":
-            stack[outside] = 0
-        return stack
+        offset = np.minimum(np.arange(self.frame_stack - 1, -1, -1), n_older[:, None])  # oldest slot first
+        return self.observation[(newest[:, None] - offset) % self.n_rows, env[:, None]]
 
     def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
         older = (row[:, None] - np.arange(1, self.frame_stack)) % self.n_rows
