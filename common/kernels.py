@@ -40,24 +40,6 @@ def gae_advantages(
     return advantage, advantage + value
 
 
-def discounted_returns(
-    reward: Tensor, next_value: Tensor, terminated: Tensor, truncated: Tensor, gamma: float
-) -> Tensor:
-    """Discounted returns bootstrapped from `next_value` at truncations and after the last step.
-
-    All inputs and the output are `[T, B]`.
-    """
-    terminated = terminated.bool()
-    truncated = truncated.bool()
-    returns = torch.empty_like(reward)
-    future = next_value[-1]
-    for t in range(reward.shape[0] - 1, -1, -1):
-        bootstrap = torch.where(truncated[t], next_value[t], future)
-        future = reward[t] + torch.where(terminated[t], 0.0, gamma * bootstrap)
-        returns[t] = future
-    return returns
-
-
 def n_step_returns(
     reward: Tensor, terminated: Tensor, truncated: Tensor, n_step: int, gamma: float
 ) -> tuple[Tensor, Tensor, Tensor]:

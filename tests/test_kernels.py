@@ -8,7 +8,6 @@ from torch.testing import assert_close
 
 from common.kernels import (
     categorical_projection,
-    discounted_returns,
     explained_variance,
     gae_advantages,
     inverse_value_rescale,
@@ -51,20 +50,6 @@ def reference_gae(reward, value, next_value, terminated, truncated, gamma, gae_l
             following = 0.0 if t == value.shape[0] - 1 else advantage[t + 1, b]
             advantage[t, b] = delta + gamma * gae_lambda * (1 - term) * (1 - trunc) * following
     return advantage, advantage + value
-
-
-def reference_discounted_returns(reward, next_value, terminated, truncated, gamma):
-    returns = torch.zeros_like(reward)
-    for b in range(reward.shape[1]):
-        for t in reversed(range(reward.shape[0])):
-            if terminated[t, b]:
-                bootstrap = 0.0
-            elif truncated[t, b] or t == reward.shape[0] - 1:
-                bootstrap = next_value[t, b]
-            else:
-                bootstrap = returns[t + 1, b]
-            returns[t, b] = reward[t, b] + gamma * bootstrap
-    return returns
 
 
 def reference_n_step(reward, terminated, truncated, n_step, gamma):
@@ -135,24 +120,6 @@ def test_gae_by_hand():
     delta_1 = 2.0 + 0.5 * 2.0 - 1.0
     delta_0 = 1.0 + 0.5 * 4.0 - 0.5
     assert_close(advantage, torch.tensor([[delta_0], [delta_1 + 0.25 * delta_2], [delta_2]]))
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_discounted_returns_matches_reference(seed):
-    rollout = random_rollout(seed)
-    del rollout["value"]
-    assert_close(discounted_returns(**rollout, gamma=0.95), reference_discounted_returns(**rollout, gamma=0.95))
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_discounted_returns_equal_gae_with_lambda_one(seed):
-    rollout = random_rollout(seed)
-    # Consistent values: inside an episode the next observation of step t is the observation of t + 1.
-    within_episode = ~(rollout["terminated"] | rollout["truncated"])[:-1]
-    rollout["next_value"][:-1] = torch.where(within_episode, rollout["value"][1:], rollout["next_value"][:-1])
-    _, gae_returns = gae_advantages(**rollout, gamma=0.9, gae_lambda=1.0)
-    del rollout["value"]
-    assert_close(discounted_returns(**rollout, gamma=0.9), gae_returns)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
