@@ -720,9 +720,5 @@ class PrioritizedSequenceReplayBuffer(SequenceReplayBuffer, PrioritizedReplayBuf
         super().update_priorities(index, priority)
 
 
-class FrameSequenceReplayBuffer(FrameReplayBuffer, SequenceReplayBuffer):
-    """SequenceReplayBuffer of frame stacks, each frame stored once (see FrameReplayBuffer)."""
-
-
 class PrioritizedFrameSequenceReplayBuffer(FrameReplayBuffer, PrioritizedSequenceReplayBuffer):
     """PrioritizedSequenceReplayBuffer of frame stacks, each frame stored once (see FrameReplayBuffer)."""

@@ -12,7 +12,6 @@ import torch
 from common.namedarraytuple import namedarraytuple
 from common.replay import (
     FrameReplayBuffer,
-    FrameSequenceReplayBuffer,
     PrioritizedFrameReplayBuffer,
     PrioritizedFrameSequenceReplayBuffer,
     PrioritizedReplayBuffer,
@@ -313,13 +312,12 @@ def test_a_late_priority_update_never_reaches_the_item_written_over_the_sampled_
     [
         SequenceReplayBuffer,
         PrioritizedSequenceReplayBuffer,
-        FrameSequenceReplayBuffer,
         PrioritizedFrameSequenceReplayBuffer,
     ],
 )
 def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_class):
     n_envs, n_steps, interval, frame_stack = 2, 260, 4, 3
-    frames = buffer_class in (FrameSequenceReplayBuffer, PrioritizedFrameSequenceReplayBuffer)
+    frames = buffer_class is PrioritizedFrameSequenceReplayBuffer
     stream = make_stream(n_steps, n_envs, seed=5, frame_stack=frame_stack if frames else 0, p_end=0.1)
     # rnn state before step g of env b encodes (g, b) in both leaves
     code = np.arange(n_steps)[:, None] * 10.0 + np.arange(n_envs)[None]
