@@ -445,29 +445,18 @@ class UniformReplayBuffer:
 class PrioritizedReplayBuffer(UniformReplayBuffer):
     """n-step transitions drawn with probability ∝ (priority + eps)^alpha, with importance weights.
 
-    New items enter at the largest priority seen so far (`default_priority` before any update); items not
-    yet valid (the newest steps behind the write cursor) are held at zero in the sum tree until they are.
+    Takes UniformReplayBuffer's arguments, plus `alpha`, `beta` (the importance-weight exponent when `sample`
+    is not given one) and `default_priority`. New items enter at the largest priority seen so far
+    (`default_priority` before any update); items not yet valid (the newest steps behind the write cursor)
+    are held at zero in the sum tree until they are.
     """
 
     eps = 1e-6
 
-    def __init__(
-        self,
-        example: Any,
-        size: int,
-        n_envs: int,
-        n_step: int = 1,
-        gamma: float = 0.99,
-        share_memory: bool = False,
-        alpha: float = 0.6,
-        beta: float = 0.4,
-        default_priority: float = 1.0,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, alpha: float = 0.6, beta: float = 0.4, default_priority: float = 1.0, **kwargs: Any):
         self.alpha = alpha
         self.beta = beta
-        self.default_priority = default_priority
-        super().__init__(example, size, n_envs, n_step=n_step, gamma=gamma, share_memory=share_memory, **kwargs)
+        super().__init__(*args, **kwargs)
         n_items = self.size // self.interval
         self._tensors["priority"] = self._zeros((n_items,), torch.float64)  # (p + eps)^alpha, valid or not
         self._tensors["sum_tree"] = self._zeros((SumTree.array_size(n_items),), torch.float64)
@@ -552,14 +541,7 @@ class FrameReplayBuffer(UniformReplayBuffer):
     """
 
     def __init__(
-        self,
-        example: Any,
-        size: int,
-        n_envs: int,
-        *args: Any,
-        frame_padding: str = "repeat",
-        final_capacity: int | None = None,
-        **kwargs: Any,
+        self, example: Any, *args: Any, frame_padding: str = "repeat", final_capacity: int | None = None, **kwargs: Any
     ):
         if frame_padding != "repeat":
             raise ValueError(f"frame_padding must be 'repeat' (as envs.FrameStack pads), got {frame_padding!r}")
@@ -569,7 +551,7 @@ class FrameReplayBuffer(UniformReplayBuffer):
         self.frame_stack = shape[0]
         self._newest_frame = (Ellipsis, -1) + (slice(None),) * (len(shape) - 1)
         self.final_capacity = final_capacity
-        super().__init__(example, size, n_envs, *args, **kwargs)
+        super().__init__(example, *args, **kwargs)
 
     @property
     def _history(self) -> int:
@@ -644,7 +626,6 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         train_length: int = 40,
         n_step: int = 5,
         rnn_state_interval: int = 40,
-        share_memory: bool = False,
         **kwargs: Any,
     ):
         if rnn_state_interval < 1 or burn_in < 0 or train_length < 1:
@@ -653,9 +634,9 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         self.burn_in = burn_in
         self.train_length = train_length
         self.sequence_length = burn_in + train_length + n_step
-        super().__init__(example, size, n_envs, n_step=n_step, share_memory=share_memory, **kwargs)
+        super().__init__(example, size, n_envs, n_step=n_step, **kwargs)
         self._tensors["rnn_state"] = buffer_from_example(
-            torchify_buffer(rnn_state_example), (self.n_rows // self.interval, n_envs), share_memory
+            torchify_buffer(rnn_state_example), (self.n_rows // self.interval, n_envs), self.share_memory
         )
         self._bind()
 
@@ -707,11 +688,9 @@ class SequenceReplayBuffer(UniformReplayBuffer):
 class PrioritizedSequenceReplayBuffer(SequenceReplayBuffer, PrioritizedReplayBuffer):
     """SequenceReplayBuffer sampled by priority; a sequence's priority is eta max|δ| + (1 - eta) mean|δ|."""
 
-    def __init__(
-        self, example: Any, size: int, n_envs: int, rnn_state_example: Any, *, eta: float = 0.9, **kwargs: Any
-    ):
+    def __init__(self, *args: Any, eta: float = 0.9, **kwargs: Any):
         self.eta = eta
-        super().__init__(example, size, n_envs, rnn_state_example, **kwargs)
+        super().__init__(*args, **kwargs)
 
     def update_priorities(self, index: torch.Tensor | np.ndarray, td_abs: torch.Tensor | np.ndarray) -> None:
         """Set the priorities of sampled sequences `index` [N] from their absolute TD errors `td_abs` [L', N]."""
