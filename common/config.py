@@ -32,6 +32,7 @@ import tyro
 
 from common import distributed
 from common.envs import UsageError
+from common.samplers import check_split
 
 __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "run",
            "resolve_device", "setup"]
@@ -165,12 +166,7 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
             default, args.n_envs = args.n_envs, -(-args.n_envs // multiple) * multiple
             print(f"--n-envs {args.n_envs}: the default {default} rounded up to a multiple of --n-workers "
                   f"{args.n_workers}" + (" x 2 alternating groups" if groups == 2 else ""), flush=True)
-        if args.n_envs % multiple != 0:
-            raise UsageError(
-                f"--n-envs {args.n_envs} does not split evenly over --n-workers {args.n_workers}"
-                + (" in two alternating groups" if groups == 2 else "")
-                + f": use a multiple of {multiple}"
-            )
+        check_split(args.sampler, args.n_envs, args.n_workers)
     if args.eval_episodes < 0:
         raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
 

@@ -119,10 +119,10 @@ PolicyStep = Callable[..., tuple[torch.Tensor, Any, Any]]
 class EnvGroup:
     """Environments stepped in lockstep; a finished episode is reset in the same step.
 
-    Holds each environment's current observation, previous action and previous reward. `step` writes
-    the true next observation (the final one for an ended episode) and the flags into caller-provided
-    arrays, so the same code fills a local buffer or a slice of shared memory. After `step`,
-    `finished_envs[i]` is the index of the env that produced the i-th returned episode.
+    Holds each environment's current observation, previous action and previous reward. `write_inputs` and
+    `step` fill a one-step Samples of [B, ...] arrays (a local buffer or a slice of shared memory): the policy
+    inputs, then the true next observation (the final one for an ended episode), reward and flags. After
+    `step`, `finished_envs[i]` is the index of the env that produced the i-th returned episode.
     """
 
     def __init__(self, env_fn: Callable[[int], Any], seeds: list[int]):
@@ -135,21 +135,22 @@ class EnvGroup:
         self.action_dtype = example_action.dtype
         self.finished_envs: list[int] = []
 
-    def write_inputs(self, observation: np.ndarray, prev_action: np.ndarray, prev_reward: np.ndarray) -> None:
-        """Copy the policy inputs of the current step into the given [B, ...] arrays."""
-        observation[:] = self.observation
-        prev_action[:] = self.prev_action
-        prev_reward[:] = self.prev_reward
+    def write_inputs(self, step: Samples) -> None:
+        """Copy the policy inputs of the current step into step.observation, prev_action, prev_reward."""
+        step.observation[:] = self.observation
+        step.prev_action[:] = self.prev_action
+        step.prev_reward[:] = self.prev_reward
 
-    def step(self, action: np.ndarray, next_observation: np.ndarray, reward: np.ndarray,
-             terminated: np.ndarray, truncated: np.ndarray) -> tuple[list[Episode], np.ndarray]:
-        """Step every env with its action; returns finished episodes and the [B] bool mask of ended ones."""
+    def step(self, action: np.ndarray, step: Samples) -> tuple[list[Episode], np.ndarray]:
+        """Step every env with its action [B, ...], writing the results into step.next_observation, reward,
+        terminated and truncated; returns finished episodes and the [B] bool mask of ended ones."""
         episodes = []
         self.finished_envs = []
+        terminated, truncated = step.terminated, step.truncated
         for b, env in enumerate(self.envs):
             obs, r, term, trunc, info = env.step(action[b])
-            next_observation[b] = obs
-            reward[b], terminated[b], truncated[b] = r, term, trunc
+            step.next_observation[b] = obs
+            step.reward[b], terminated[b], truncated[b] = r, term, trunc
             if term or trunc:
                 if "episode" in info:
                     episodes.append(Episode(float(info["episode"]["r"]), int(info["episode"]["l"])))
@@ -159,7 +160,7 @@ class EnvGroup:
         done = np.logical_or(terminated, truncated)
         self.prev_action[:] = action
         self.prev_action[done] = 0
-        self.prev_reward[:] = np.where(done, 0.0, reward)
+        self.prev_reward[:] = np.where(done, 0.0, step.reward)
         return episodes, done
 
     def close(self) -> None:
@@ -187,11 +188,18 @@ def call_policy(policy_step: PolicyStep, model: Any, observation: np.ndarray, pr
             model, to_device(observation, device), to_device(prev_action, device),
             to_device(prev_reward, device), rnn_state, **kwargs,
         )
-    return (
-        action.cpu().numpy(),
-        numpify_buffer(buffer_map(lambda x: x.cpu(), agent_info)),
-        rnn_state,
-    )
+    return action.cpu().numpy(), numpify_buffer(buffer_map(lambda x: x.cpu(), agent_info)), rnn_state
+
+
+def act(step: Samples, policy_step: PolicyStep, model: Any, rnn_state: Any, device: torch.device,
+        **kwargs: Any) -> Any:
+    """Run the policy on a step's inputs [B, ...] and write its action and agent_info into it; returns the rnn state."""
+    action, agent_info, rnn_state = call_policy(policy_step, model, step.observation, step.prev_action,
+                                                step.prev_reward, rnn_state, device, **kwargs)
+    step.action[:] = action
+    if agent_info is not None:
+        step.agent_info[:] = agent_info
+    return rnn_state
 
 
 def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device: torch.device) -> Samples:
@@ -235,22 +243,21 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
     n_envs = len(seeds)
     was_training = getattr(model, "training", False)
     try:
-        obs = np.empty_like(group.observation)
-        prev_action, prev_reward = np.empty_like(group.prev_action), np.empty_like(group.prev_reward)
-        next_obs = np.empty_like(group.observation)
-        reward = np.zeros(n_envs, np.float32)
-        terminated, truncated = np.zeros(n_envs, bool), np.zeros(n_envs, bool)
+        step = Samples(observation=np.empty_like(group.observation), next_observation=np.empty_like(group.observation),
+                       action=None, reward=np.zeros(n_envs, np.float32), terminated=np.zeros(n_envs, bool),
+                       truncated=np.zeros(n_envs, bool), prev_action=np.empty_like(group.prev_action),
+                       prev_reward=np.empty_like(group.prev_reward), agent_info=None)
         per_env: list[list[Episode]] = [[] for _ in range(n_envs)]
         rnn_state = None
         if hasattr(model, "eval"):
             model.eval()
         while any(len(per_env[i]) < quotas[i] for i in range(n_envs)):
-            group.write_inputs(obs, prev_action, prev_reward)
+            group.write_inputs(step)
             action, _, rnn_state = call_policy(
-                policy_step, model, obs, prev_action, prev_reward, rnn_state, device,
+                policy_step, model, step.observation, step.prev_action, step.prev_reward, rnn_state, device,
                 deterministic=True, **policy_kwargs,
             )
-            episodes, done = group.step(action, next_obs, reward, terminated, truncated)
+            episodes, done = group.step(action, step)
             for b, episode in zip(group.finished_envs, episodes):
                 if len(per_env[b]) < quotas[b]:
                     per_env[b].append(episode)
@@ -300,17 +307,9 @@ class SerialSampler:
         episodes: list[Episode] = []
         for t in range(self.horizon):
             step = self.samples_np[t]
-            self.group.write_inputs(step.observation, step.prev_action, step.prev_reward)
-            action, agent_info, self.rnn_state = call_policy(
-                self.policy_step, self.model, step.observation, step.prev_action, step.prev_reward,
-                self.rnn_state, self.device, **policy_kwargs,
-            )
-            step.action[:] = action
-            if agent_info is not None:
-                step.agent_info[:] = agent_info
-            finished, done = self.group.step(
-                step.action, step.next_observation, step.reward, step.terminated, step.truncated
-            )
+            self.group.write_inputs(step)
+            self.rnn_state = act(step, self.policy_step, self.model, self.rnn_state, self.device, **policy_kwargs)
+            finished, done = self.group.step(step.action, step)
             episodes += finished
             self.rnn_state = zero_rnn_state(self.rnn_state, torch.from_numpy(done))
         return self.samples, episodes
@@ -408,15 +407,12 @@ class EnvSlice:
         self.rnn_state = None
 
     def write_inputs(self, t: int) -> None:
-        step = self.samples[t]
-        self.group.write_inputs(step.observation, step.prev_action, step.prev_reward)
+        self.group.write_inputs(self.samples[t])
 
     def step(self, t: int) -> np.ndarray:
         """Step with the actions of step t; record results and finished episodes; returns the done mask."""
         step, stats = self.samples[t], self.stats[t]
-        episodes, done = self.group.step(
-            step.action, step.next_observation, step.reward, step.terminated, step.truncated
-        )
+        episodes, done = self.group.step(step.action, step)
         stats.ended[:] = False
         for b, episode in zip(self.group.finished_envs, episodes):
             stats.ended[b], stats.ret[b], stats.length[b] = True, episode.ret, episode.length
@@ -433,15 +429,8 @@ def collect_with_policy(spec: WorkerSpec, slices: list[EnvSlice], watch: MainWat
         if watch.stop_flag[0]:
             raise WorkerStopped
         for envs in slices:
-            step = envs.samples[t]
             envs.write_inputs(t)
-            action, agent_info, envs.rnn_state = call_policy(
-                spec.policy_step, spec.model, step.observation, step.prev_action, step.prev_reward,
-                envs.rnn_state, cpu, **policy_kwargs,
-            )
-            step.action[:] = action
-            if agent_info is not None:
-                step.agent_info[:] = agent_info
+            envs.rnn_state = act(envs.samples[t], spec.policy_step, spec.model, envs.rnn_state, cpu, **policy_kwargs)
             done = envs.step(t)
             envs.rnn_state = zero_rnn_state(envs.rnn_state, torch.from_numpy(done))
 
@@ -528,6 +517,17 @@ def worker_main(spec: WorkerSpec) -> None:
 _LIVE_SAMPLERS: weakref.WeakSet = weakref.WeakSet()
 
 
+def check_split(kind: str, n_envs: int, n_workers: int) -> None:
+    """UsageError unless --n-envs splits evenly over --n-workers (in two halves for alternating-gpu)."""
+    n_halves = 2 if kind == "alternating-gpu" else 1
+    if n_workers < 1 or n_envs % (n_halves * n_workers) != 0:
+        raise UsageError(
+            f"--sampler {kind}: --n-envs {n_envs} does not split evenly over --n-workers {n_workers}"
+            + (" in two alternating halves" if n_halves == 2 else "")
+            + f": use a multiple of {n_halves * max(n_workers, 1)}"
+        )
+
+
 @atexit.register
 def close_live_samplers() -> None:
     """At interpreter exit, stop the workers of samplers that were not closed."""
@@ -543,13 +543,8 @@ class ParallelSampler:
                  start_method: str = "spawn", eval_env_fn: Callable[[int], Any] | None = None):
         if kind not in PARALLEL_KINDS:
             raise UsageError(f"unknown parallel sampler {kind!r}: use one of {', '.join(PARALLEL_KINDS)}")
+        check_split(kind, n_envs, n_workers)
         n_halves = 2 if kind == "alternating-gpu" else 1
-        if n_workers < 1 or n_envs % (n_halves * n_workers) != 0:
-            raise UsageError(
-                f"--sampler {kind}: --n-envs {n_envs} does not split evenly over --n-workers {n_workers}"
-                + (" in two alternating halves" if n_halves == 2 else "")
-                + f": use a multiple of {n_halves * max(n_workers, 1)}"
-            )
         self.kind, self.policy_step, self.model, self.device = kind, policy_step, model, device
         self.n_envs, self.horizon, self.seed, self.n_workers = n_envs, horizon, seed, n_workers
         self.eval_env_fn = eval_env_fn or env_fn
@@ -643,14 +638,8 @@ class ParallelSampler:
                     self._acquire(ready[h])
                 if t > 0:
                     self.rnn_state[h] = zero_rnn_state(self.rnn_state[h], self._done(t - 1, columns))
-                step = self.samples_np[t, columns]
-                action, agent_info, self.rnn_state[h] = call_policy(
-                    self.policy_step, self.model, step.observation, step.prev_action, step.prev_reward,
-                    self.rnn_state[h], self.device, **policy_kwargs,
-                )
-                step.action[:] = action
-                if agent_info is not None:
-                    step.agent_info[:] = agent_info
+                self.rnn_state[h] = act(self.samples_np[t, columns], self.policy_step, self.model, self.rnn_state[h],
+                                        self.device, **policy_kwargs)
                 for ready in self.act_ready:
                     ready[h].release()
         self._wait_replies(range(self.n_workers))
