@@ -109,26 +109,12 @@ def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_m
 
 def torchify_buffer(buffer: Any) -> Any:
     """numpy leaves → torch tensors sharing their memory (zero copy); tensors pass through."""
-
-    def to_torch(leaf):
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-        if isinstance(leaf, np.ndarray):
-            return torch.from_numpy(leaf)
-        return torch.as_tensor(leaf)
-
-    return buffer_map(to_torch, buffer)
+    return buffer_map(torch.as_tensor, buffer)
 
 
 def numpify_buffer(buffer: Any) -> Any:
     """torch leaves (on CPU) → numpy arrays sharing their memory (zero copy); arrays pass through."""
-
-    def to_numpy(leaf):
-        if isinstance(leaf, torch.Tensor):
-            return leaf.detach().cpu().numpy()
-        return leaf
-
-    return buffer_map(to_numpy, buffer)
+    return buffer_map(lambda leaf: leaf.detach().cpu().numpy() if isinstance(leaf, torch.Tensor) else leaf, buffer)
 
 
 def buffer_to(buffer: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> Any:
