@@ -11,10 +11,6 @@ import torch
 from torch import Tensor
 
 
-def _as_float(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.to(dtype=like.dtype)
-
-
 def gae_advantages(
     reward: Tensor,
     value: Tensor,
@@ -28,9 +24,9 @@ def gae_advantages(
 
     All inputs and outputs are `[T, B]`; `next_value[t]` is the value of step t's true next observation.
     """
-    not_terminated = 1.0 - _as_float(terminated, value)
+    not_terminated = 1.0 - terminated.to(value.dtype)
     # The advantage recursion stops at any episode end; only termination also drops the bootstrap value.
-    continues = not_terminated * (1.0 - _as_float(truncated, value))
+    continues = not_terminated * (1.0 - truncated.to(value.dtype))
     delta = reward + gamma * not_terminated * next_value - value
     advantage = torch.empty_like(value)
     next_advantage = torch.zeros_like(value[0])
@@ -63,11 +59,11 @@ def n_step_returns(
     in_window = torch.ones_like(stops[:T])
     for k in range(1, max_length):
         in_window = in_window & ~stops[k - 1 : k - 1 + T]
-        returns = returns + (gamma**k) * padded_reward[k : k + T] * _as_float(in_window, reward)
+        returns = returns + (gamma**k) * padded_reward[k : k + T] * in_window.to(reward.dtype)
         window_length = window_length + in_window.long()
     time_index = torch.arange(T, device=reward.device).view(T, *([1] * (reward.dim() - 1)))
     last_index = time_index + window_length - 1
-    terminated_at_last = _as_float(terminated, reward).gather(0, last_index)
+    terminated_at_last = terminated.to(reward.dtype).gather(0, last_index)
     discount = gamma ** window_length.to(reward.dtype) * (1.0 - terminated_at_last)
     return returns, discount, last_index
 
