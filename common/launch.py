@@ -455,8 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = (["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps is not None else []) + passed
         variants = [variant_flags(v) for v in args.variants] or [[]]
         experiments = grid(args.scripts, args.env_ids, args.seeds, variants, common)
-        for script in args.scripts:
-            script_path(script)
         output_dir = Path(args.output_dir or Path("runs") / time.strftime("launch-%Y%m%d-%H%M%S"))
         if args.dry_run:
             for e in experiments:
