@@ -142,12 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     returns = [e.ret for e in episodes]
-    if video_dir is not None:
-        for video in sorted(video_dir.glob("*.mp4")):
-            print(f"video: {video}")
-        if args.track:
-            _upload(run_dir, video_dir, float(np.mean(returns)) if returns else float("nan"))
     mean, std = (float(np.mean(returns)), float(np.std(returns))) if returns else (float("nan"), float("nan"))
+    for video in sorted(video_dir.glob("*.mp4")) if video_dir is not None else []:
+        print(f"video: {video}")
+    if args.track and video_dir is not None:
+        _upload(run_dir, video_dir, mean)
     print(f"eval return: {mean:.2f} ± {std:.2f} over {len(returns)} episodes")
     return 0
 
