@@ -96,6 +96,7 @@ Samples = namedarraytuple(
 EpisodeStats = namedarraytuple("EpisodeStats", ["ended", "ret", "length"])
 
 EVAL_SEED_OFFSET = 1_000_003
+EVAL_MAX_ENVS = 8  # evaluation episodes run batched over at most this many envs
 PARALLEL_KINDS = ("parallel-cpu", "parallel-gpu", "alternating-gpu")
 MAIN_POLL_S = 0.05  # a main-process wait checks that the workers live this often
 WORKER_POLL_S = 0.5  # a worker wait checks that the main process lives this often
@@ -229,9 +230,9 @@ def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluation_plan(n_episodes: int, seed: int, max_envs: int = 8) -> tuple[list[int], list[int]]:
+def evaluation_plan(n_episodes: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeds of the evaluation envs and how many episodes each runs: episode k is one of env k % E."""
-    n_envs = min(n_episodes, max_envs)
+    n_envs = min(n_episodes, EVAL_MAX_ENVS)
     quotas = [n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)]
     return [seed + EVAL_SEED_OFFSET + i for i in range(n_envs)], quotas
 
@@ -270,15 +271,15 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
 
 
 def evaluate(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_episodes: int, seed: int,
-             device: torch.device | None = None, max_envs: int = 8, **policy_kwargs: Any) -> list[Episode]:
-    """Run `n_episodes` deterministic episodes (batched over up to `max_envs` envs); returns their stats.
+             device: torch.device | None = None, **policy_kwargs: Any) -> list[Episode]:
+    """Run `n_episodes` deterministic episodes (batched over up to EVAL_MAX_ENVS envs); returns their stats.
 
     Episode k is the k-th of env k % E, so the set of episodes does not depend on their lengths.
     """
     if n_episodes <= 0:
         return []
     device = device if device is not None else next(model.parameters()).device
-    seeds, quotas = evaluation_plan(n_episodes, seed, max_envs)
+    seeds, quotas = evaluation_plan(n_episodes, seed)
     per_env = run_episodes(env_fn, policy_step, model, seeds, quotas, device, **policy_kwargs)
     return [episode for episodes in per_env for episode in episodes]
 
@@ -300,7 +301,6 @@ class SerialSampler:
         self.samples_np = buffer_from_example(self.example, (horizon, n_envs))
         self.samples = torchify_buffer(self.samples_np)
         self.rnn_state = None
-        self.n_envs = n_envs
 
     def collect(self, **policy_kwargs: Any) -> tuple[Samples, list[Episode]]:
         """Step every environment `horizon` times; returns the [T, B] batch and finished episodes."""
@@ -318,12 +318,10 @@ class SerialSampler:
         """The serial sampler runs the training model itself: nothing to copy."""
         self.model = model
 
-    def evaluate(self, n_episodes: int, seed: int | None = None, max_envs: int = 8,
-                 **policy_kwargs: Any) -> list[Episode]:
+    def evaluate(self, n_episodes: int, seed: int | None = None, **policy_kwargs: Any) -> list[Episode]:
         """Deterministic episodes of the eval envs (the module-level `evaluate`, with this sampler's model)."""
         seed = self.seed if seed is None else seed
-        return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device, max_envs,
-                        **policy_kwargs)
+        return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device, **policy_kwargs)
 
     def close(self) -> None:
         self.group.close()
@@ -661,8 +659,7 @@ class ParallelSampler:
         if self.shared_model is not None:
             self.shared_model.load_state_dict(model.state_dict())
 
-    def evaluate(self, n_episodes: int, seed: int | None = None, max_envs: int = 8,
-                 **policy_kwargs: Any) -> list[Episode]:
+    def evaluate(self, n_episodes: int, seed: int | None = None, **policy_kwargs: Any) -> list[Episode]:
         """Deterministic episodes of the eval envs; the same episodes as the module-level `evaluate`.
 
         parallel-cpu runs them in the workers (env i of the evaluation in worker i * W // E, with the
@@ -671,11 +668,11 @@ class ParallelSampler:
         seed = self.seed if seed is None else seed
         if self.shared_model is None:
             return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device,
-                            max_envs, **policy_kwargs)
+                            **policy_kwargs)
         if n_episodes <= 0:
             return []
         self._check_usable()
-        seeds, quotas = evaluation_plan(n_episodes, seed, max_envs)
+        seeds, quotas = evaluation_plan(n_episodes, seed)
         chunks = [chunk for chunk in np.array_split(np.arange(len(seeds)), self.n_workers) if len(chunk)]
         try:
             for w, chunk in enumerate(chunks):
