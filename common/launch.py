@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,10 +275,8 @@ def _in_slot(cores: tuple[int, ...]):
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _stop(running: Iterable[tuple[subprocess.Popen, Result]], grace_s: float) -> None:
@@ -286,11 +285,9 @@ def _stop(running: Iterable[tuple[subprocess.Popen, Result]], grace_s: float) ->
     for proc, _ in running:
         _signal_group(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + grace_s
-    try:
+    with suppress(KeyboardInterrupt):  # a second Ctrl-C: kill now
         while any(proc.poll() is None for proc, _ in running) and time.monotonic() < deadline:
             time.sleep(0.05)
-    except KeyboardInterrupt:
-        pass  # a second Ctrl-C: kill now
     for proc, result in running:
         _signal_group(proc.pid, signal.SIGKILL)
         result.returncode = proc.wait()
