@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 import tyro
 
@@ -216,10 +218,6 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
 
 def setup(args: CommonArgs) -> torch.device:
     """Join the process group (torchrun / --n-gpus), seed everything, set torch threads; return the device."""
-    import random
-
-    import numpy as np
-
     device = resolve_device(args)
     distributed.init(device.type)
     # The same seed on every rank: data-parallel replicas build identical networks (their environments
