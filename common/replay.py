@@ -670,18 +670,14 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         def time_major(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array.reshape(length, batch, *array.shape[1:]))
 
+        steps = {name: torch.from_numpy(getattr(self, name)[row, env_of_row]) for name in _STEP_FIELDS}
         return SequenceSamples(
             observation=time_major(observation),
-            action=torch.from_numpy(self.action[row, env_of_row]),
-            reward=torch.from_numpy(self.reward[row, env_of_row]),
-            terminated=torch.from_numpy(self.terminated[row, env_of_row]),
-            truncated=torch.from_numpy(self.truncated[row, env_of_row]),
-            prev_action=torch.from_numpy(self.prev_action[row, env_of_row]),
-            prev_reward=torch.from_numpy(self.prev_reward[row, env_of_row]),
             next_observation=time_major(next_observation),
             rnn_state=buffer_map(lambda leaf: torch.from_numpy(leaf[unit, env]), self.rnn_state),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
             index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
+            **steps,
         )
 
 
