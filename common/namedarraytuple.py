@@ -27,17 +27,13 @@ def namedarraytuple(typename: str, field_names: Sequence[str] | str) -> type:
     base = namedtuple(typename, field_names)
 
     def __getitem__(self, loc):
-        try:
-            return type(self)(*(None if field is None else field[loc] for field in self))
-        except IndexError as error:
-            for name, field in zip(self._fields, self):
-                if field is None:
-                    continue
-                try:
-                    _ = field[loc]
-                except IndexError:
-                    raise IndexError(f"namedarraytuple {typename}: field {name!r}: {error}") from error
-            raise
+        fields = []
+        for name, field in zip(self._fields, self):
+            try:
+                fields.append(None if field is None else field[loc])
+            except IndexError as error:
+                raise IndexError(f"namedarraytuple {typename}: field {name!r}: {error}") from error
+        return type(self)(*fields)
 
     def __setitem__(self, loc, value):
         if not (isinstance(value, tuple) and getattr(value, "_fields", None) == self._fields):
@@ -86,9 +82,7 @@ def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_m
     leaf is a torch tensor in shared memory: those pickle by reference to child processes (also under
     `spawn`); take numpy views in the child with `numpify_buffer`.
     """
-    if isinstance(leading_dims, int):
-        leading_dims = (leading_dims,)
-    leading_dims = tuple(leading_dims)
+    leading_dims = (leading_dims,) if isinstance(leading_dims, int) else tuple(leading_dims)
 
     def allocate(leaf):
         if isinstance(leaf, torch.Tensor):
