@@ -129,14 +129,15 @@ def script_name() -> str:
 
 
 def resolve_device(args: CommonArgs) -> torch.device:
-    """The torch device for `--device` / `--n-gpus`, with one-line errors for impossible requests."""
+    """The torch device for `--device` / `--n-gpus` (0 when absent), with one-line errors for impossible requests."""
+    n_gpus = getattr(args, "n_gpus", 0)
     n_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if args.n_gpus > n_visible:
+    if n_gpus > n_visible:
         raise UsageError(
-            f"--n-gpus {args.n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus"
+            f"--n-gpus {n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus"
             + (", or train in N local processes on the CPU with --n-procs N --device cpu" if n_visible == 0 else "")
         )
-    if args.device == "cuda" or args.n_gpus > 0:
+    if args.device == "cuda" or n_gpus > 0:
         if n_visible == 0:
             raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
         return torch.device("cuda", distributed.local_rank() % n_visible)

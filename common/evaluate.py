@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import tyro
 
+from common.config import resolve_device
 from common.envs import UsageError, record_video
 from common.launch import ALGOS_DIR
 from common.logger import CHECKPOINT, load_checkpoint, upload_videos
@@ -120,19 +121,12 @@ def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None
     return evaluate(env_fn, module.policy_step, model, episodes, seed, torch.device(device), **policy_kwargs)
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a UsageError."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
-    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code."""
     args = tyro.cli(EvaluateArgs, args=argv, description=__doc__.split("\n\n")[0])
     try:
         run_dir, _ = resolve_run(args.path)
-        device = resolve_device(args.device)
+        device = resolve_device(args)
         video_dir = run_dir / "videos" if args.capture_video else None
         for old_video in video_dir.glob("*.mp4") if video_dir is not None else []:
             old_video.unlink()  # a capture replaces the previous one
