@@ -171,7 +171,7 @@ def main(args: Args) -> dict:
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
     trained = dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
     count = Counters()
-    checkpoint = restore_checkpoint(args.resume, trained, count, device)
+    checkpoint = restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
     feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
                           exploration=partial(exploration, args), start_step=count.global_step,
                           replay_state=checkpoint.get("replay") if checkpoint else None)

@@ -184,7 +184,7 @@ def main(args: Args) -> dict:
     trained = dict(actor=actor, critics=critics, target_critics=target_critics, log_alpha=log_alpha,
                    critic_optimizer=critic_optimizer, actor_optimizer=actor_optimizer)
     count = Counters()
-    checkpoint = restore_checkpoint(args.resume, trained, count, device)
+    checkpoint = restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
     feeder = ReplayFeeder(args, env_fn, policy_step, actor, partial(make_replay, args), horizon=args.num_steps,
                           exploration=partial(exploration, args), start_step=count.global_step,
                           replay_state=checkpoint.get("replay") if checkpoint else None)

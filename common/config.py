@@ -101,6 +101,8 @@ class LoggingArgs:
     """seconds between periodic checkpoints"""
     resume: str | None = None
     """continue the run saved in this directory (its saved config is used)"""
+    init_from: str | None = None
+    """start a new run from the networks and normalisation statistics saved in this run directory"""
     eval_every: int = 0
     """environment steps between evaluations during training (0: only at the end)"""
     eval_episodes: int = 10

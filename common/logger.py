@@ -92,13 +92,17 @@ def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
 
 
 def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], counters: Counters,
-                       device: torch.device | str = "cpu") -> dict | None:
+                       device: torch.device | str = "cpu", init_from: str | Path | None = None) -> dict | None:
     """Load <run_dir>/checkpoint.pt into every declared object, the counters and the RNG states.
 
     Returns the checkpoint, or None for a new run (`run_dir` None). Saved entries that `trained` does not
     declare stay in the returned dict for the caller (a replay buffer that a sampling process loads).
+    A new run with `init_from` (--init-from) starts from that run's networks and normalisation statistics
+    (every declared module and tensor), with fresh optimizers, counters and RNG streams.
     """
     if run_dir is None:
+        if init_from is not None:
+            warm_start(init_from, trained, device)
         return None
     checkpoint = load_checkpoint(run_dir, device)
     if checkpoint is None:
@@ -117,6 +121,30 @@ def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], c
         setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
     restore_rng_state(checkpoint["rng"])
     return checkpoint
+
+
+def warm_start(run_dir: str | Path, trained: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+    """Load the modules (networks, normalisation statistics) and tensors that `trained` declares from a run."""
+    checkpoint = load_checkpoint(run_dir, device)
+    if checkpoint is None:
+        raise UsageError(f"--init-from {run_dir}: no {CHECKPOINT} there; pass the directory of a saved run")
+    for name, obj in trained.items():
+        if not isinstance(obj, (torch.nn.Module, torch.Tensor)):
+            continue  # optimizers and replay start afresh
+        if name not in checkpoint:
+            raise UsageError(f"--init-from {run_dir}: the checkpoint has no {name}; it was written by another script")
+        try:
+            if isinstance(obj, torch.Tensor):
+                if obj.shape != checkpoint[name].shape:
+                    raise RuntimeError(f"shape {tuple(checkpoint[name].shape)} against {tuple(obj.shape)}")
+                with torch.no_grad():
+                    obj.copy_(checkpoint[name])
+            else:
+                obj.load_state_dict(checkpoint[name])
+        except RuntimeError as error:
+            detail = " ".join(str(error).split())
+            raise UsageError(f"--init-from {run_dir}: its {name} does not fit this run's ({detail[:300]}); "
+                             "use the network flags of that run (see its config.json)") from None
 
 
 def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.device = "cpu") -> dict | None:

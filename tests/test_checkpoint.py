@@ -134,3 +134,41 @@ def test_a_run_checkpoints_what_its_script_declares(run_in, script, flags, decla
     if script != "ppo":  # one update per step from step learning_starts on, that step included
         learning_starts = int(flags[flags.index("--learning-starts") + 1])
         assert checkpoint["n_updates"] == checkpoint["global_step"] - learning_starts + 1
+
+
+@pytest.mark.parametrize("family", [ppo_family, dqn_family, sac_family], ids=["policy-gradient", "deep-q", "qpg"])
+def test_init_from_loads_networks_and_statistics_and_leaves_optimizers_and_counters_fresh(tmp_path, family):
+    saved = family(seed=2)
+    save_checkpoint(tmp_path, checkpoint_state(saved, Counters(global_step=500, n_updates=40)))
+    fresh, count = family(seed=5), Counters()
+    fresh_optimizers = {name: flat_state(obj) for name, obj in fresh.items() if isinstance(obj, torch.optim.Optimizer)}
+    assert restore_checkpoint(None, fresh, count, init_from=tmp_path) is None
+    for name, obj in fresh.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            assert same(flat_state(obj), fresh_optimizers[name]), name  # untouched
+        else:
+            assert same(flat_state(obj), flat_state(saved[name])), name  # networks, statistics, learned tensors
+    assert count == Counters()
+
+
+def test_init_from_a_network_of_another_shape_is_a_one_line_error(tmp_path):
+    save_checkpoint(tmp_path, checkpoint_state(dqn_family(seed=1), Counters()))
+    dqn = load_script("dqn")
+    wider = dict(q_net=dqn.QNetwork(4, 2, 32, dueling=True), target_net=dqn.QNetwork(4, 2, 32, dueling=True))
+    with pytest.raises(UsageError, match="its q_net does not fit") as error:
+        restore_checkpoint(None, wider, Counters(), init_from=tmp_path)
+    assert "\n" not in str(error.value) and "config.json" in str(error.value)
+    with pytest.raises(UsageError, match="no checkpoint.pt"):
+        restore_checkpoint(None, wider, Counters(), init_from=tmp_path / "missing")
+
+
+def test_a_run_started_from_another_evaluates_as_that_run_before_it_trains(run_in, tmp_path):
+    flags = ["--env-id", "CartPole-v1", "--eval-episodes", "3"]
+    _, _, untrained = run_in("ppo", *flags, "--total-timesteps", "512", "--learning-rate", "0", run_name="untrained")
+    _, first_dir, first = run_in("ppo", *flags, "--total-timesteps", "8192", run_name="first")
+    # No learning in the second run (learning rate 0): its final evaluation is the first run's network's.
+    _, second_dir, second = run_in("ppo", *flags, "--total-timesteps", "512", "--learning-rate", "0",
+                                   "--init-from", str(first_dir), run_name="second")
+    assert first["final_eval_return"] != untrained["final_eval_return"]
+    assert second["final_eval_return"] == first["final_eval_return"]
+    assert load_checkpoint(second_dir)["global_step"] == 512
