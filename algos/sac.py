@@ -40,6 +40,8 @@ class Args(CommonArgs, AsyncArgs):
     """replay capacity in transitions"""
     gamma: float = 0.99
     """discount factor"""
+    n_step: int = 1
+    """n-step returns: the target sums n discounted rewards, then bootstraps (cut at an episode's end)"""
     tau: float = 0.005
     """target-network Polyak rate"""
     batch_size: int = 256
@@ -148,8 +150,8 @@ def exploration(args: Args, step: int) -> dict:
 
 def make_replay(args: Args, example, share_memory: bool = False) -> UniformReplayBuffer:
     """The replay buffer (shared memory when a sampling process fills it)."""
-    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma,
-                               share_memory=share_memory)
+    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step,
+                               gamma=args.gamma, share_memory=share_memory)
 
 
 def main(args: Args) -> dict:
@@ -165,8 +167,8 @@ def main(args: Args) -> dict:
     obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     probe.close()
-    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1:
-        raise UsageError("--replay-ratio, --batch-size and --num-steps must be positive")
+    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
+        raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
 
     actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
     critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
