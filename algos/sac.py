@@ -57,7 +57,9 @@ class Args(CommonArgs, AsyncArgs):
     alpha: float = 0.2
     """entropy temperature (its initial value with --autotune)"""
     autotune: bool = True
-    """tune the temperature so that the policy entropy stays near -(action dimensions)"""
+    """tune the temperature so that the policy entropy stays near --target-entropy"""
+    target_entropy: float | None = None
+    """the entropy the temperature is tuned towards (None: -(action dimensions))"""
     hidden_size: int | None = None
     """width of the actor and critic MLPs (default: 256 for MuJoCo envs, 64 for the others)"""
     num_steps: int = 1
@@ -175,7 +177,8 @@ def main(args: Args) -> dict:
     target_critics = Critics(obs_dim, act_dim, args.hidden_size).to(device).requires_grad_(False)
     target_critics.load_state_dict(critics.state_dict())
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    target_entropy = -float(act_dim)
+    if args.target_entropy is None:  # resolved here, so that config.json records the value the run used
+        args.target_entropy = -float(act_dim)
     critic_optimizer = adam(critics.parameters(), args.q_lr, device)
     actor_optimizer = adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": args.q_lr}]
                            if args.autotune else actor.parameters(), args.policy_lr, device)
@@ -217,7 +220,7 @@ def main(args: Args) -> dict:
                 distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
                 critic_optimizer.step()
                 loss, (actor_loss, alpha_loss, alpha, entropy) = actor_loss_fn(
-                    actor, critics, log_alpha, sample.observation, target_entropy)
+                    actor, critics, log_alpha, sample.observation, args.target_entropy)
                 actor_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.all_reduce_gradients([*actor.parameters(), log_alpha])

@@ -76,6 +76,7 @@ def test_resume_continues_with_every_counter(run_in):
     assert saved["global_step"] == 1200 and saved["n_updates"] == 201 and "replay" in saved
     # Extend the finished run's budget and resume it: training picks up from the checkpoint.
     config = json.loads((run_dir / "config.json").read_text())
+    assert config["target_entropy"] == -1.0  # the default: -(action dimensions) of Pendulum-v1
     (run_dir / "config.json").write_text(json.dumps({**config, "total_timesteps": 1400}))
     resumed = run_script("sac", "--resume", str(run_dir), timeout=600)
     assert "resumed from step 1200" in resumed.stdout
@@ -179,3 +180,25 @@ def test_n_step_policy_lr_and_q_lr_reach_the_run(run_in, script):
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in checkpoint["actor_optimizer"]["param_groups"]] == [3e-4]
     assert [g["lr"] for g in checkpoint["critic_optimizer"]["param_groups"]] == [2e-3]
+
+
+def test_sac_tunes_the_temperature_towards_target_entropy(run_in):
+    # The alpha loss -log_alpha (log pi + target) has the gradient -(mean log pi + target): at a known
+    # log pi of 1.5 (entropy -1.5), gradient descent lowers alpha for the target -2, raises it for -1.
+    sac = load_script("sac")
+    obs = torch.tensor([[0.3, 0.0, 10.0], [-0.2, 0.0, 20.0]])  # StubActor: log pi = 1 and 2
+    zero_q = lambda obs, action, detach: torch.zeros(2, obs.shape[0])
+    for target_entropy, gradient in ((-2.0, 0.5), (-1.0, -0.5)):
+        log_alpha = torch.tensor(math.log(0.2), requires_grad=True)
+        _, (_, alpha_loss, _, _) = sac.actor_and_alpha_loss(StubActor(), zero_q, log_alpha, obs, target_entropy)
+        alpha_loss.backward()
+        assert log_alpha.grad.item() == pytest.approx(gradient)
+
+    # The flag reaches the run: no policy on [-1, 1] has an entropy above log 2, so with --target-entropy 2
+    # every update raises the temperature; the default is -(action dimensions), recorded in config.json.
+    _, run_dir, _ = run_in("sac", "--target-entropy", "2", "--total-timesteps", "1100", "--learning-starts", "1000",
+                           "--eval-episodes", "1")
+    assert json.loads((run_dir / "config.json").read_text())["target_entropy"] == 2.0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["n_updates"] == 101
+    assert checkpoint["log_alpha"].item() > math.log(0.2) + 0.05  # about 101 Adam steps of 1e-3 upwards
