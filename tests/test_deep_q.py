@@ -10,11 +10,14 @@ import sys
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_script, read_progress, read_summary, run_script
 
 from common.envs import make_env
+from common.evaluate import evaluate_run
+from common.kernels import categorical_projection
 from common.replay import SequenceReplayBuffer
 from common.samplers import make_sampler
 
@@ -109,7 +112,65 @@ def test_r2d1_resume_continues_from_the_checkpoint(run_in, tmp_path):
     assert f"eval return: {first['final_eval_return']:.2f}" in proc.stdout
 
 
+@pytest.mark.parametrize("script, flags, head, outputs", [
+    ("c51", ["--double", "--dueling", "--total-timesteps", "3000"], "net.4.weight", (2 + 1) * 51),
+], ids=["c51-double-dueling"])
+def test_double_and_dueling_runs_on_cartpole(run_in, script, flags, head, outputs):
+    _, run_dir, summary = run_in(script, "--env-id", "CartPole-v1", *flags, "--eval-episodes", "2")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["n_updates"] > 0 and checkpoint["q_net"][head].shape[0] == outputs  # value + 2 advantages
+    assert EXPECTED_METRICS <= logged_metrics(run_dir)
+    # common.evaluate rebuilds the dueling network from the saved config and reproduces the final evaluation.
+    episodes = evaluate_run(run_dir)
+    assert np.mean([e.ret for e in episodes]) == pytest.approx(summary["final_eval_return"], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ units
+
+
+def test_c51_dueling_logits_are_value_plus_mean_free_advantage():
+    c51 = load_script("c51")
+    torch.manual_seed(0)
+    n_actions, atoms = 3, torch.linspace(-10, 10, 11)
+    model = c51.CategoricalQNetwork(4, n_actions, 16, atoms, dueling=True)
+    obs = torch.randn(5, 4)
+    with torch.no_grad():
+        streams = model.net(obs).view(5, 1 + n_actions, 11)  # [value, advantage of each action], per atom
+        logits = model.logits(obs)
+        torch.testing.assert_close(logits.mean(1), streams[:, 0])  # the mean over actions is the value stream
+        torch.testing.assert_close(logits - logits.mean(1, keepdim=True),
+                                   streams[:, 1:] - streams[:, 1:].mean(1, keepdim=True))
+        torch.testing.assert_close(model(obs), logits.log_softmax(-1))  # a distribution over atoms per action
+        # Identifiable: an advantage shift shared by all actions changes nothing; a value shift moves every logit.
+        bias = model.net[-1].bias.view(1 + n_actions, 11)
+        shift = torch.randn(11)
+        bias[1:] += shift
+        torch.testing.assert_close(model.logits(obs), logits)
+        bias[0] += shift
+        torch.testing.assert_close(model.logits(obs), logits + shift)
+
+
+def test_c51_double_lets_the_online_network_pick_the_bootstrap_action():
+    c51 = load_script("c51")
+    atoms = torch.linspace(-10, 10, 11)
+    torch.manual_seed(1)
+    q_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
+    target_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
+    n = 64
+    s = SimpleNamespace(observation=torch.randn(n, 4), bootstrap_observation=torch.randn(n, 4),
+                        action=torch.randint(0, 3, (n,)), n_step_return=torch.randn(n),
+                        discount=0.99 * (torch.rand(n) > 0.2), weight=torch.ones(n))
+    with torch.no_grad():
+        rows = torch.arange(n)
+        chosen = q_net(s.observation)[rows, s.action]
+        online_pick = q_net.q_values(q_net(s.bootstrap_observation)).argmax(-1)
+        target_pick = target_net.q_values(target_net(s.bootstrap_observation)).argmax(-1)
+        assert (online_pick != target_pick).any()  # the two rules differ on this sample
+        for double, pick in ((True, online_pick), (False, target_pick)):
+            next_probs = target_net(s.bootstrap_observation)[rows, pick].exp()  # the target network's distribution
+            target = categorical_projection(next_probs, s.n_step_return, s.discount, atoms)
+            _, per_sample, _ = c51.categorical_loss(q_net, target_net, s, double)
+            torch.testing.assert_close(per_sample, -(target * chosen).sum(-1))
 
 
 def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
