@@ -114,7 +114,8 @@ def test_r2d1_resume_continues_from_the_checkpoint(run_in, tmp_path):
 
 @pytest.mark.parametrize("script, flags, head, outputs", [
     ("c51", ["--double", "--dueling", "--total-timesteps", "3000"], "net.4.weight", (2 + 1) * 51),
-], ids=["c51-double-dueling"])
+    ("r2d1", ["--dueling", "--total-timesteps", "4000", "--learning-starts", "1600"], "head.2.weight", 2 + 1),
+], ids=["c51-double-dueling", "r2d1-dueling"])
 def test_double_and_dueling_runs_on_cartpole(run_in, script, flags, head, outputs):
     _, run_dir, summary = run_in(script, "--env-id", "CartPole-v1", *flags, "--eval-episodes", "2")
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -173,6 +174,20 @@ def test_c51_double_lets_the_online_network_pick_the_bootstrap_action():
             torch.testing.assert_close(per_sample, -(target * chosen).sum(-1))
 
 
+def test_r2d1_dueling_q_is_value_plus_mean_free_advantage():
+    r2d1 = load_script("r2d1")
+    torch.manual_seed(0)
+    model = r2d1.R2D1Network((2,), 3, hidden=16, lstm_size=8, dueling=True)
+    obs, prev_action, prev_reward = torch.randn(5, 2), torch.randint(0, 3, (5,)), torch.randn(5)
+    with torch.no_grad():
+        q, (h, _) = model(obs, prev_action, prev_reward, model.initial_state(5, torch.device("cpu")))
+        streams = model.head(h)  # [value, advantage of each action]
+        torch.testing.assert_close(q, streams[:, :1] + streams[:, 1:] - streams[:, 1:].mean(-1, keepdim=True))
+        torch.testing.assert_close(q.mean(-1), streams[:, 0])  # V is the mean Q
+        model.head[-1].bias[1:] += 5.0  # an advantage shift shared by all actions changes no Q-value
+        torch.testing.assert_close(model.q_values(h), q)
+
+
 def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
     r2d1 = load_script("r2d1")
     torch.manual_seed(0)
@@ -197,13 +212,13 @@ def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
         ended = s.terminated[period - 1] | s.truncated[period - 1]
         expected = torch.where(ended.unsqueeze(-1), torch.zeros_like(stored), hs[period - 1])
         torch.testing.assert_close(expected, stored, rtol=0, atol=1e-6)
-        next_q = r2d1.next_q_values(model, s, model.head(hs), hs, cs)
+        next_q = r2d1.next_q_values(model, s, model.q_values(hs), hs, cs)
         assert s.truncated.any() and s.terminated.any()
         t, n = s.truncated.nonzero(as_tuple=True)
         final_q, _ = model(s.next_observation[t, n], s.action[t, n], s.reward[t, n], r2d1.RnnState(hs[t, n], cs[t, n]))
         torch.testing.assert_close(next_q[t, n], final_q)
         inside = ~(s.terminated | s.truncated)[:-1]
-        torch.testing.assert_close(next_q[:-1][inside], model.head(hs[1:])[inside])
+        torch.testing.assert_close(next_q[:-1][inside], model.q_values(hs[1:])[inside])
 
 
 def test_rainbow_noise_is_fresh_per_forward_and_off_when_deterministic():
