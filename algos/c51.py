@@ -1,4 +1,5 @@
-"""C51: categorical distributional DQN for vector observations, with n-step returns and prioritized replay.
+"""C51: categorical distributional DQN for vector observations, with n-step returns, prioritized replay, double
+Q-learning and dueling streams.
 
 Bellemare et al. 2017, "A Distributional Perspective on Reinforcement Learning" (https://arxiv.org/abs/1707.06887).
 The network outputs, per action, a distribution over `--n-atoms` fixed returns in [v_min, v_max]; the target
@@ -7,6 +8,7 @@ distribution r + gamma^n z is projected back onto the atoms and the loss is the 
 
     python algos/c51.py --env-id CartPole-v1
     python algos/c51.py --env-id CartPole-v1 --n-step 3 --prioritized
+    python algos/c51.py --env-id CartPole-v1 --double --dueling
     python algos/c51.py --n-envs 4 --sampler parallel-cpu --n-workers 2
 """
 
@@ -41,6 +43,10 @@ class Args(CommonArgs, AsyncArgs):
     """largest return the distribution can represent (keep it clear of the best value: no mass piles up there)"""
     n_step: int = 1
     """n-step returns"""
+    double: bool = False
+    """double Q-learning: the online network picks the bootstrap action, the target network gives its distribution"""
+    dueling: bool = False
+    """dueling streams: logits = value [atoms] + advantage [actions, atoms] - its mean over actions"""
     prioritized: bool = False
     """prioritized experience replay (priority: the cross-entropy loss of the transition)"""
     priority_alpha: float = 0.6
@@ -84,21 +90,28 @@ class Args(CommonArgs, AsyncArgs):
 
 
 class CategoricalQNetwork(nn.Module):
-    """MLP giving, per action, the logits of a distribution over the fixed `atoms`."""
+    """MLP giving, per action, the logits of a distribution over the fixed `atoms` (dueling: from two streams)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, atoms: torch.Tensor):
+    def __init__(self, obs_dim: int, n_actions: int, hidden: int, atoms: torch.Tensor, dueling: bool = False):
         super().__init__()
-        self.n_actions, self.n_atoms = n_actions, atoms.numel()
+        self.n_actions, self.n_atoms, self.dueling = n_actions, atoms.numel(), dueling
         self.register_buffer("atoms", atoms)
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, n_actions * self.n_atoms),
+            nn.Linear(hidden, (n_actions + dueling) * self.n_atoms),
         )
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n_actions, n_atoms]; dueling: value + advantage - mean advantage, atom by atom."""
+        out = self.net(obs.float()).view(-1, self.n_actions + self.dueling, self.n_atoms)
+        if not self.dueling:
+            return out
+        value, advantage = out[:, :1], out[:, 1:]  # [B, 1, atoms], [B, n_actions, atoms]
+        return value + advantage - advantage.mean(1, keepdim=True)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, n_actions, n_atoms]."""
-        logits = self.net(obs.float()).view(-1, self.n_actions, self.n_atoms)
-        return logits.log_softmax(-1)
+        return self.logits(obs).log_softmax(-1)
 
     def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
         """Expected returns [B, n_actions] of the distributions `log_probs`."""
@@ -120,20 +133,22 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = eval_env_fn(args.seed)
     atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
-    model = CategoricalQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, atoms)
+    model = CategoricalQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, atoms,
+                                args.dueling)
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
     return model.to(device), eval_env_fn
 
 
-def categorical_loss(q_net: CategoricalQNetwork, target_net: CategoricalQNetwork, s):
+def categorical_loss(q_net: CategoricalQNetwork, target_net: CategoricalQNetwork, s, double: bool):
     """Cross-entropy to the projected n-step target distribution; returns (loss, per-sample loss, mean Q)."""
     log_probs = q_net(s.observation)
     rows = torch.arange(log_probs.shape[0], device=log_probs.device)
     chosen = log_probs[rows, s.action.long()]
     with torch.no_grad():
         next_log_probs = target_net(s.bootstrap_observation)
-        next_action = target_net.q_values(next_log_probs).argmax(-1)
+        picker = q_net(s.bootstrap_observation) if double else next_log_probs  # double: the online network picks
+        next_action = target_net.q_values(picker).argmax(-1)
         next_probs = next_log_probs[rows, next_action].exp()
         target = categorical_projection(next_probs, s.n_step_return, s.discount, target_net.atoms)
     cross_entropy = -(target * chosen).sum(-1)
@@ -174,8 +189,8 @@ def main(args: Args) -> dict:
         raise UsageError(f"need --n-atoms >= 2 and --v-min < --v-max, got {args.n_atoms}, {args.v_min}, {args.v_max}")
 
     atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
-    q_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms).to(device)
-    target_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms).to(device)
+    q_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms, args.dueling).to(device)
+    target_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms, args.dueling).to(device)
     target_net.load_state_dict(q_net.state_dict())
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     loss_fn = torch.compile(categorical_loss) if args.compile else categorical_loss
@@ -214,7 +229,7 @@ def main(args: Args) -> dict:
                 else:
                     sample = replay.sample(args.batch_size)
                 sample = buffer_to(sample, device)
-                loss, per_sample_loss, q_mean = loss_fn(q_net, target_net, sample)
+                loss, per_sample_loss, q_mean = loss_fn(q_net, target_net, sample, args.double)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks

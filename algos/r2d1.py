@@ -5,8 +5,8 @@ https://openreview.net/forum?id=r1lyTjAqYX), in one process: an LSTM fed the obs
 previous action (one-hot) and the previous reward; replay of fixed-length sequences that start from the
 recurrent state the actor had (stored with them) and first unroll `--burn-in` steps without training on
 them; double Q-learning on n-step targets under the value rescaling h(x) = sign(x)(sqrt(|x|+1)-1) + eps x;
-sequences prioritized by eta max|td| + (1 - eta) mean|td|. Image observations [stack, H, W] get the
-Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP.
+sequences prioritized by eta max|td| + (1 - eta) mean|td|; optional dueling Q heads. Image observations
+[stack, H, W] get the Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP.
 
     python algos/r2d1.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 200000
     python algos/r2d1.py --env-id ALE/Pong-v5 --total-timesteps 10000000 --n-envs 16 --lstm-size 512 \\
@@ -47,6 +47,8 @@ class Args(CommonArgs, AsyncArgs):
     """width of the MLP torso and of the Q head (vector observations)"""
     lstm_size: int = 64
     """LSTM units (512 in R2D2 on Atari)"""
+    dueling: bool = False
+    """dueling Q head: Q = V + A - (mean of A over actions), from one layer's 1 + n_actions outputs"""
     burn_in: int = 10
     """steps unrolled from the stored state, without loss, before the trained part of each sequence"""
     train_length: int = 20
@@ -100,24 +102,20 @@ AgentInfo = namedarraytuple("AgentInfo", ["rnn_state"])  # the state before the 
 class R2D1Network(nn.Module):
     """Torso (CNN for images, MLP for vectors) -> LSTM(features, one-hot previous action, previous reward) -> Q."""
 
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: int, lstm_size: int, sign_reward=False):
+    def __init__(self, obs_shape: tuple, n_actions: int, hidden: int, lstm_size: int, sign_reward=False, dueling=False):
         super().__init__()
-        self.n_actions, self.lstm_size, self.sign_reward = n_actions, lstm_size, sign_reward
+        self.n_actions, self.lstm_size, self.sign_reward, self.dueling = n_actions, lstm_size, sign_reward, dueling
         self.image = len(obs_shape) == 3
         if self.image:
-            self.torso = nn.Sequential(
-                nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(),
-                nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-                nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
-                nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+            self.torso = nn.Sequential(  # the Nature CNN
+                nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
             )
-            n_features = 512
         else:
             self.torso = nn.Sequential(nn.Linear(obs_shape[0], hidden), nn.ReLU())
-            n_features = hidden
-        self.lstm = nn.LSTMCell(n_features + n_actions + 1, lstm_size)
-        head_hidden = 512 if self.image else hidden
-        self.head = nn.Sequential(nn.Linear(lstm_size, head_hidden), nn.ReLU(), nn.Linear(head_hidden, n_actions))
+        width = 512 if self.image else hidden  # of the torso's output and of the Q head's hidden layer
+        self.lstm = nn.LSTMCell(width + n_actions + 1, lstm_size)
+        self.head = nn.Sequential(nn.Linear(lstm_size, width), nn.ReLU(), nn.Linear(width, n_actions + dueling))
 
     def inputs(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor) -> torch.Tensor:
         """LSTM inputs [..., F] for observations, previous actions / rewards [...] (signs only with `sign_reward`)."""
@@ -130,13 +128,17 @@ class R2D1Network(nn.Module):
         return torch.cat([features, one_hot, prev_reward.unsqueeze(-1).to(features.dtype)], -1)
 
     def initial_state(self, batch: int, device: torch.device) -> RnnState:
-        zeros = torch.zeros(batch, self.lstm_size, device=device)
-        return RnnState(zeros, zeros.clone())
+        return RnnState(*torch.zeros(2, batch, self.lstm_size, device=device))
 
     def forward(self, obs, prev_action, prev_reward, rnn_state: RnnState) -> tuple[torch.Tensor, RnnState]:
         """One step for a batch [B]: Q-values [B, n_actions] and the next state."""
         h, c = self.lstm(self.inputs(obs, prev_action, prev_reward), tuple(rnn_state))
-        return self.head(h), RnnState(h, c)
+        return self.q_values(h), RnnState(h, c)
+
+    def q_values(self, h: torch.Tensor) -> torch.Tensor:
+        """Q-values [..., n_actions] of LSTM outputs h [..., lstm_size]; dueling: V + A - mean over actions of A."""
+        out = self.head(h)
+        return out[..., :1] + out[..., 1:] - out[..., 1:].mean(-1, keepdim=True) if self.dueling else out
 
 
 def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
@@ -157,7 +159,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
     probe = eval_env_fn(args.seed)
     model = R2D1Network(tuple(probe.observation_space.shape), int(probe.action_space.n), args.hidden_size,
-                        args.lstm_size, is_atari(args.env_id))
+                        args.lstm_size, is_atari(args.env_id), args.dueling)
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
     return model.to(device), eval_env_fn
@@ -190,14 +192,13 @@ def unroll(model: R2D1Network, s, burn_in: int) -> tuple[torch.Tensor, torch.Ten
 def next_q_values(model: R2D1Network, s, q: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
     """Q-values [L, N, A] of the true next observation of every step, given the unroll's Q-values and states.
 
-    Inside an episode that is the next step's Q. Where an episode was truncated, it is the Q of the final
-    observation, fed with the state after the last step (the few such steps are gathered); after a
-    termination it is not used. The last step's next Q is not in the sequence: no trained step needs it.
+    Inside an episode, the next step's Q; after a truncation, the Q of the final observation fed with the state after
+    the last step (the few such steps are gathered). Unused after a termination and at the last step (never trained).
     """
     next_q = torch.cat([q[1:], q[-1:]])
     t, n = s.truncated.nonzero(as_tuple=True)  # syncs on a GPU, as the priority update does anyway
     h, _ = model.lstm(model.inputs(s.next_observation[t, n], s.action[t, n], s.reward[t, n]), (hs[t, n], cs[t, n]))
-    next_q[t, n] = model.head(h)
+    next_q[t, n] = model.q_values(h)
     return next_q
 
 
@@ -206,12 +207,12 @@ def r2d1_loss(q_net: R2D1Network, target_net: R2D1Network, s, burn_in: int, trai
     """Double-Q n-step loss on value-rescaled targets over the trained steps; returns (loss, |td| [T', N], mean Q)."""
     trained = slice(burn_in, burn_in + train_length)
     hs, cs = unroll(q_net, s, burn_in)
-    q_all = q_net.head(hs)
+    q_all = q_net.q_values(hs)
     q = q_all[trained].gather(-1, s.action[trained].long().unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         online_next = next_q_values(q_net, s, q_all.detach(), hs.detach(), cs.detach())
         target_hs, target_cs = unroll(target_net, s, s.reward.shape[0])
-        target_next = next_q_values(target_net, s, target_net.head(target_hs), target_hs, target_cs)
+        target_next = next_q_values(target_net, s, target_net.q_values(target_hs), target_hs, target_cs)
         next_action = online_next.argmax(-1, keepdim=True)
         next_value = inverse_value_rescale(target_next.gather(-1, next_action).squeeze(-1), rescale_eps)
         returns, discount, last = n_step_returns(s.reward, s.terminated, s.truncated, n_step, gamma)
@@ -232,13 +233,11 @@ def make_replay(args: Args, example, share_memory: bool = False):
     image = len(example.observation.shape) == 3
     replay_cls = PrioritizedFrameSequenceReplayBuffer if image else PrioritizedSequenceReplayBuffer
     try:
-        return replay_cls(
-            example, size=args.buffer_size, n_envs=args.n_envs, rnn_state_example=example.agent_info.rnn_state,
-            burn_in=args.burn_in, train_length=args.train_length, n_step=args.n_step,
-            rnn_state_interval=args.sequence_period, gamma=args.gamma, alpha=args.priority_alpha,
-            beta=args.priority_beta, eta=args.priority_eta, share_memory=share_memory,
-            **({"frame_padding": "repeat"} if image else {}),
-        )
+        return replay_cls(example, size=args.buffer_size, n_envs=args.n_envs, burn_in=args.burn_in,
+                          train_length=args.train_length, n_step=args.n_step, gamma=args.gamma,
+                          rnn_state_example=example.agent_info.rnn_state, rnn_state_interval=args.sequence_period,
+                          alpha=args.priority_alpha, beta=args.priority_beta, eta=args.priority_eta,
+                          share_memory=share_memory, **({"frame_padding": "repeat"} if image else {}))
     except ValueError as error:
         raise UsageError(f"--buffer-size {args.buffer_size}: {error}") from None
 
@@ -257,13 +256,13 @@ def main(args: Args) -> dict:
     obs_shape = tuple(probe.observation_space.shape)
     probe.close()
     if len(obs_shape) not in (1, 3):
-        raise UsageError(f"algos/r2d1.py needs vector or image [stack, H, W] observations, {args.env_id} has "
-                         f"shape {obs_shape}")
+        raise UsageError(f"algos/r2d1.py needs vector or [stack, H, W] observations; {args.env_id} has {obs_shape}")
     if args.n_step < 1 or args.train_length < 1 or args.burn_in < 0 or args.sequence_period < 1:
         raise UsageError("need --n-step >= 1, --train-length >= 1, --burn-in >= 0 and --sequence-period >= 1")
 
-    q_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id)).to(device)
-    target_net = R2D1Network(obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id)).to(device)
+    network = partial(R2D1Network, obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id),
+                      args.dueling)
+    q_net, target_net = network().to(device), network().to(device)
     target_net.load_state_dict(q_net.state_dict())
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     loss_fn = torch.compile(r2d1_loss) if args.compile else r2d1_loss

@@ -40,6 +40,8 @@ class Args(CommonArgs, AsyncArgs):
     """replay capacity in transitions"""
     gamma: float = 0.99
     """discount factor"""
+    n_step: int = 1
+    """n-step returns: the target sums n discounted rewards, then bootstraps (cut at an episode's end)"""
     tau: float = 0.005
     """target-network Polyak rate"""
     batch_size: int = 256
@@ -55,7 +57,9 @@ class Args(CommonArgs, AsyncArgs):
     alpha: float = 0.2
     """entropy temperature (its initial value with --autotune)"""
     autotune: bool = True
-    """tune the temperature so that the policy entropy stays near -(action dimensions)"""
+    """tune the temperature so that the policy entropy stays near --target-entropy"""
+    target_entropy: float | None = None
+    """the entropy the temperature is tuned towards (None: -(action dimensions))"""
     hidden_size: int | None = None
     """width of the actor and critic MLPs (default: 256 for MuJoCo envs, 64 for the others)"""
     num_steps: int = 1
@@ -148,8 +152,8 @@ def exploration(args: Args, step: int) -> dict:
 
 def make_replay(args: Args, example, share_memory: bool = False) -> UniformReplayBuffer:
     """The replay buffer (shared memory when a sampling process fills it)."""
-    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma,
-                               share_memory=share_memory)
+    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step,
+                               gamma=args.gamma, share_memory=share_memory)
 
 
 def main(args: Args) -> dict:
@@ -165,15 +169,16 @@ def main(args: Args) -> dict:
     obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     probe.close()
-    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1:
-        raise UsageError("--replay-ratio, --batch-size and --num-steps must be positive")
+    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
+        raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
 
     actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
     critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
     target_critics = Critics(obs_dim, act_dim, args.hidden_size).to(device).requires_grad_(False)
     target_critics.load_state_dict(critics.state_dict())
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    target_entropy = -float(act_dim)
+    if args.target_entropy is None:  # resolved here, so that config.json records the value the run used
+        args.target_entropy = -float(act_dim)
     critic_optimizer = adam(critics.parameters(), args.q_lr, device)
     actor_optimizer = adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": args.q_lr}]
                            if args.autotune else actor.parameters(), args.policy_lr, device)
@@ -215,7 +220,7 @@ def main(args: Args) -> dict:
                 distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
                 critic_optimizer.step()
                 loss, (actor_loss, alpha_loss, alpha, entropy) = actor_loss_fn(
-                    actor, critics, log_alpha, sample.observation, target_entropy)
+                    actor, critics, log_alpha, sample.observation, args.target_entropy)
                 actor_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 distributed.all_reduce_gradients([*actor.parameters(), log_alpha])

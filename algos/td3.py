@@ -40,6 +40,8 @@ class Args(CommonArgs, AsyncArgs):
     """replay capacity in transitions"""
     gamma: float = 0.99
     """discount factor"""
+    n_step: int = 1
+    """n-step returns: the target sums n discounted rewards, then bootstraps (cut at an episode's end)"""
     tau: float = 0.005
     """target-network Polyak rate"""
     batch_size: int = 256
@@ -48,8 +50,10 @@ class Args(CommonArgs, AsyncArgs):
     """environment steps of uniformly random actions before the first update"""
     replay_ratio: float = 1.0
     """gradient updates per sampled environment step (whatever the number of environments)"""
-    learning_rate: float = 1e-3
-    """Adam learning rate of the actor and the critics"""
+    policy_lr: float = 1e-3
+    """Adam learning rate of the actor"""
+    q_lr: float = 1e-3
+    """Adam learning rate of the critics"""
     exploration_noise: float = 0.1
     """std of the Gaussian exploration noise, as a fraction of the action range's half-width"""
     policy_noise: float = 0.2
@@ -133,8 +137,8 @@ def exploration(args: Args, step: int) -> dict:
 
 def make_replay(args: Args, example, share_memory: bool = False) -> UniformReplayBuffer:
     """The replay buffer (shared memory when a sampling process fills it)."""
-    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, gamma=args.gamma,
-                               share_memory=share_memory)
+    return UniformReplayBuffer(example, size=args.buffer_size, n_envs=args.n_envs, n_step=args.n_step,
+                               gamma=args.gamma, share_memory=share_memory)
 
 
 def main(args: Args) -> dict:
@@ -150,15 +154,16 @@ def main(args: Args) -> dict:
     obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     probe.close()
-    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.policy_frequency < 1:
-        raise UsageError("--replay-ratio, --batch-size, --num-steps and --policy-frequency must be positive")
+    if min(args.replay_ratio, args.batch_size, args.num_steps, args.n_step, args.policy_frequency) <= 0:
+        raise UsageError("--replay-ratio, --batch-size, --num-steps, --n-step and --policy-frequency must be "
+                         "positive")
 
     actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
     critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
     target_actor = copy.deepcopy(actor).requires_grad_(False)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
-    actor_optimizer = adam(actor.parameters(), args.learning_rate, device)
-    critic_optimizer = adam(critics.parameters(), args.learning_rate, device)
+    actor_optimizer = adam(actor.parameters(), args.policy_lr, device)
+    critic_optimizer = adam(critics.parameters(), args.q_lr, device)
     critic_loss_fn = compile_fn(td3_critic_loss, args.compile, args.cudagraphs)
     actor_loss_fn = compile_fn(td3_actor_loss, args.compile, args.cudagraphs)
 

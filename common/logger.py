@@ -3,7 +3,7 @@
 Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `episodes.csv` (one row
 per finished training episode), `checkpoint.pt` (written atomically: a run killed at any moment leaves the
 previous checkpoint intact) and, at the end, `summary.json`. Metric names follow the usual convention:
-`charts/episodic_return`, `charts/SPS`, `losses/<name>`, `eval/<name>`.
+`charts/episodic_return` (with `_std`, `_min`, `_max`), `charts/SPS`, `losses/<name>`, `eval/<name>`.
 """
 
 from __future__ import annotations
@@ -260,7 +260,10 @@ class RunLogger:
             self.wandb_run.log(values, step=step)
 
     def log_episodes(self, step: int, episodes: Iterable[tuple[float, int]]) -> None:
-        """Log finished training episodes (raw return, length) as charts/episodic_return and _length.
+        """Log finished training episodes (raw return, length) as charts/episodic_return and _length (means).
+
+        The spread of this window's returns (the episodes of this call) goes with them:
+        charts/episodic_return_std (population std), _min and _max.
 
         Under data-parallel training every rank must call this once per iteration: episodes are
         gathered from all ranks.
@@ -277,6 +280,9 @@ class RunLogger:
                 f.write("global_step,return,length\n")
             f.writelines(f"{step},{r!r},{n}\n" for r, n in zip(returns, lengths))
         self.log(step, {"charts/episodic_return": float(np.mean(returns)),
+                        "charts/episodic_return_std": float(np.std(returns)),
+                        "charts/episodic_return_min": float(np.min(returns)),
+                        "charts/episodic_return_max": float(np.max(returns)),
                         "charts/episodic_length": float(np.mean(lengths))})
 
     def _write_csv(self, row: dict) -> None:

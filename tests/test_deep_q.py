@@ -10,11 +10,14 @@ import sys
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_script, read_progress, read_summary, run_script
 
 from common.envs import make_env
+from common.evaluate import evaluate_run
+from common.kernels import categorical_projection
 from common.replay import SequenceReplayBuffer
 from common.samplers import make_sampler
 
@@ -109,7 +112,80 @@ def test_r2d1_resume_continues_from_the_checkpoint(run_in, tmp_path):
     assert f"eval return: {first['final_eval_return']:.2f}" in proc.stdout
 
 
+@pytest.mark.parametrize("script, flags, head, outputs", [
+    ("c51", ["--double", "--dueling", "--total-timesteps", "3000"], "net.4.weight", (2 + 1) * 51),
+    ("r2d1", ["--dueling", "--total-timesteps", "4000", "--learning-starts", "1600"], "head.2.weight", 2 + 1),
+], ids=["c51-double-dueling", "r2d1-dueling"])
+def test_double_and_dueling_runs_on_cartpole(run_in, script, flags, head, outputs):
+    _, run_dir, summary = run_in(script, "--env-id", "CartPole-v1", *flags, "--eval-episodes", "2")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["n_updates"] > 0 and checkpoint["q_net"][head].shape[0] == outputs  # value + 2 advantages
+    assert EXPECTED_METRICS <= logged_metrics(run_dir)
+    # common.evaluate rebuilds the dueling network from the saved config and reproduces the final evaluation.
+    episodes = evaluate_run(run_dir)
+    assert np.mean([e.ret for e in episodes]) == pytest.approx(summary["final_eval_return"], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ units
+
+
+def test_c51_dueling_logits_are_value_plus_mean_free_advantage():
+    c51 = load_script("c51")
+    torch.manual_seed(0)
+    n_actions, atoms = 3, torch.linspace(-10, 10, 11)
+    model = c51.CategoricalQNetwork(4, n_actions, 16, atoms, dueling=True)
+    obs = torch.randn(5, 4)
+    with torch.no_grad():
+        streams = model.net(obs).view(5, 1 + n_actions, 11)  # [value, advantage of each action], per atom
+        logits = model.logits(obs)
+        torch.testing.assert_close(logits.mean(1), streams[:, 0])  # the mean over actions is the value stream
+        torch.testing.assert_close(logits - logits.mean(1, keepdim=True),
+                                   streams[:, 1:] - streams[:, 1:].mean(1, keepdim=True))
+        torch.testing.assert_close(model(obs), logits.log_softmax(-1))  # a distribution over atoms per action
+        # Identifiable: an advantage shift shared by all actions changes nothing; a value shift moves every logit.
+        bias = model.net[-1].bias.view(1 + n_actions, 11)
+        shift = torch.randn(11)
+        bias[1:] += shift
+        torch.testing.assert_close(model.logits(obs), logits)
+        bias[0] += shift
+        torch.testing.assert_close(model.logits(obs), logits + shift)
+
+
+def test_c51_double_lets_the_online_network_pick_the_bootstrap_action():
+    c51 = load_script("c51")
+    atoms = torch.linspace(-10, 10, 11)
+    torch.manual_seed(1)
+    q_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
+    target_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
+    n = 64
+    s = SimpleNamespace(observation=torch.randn(n, 4), bootstrap_observation=torch.randn(n, 4),
+                        action=torch.randint(0, 3, (n,)), n_step_return=torch.randn(n),
+                        discount=0.99 * (torch.rand(n) > 0.2), weight=torch.ones(n))
+    with torch.no_grad():
+        rows = torch.arange(n)
+        chosen = q_net(s.observation)[rows, s.action]
+        online_pick = q_net.q_values(q_net(s.bootstrap_observation)).argmax(-1)
+        target_pick = target_net.q_values(target_net(s.bootstrap_observation)).argmax(-1)
+        assert (online_pick != target_pick).any()  # the two rules differ on this sample
+        for double, pick in ((True, online_pick), (False, target_pick)):
+            next_probs = target_net(s.bootstrap_observation)[rows, pick].exp()  # the target network's distribution
+            target = categorical_projection(next_probs, s.n_step_return, s.discount, atoms)
+            _, per_sample, _ = c51.categorical_loss(q_net, target_net, s, double)
+            torch.testing.assert_close(per_sample, -(target * chosen).sum(-1))
+
+
+def test_r2d1_dueling_q_is_value_plus_mean_free_advantage():
+    r2d1 = load_script("r2d1")
+    torch.manual_seed(0)
+    model = r2d1.R2D1Network((2,), 3, hidden=16, lstm_size=8, dueling=True)
+    obs, prev_action, prev_reward = torch.randn(5, 2), torch.randint(0, 3, (5,)), torch.randn(5)
+    with torch.no_grad():
+        q, (h, _) = model(obs, prev_action, prev_reward, model.initial_state(5, torch.device("cpu")))
+        streams = model.head(h)  # [value, advantage of each action]
+        torch.testing.assert_close(q, streams[:, :1] + streams[:, 1:] - streams[:, 1:].mean(-1, keepdim=True))
+        torch.testing.assert_close(q.mean(-1), streams[:, 0])  # V is the mean Q
+        model.head[-1].bias[1:] += 5.0  # an advantage shift shared by all actions changes no Q-value
+        torch.testing.assert_close(model.q_values(h), q)
 
 
 def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
@@ -136,13 +212,13 @@ def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
         ended = s.terminated[period - 1] | s.truncated[period - 1]
         expected = torch.where(ended.unsqueeze(-1), torch.zeros_like(stored), hs[period - 1])
         torch.testing.assert_close(expected, stored, rtol=0, atol=1e-6)
-        next_q = r2d1.next_q_values(model, s, model.head(hs), hs, cs)
+        next_q = r2d1.next_q_values(model, s, model.q_values(hs), hs, cs)
         assert s.truncated.any() and s.terminated.any()
         t, n = s.truncated.nonzero(as_tuple=True)
         final_q, _ = model(s.next_observation[t, n], s.action[t, n], s.reward[t, n], r2d1.RnnState(hs[t, n], cs[t, n]))
         torch.testing.assert_close(next_q[t, n], final_q)
         inside = ~(s.terminated | s.truncated)[:-1]
-        torch.testing.assert_close(next_q[:-1][inside], model.head(hs[1:])[inside])
+        torch.testing.assert_close(next_q[:-1][inside], model.q_values(hs[1:])[inside])
 
 
 def test_rainbow_noise_is_fresh_per_forward_and_off_when_deterministic():

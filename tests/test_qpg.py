@@ -2,13 +2,15 @@
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_progress, read_summary, run_script
+from conftest import load_script, read_progress, read_summary, run_script
 
 from common.evaluate import evaluate_run
+from common.samplers import Samples
 
 SCRIPTS = ["sac", "td3", "ddpg"]
 
@@ -74,6 +76,7 @@ def test_resume_continues_with_every_counter(run_in):
     assert saved["global_step"] == 1200 and saved["n_updates"] == 201 and "replay" in saved
     # Extend the finished run's budget and resume it: training picks up from the checkpoint.
     config = json.loads((run_dir / "config.json").read_text())
+    assert config["target_entropy"] == -1.0  # the default: -(action dimensions) of Pendulum-v1
     (run_dir / "config.json").write_text(json.dumps({**config, "total_timesteps": 1400}))
     resumed = run_script("sac", "--resume", str(run_dir), timeout=600)
     assert "resumed from step 1200" in resumed.stdout
@@ -82,3 +85,120 @@ def test_resume_continues_with_every_counter(run_in):
     assert not torch.equal(checkpoint["actor"]["net.0.weight"], saved["actor"]["net.0.weight"])
     assert checkpoint["actor_optimizer"]["state"][0]["step"] == saved["actor_optimizer"]["state"][0]["step"] + 200
     assert read_summary(run_dir)["global_step"] == 1400 and first["global_step"] == 1200
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def hand_made_stream(n_steps: int = 14, n_envs: int = 2):
+    """Samples [T, B] of 3-dim observations and 1-dim actions, each env with a termination and a truncation."""
+    rng = np.random.default_rng(3)
+    terminated = np.zeros((n_steps, n_envs), dtype=bool)
+    truncated = np.zeros((n_steps, n_envs), dtype=bool)
+    terminated[4, 0], truncated[9, 0], truncated[2, 1], terminated[8, 1] = True, True, True, True
+    observation = rng.normal(size=(n_steps + 1, n_envs, 3)).astype(np.float32)
+    next_observation = observation[1:].copy()
+    ends = terminated | truncated
+    next_observation[ends] = rng.normal(size=(ends.sum(), 3))  # the true final observations
+    action = rng.uniform(-1, 1, size=(n_steps, n_envs, 1)).astype(np.float32)
+    reward = rng.normal(size=(n_steps, n_envs)).astype(np.float32)
+    zeros = np.zeros((n_steps, n_envs), dtype=np.float32)
+    return Samples(*(torch.from_numpy(x) for x in (observation[:-1], next_observation, action, reward, terminated,
+                                                    truncated, np.zeros_like(action), zeros)), None)
+
+
+def target_q(obs, action):
+    """Stub target critics [2, B]: known functions of (s, a), the second one larger (the twin minimum: the first)."""
+    q = obs[:, 0] - 2.0 * obs[:, 1] + 3.0 * action[:, 0]
+    return torch.stack([q, q + 1.0])
+
+
+class StubActor:
+    """a(s) = tanh(s_0); sac's log-probability log pi(a|s) = s_2 / 10; actions already in [-1, 1]."""
+
+    def __call__(self, obs):
+        return torch.tanh(obs[:, :1])
+
+    def sample(self, obs):
+        return self(obs), obs[:, 2] / 10.0
+
+    def from_env(self, action):
+        return action
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_critic_target_is_the_n_step_return_bootstrapped_from_the_right_observation(script, n_step):
+    module = load_script(script)
+    gamma, alpha = 0.9, 0.5
+    stream = hand_made_stream()
+    args = module.Args(n_step=n_step, gamma=gamma, buffer_size=1000, n_envs=2)
+    replay = module.make_replay(args, stream[0, 0])
+    replay.append(stream)
+    torch.manual_seed(0)
+    s = replay.sample(200)
+    # The online critics return a leaf q, so that d loss / d q = 2 (q - target) / B gives each item's target.
+    q = torch.zeros(2 if script != "ddpg" else 1, 200, requires_grad=True)
+    critics, actor, log_alpha = (lambda obs, action: q), StubActor(), torch.tensor(math.log(alpha))
+    if script == "ddpg":
+        loss, _ = module.ddpg_critic_loss(critics, target_q, actor, s)
+    elif script == "td3":
+        loss, _ = module.td3_critic_loss(critics, target_q, actor, s, policy_noise=0.0, noise_clip=0.5)
+    else:
+        loss, _ = module.soft_q_loss(critics, target_q, actor, log_alpha, s)
+    loss.backward()
+    target = -q.grad * 200 / 2
+
+    window_ends = Counter()
+    for i, index in enumerate(s.index.tolist()):
+        t, b = index // 2, index % 2  # one append of the whole stream: the item id is step * n_envs + env
+        n_step_return, m, done = 0.0, 0, False
+        while m < n_step:
+            n_step_return += gamma**m * stream.reward[t + m, b].item()
+            m += 1
+            done = bool(stream.terminated[t + m - 1, b])
+            if done or stream.truncated[t + m - 1, b]:
+                window_ends["terminated" if done else "truncated"] += 1
+                break
+        final = stream.next_observation[t + m - 1, b][None]  # the true final observation at a truncation
+        next_action = torch.tanh(final[:, :1])
+        value = target_q(final, next_action)[0].item()
+        if script == "sac":
+            value -= alpha * final[0, 2].item() / 10.0
+        expected = n_step_return + (0.0 if done else gamma**m * value)
+        assert target[:, i].tolist() == pytest.approx([expected] * q.shape[0], abs=1e-5), (script, t, b)
+    assert window_ends["terminated"] > 0 and window_ends["truncated"] > 0  # the sample holds both kinds of end
+
+
+@pytest.mark.parametrize("script", ["ddpg", "td3"])
+def test_n_step_policy_lr_and_q_lr_reach_the_run(run_in, script):
+    _, run_dir, summary = run_in(script, "--n-step", "3", "--policy-lr", "3e-4", "--q-lr", "2e-3",
+                                 "--total-timesteps", "1100", "--learning-starts", "1000", "--eval-episodes", "1")
+    assert summary["global_step"] == 1100 and math.isfinite(summary["final_eval_return"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["n_step"] == 3 and config["policy_lr"] == 3e-4 and config["q_lr"] == 2e-3
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in checkpoint["actor_optimizer"]["param_groups"]] == [3e-4]
+    assert [g["lr"] for g in checkpoint["critic_optimizer"]["param_groups"]] == [2e-3]
+
+
+def test_sac_tunes_the_temperature_towards_target_entropy(run_in):
+    # The alpha loss -log_alpha (log pi + target) has the gradient -(mean log pi + target): at a known
+    # log pi of 1.5 (entropy -1.5), gradient descent lowers alpha for the target -2, raises it for -1.
+    sac = load_script("sac")
+    obs = torch.tensor([[0.3, 0.0, 10.0], [-0.2, 0.0, 20.0]])  # StubActor: log pi = 1 and 2
+    zero_q = lambda obs, action, detach: torch.zeros(2, obs.shape[0])
+    for target_entropy, gradient in ((-2.0, 0.5), (-1.0, -0.5)):
+        log_alpha = torch.tensor(math.log(0.2), requires_grad=True)
+        _, (_, alpha_loss, _, _) = sac.actor_and_alpha_loss(StubActor(), zero_q, log_alpha, obs, target_entropy)
+        alpha_loss.backward()
+        assert log_alpha.grad.item() == pytest.approx(gradient)
+
+    # The flag reaches the run: no policy on [-1, 1] has an entropy above log 2, so with --target-entropy 2
+    # every update raises the temperature; the default is -(action dimensions), recorded in config.json.
+    _, run_dir, _ = run_in("sac", "--target-entropy", "2", "--total-timesteps", "1100", "--learning-starts", "1000",
+                           "--eval-episodes", "1")
+    assert json.loads((run_dir / "config.json").read_text())["target_entropy"] == 2.0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["n_updates"] == 101
+    assert checkpoint["log_alpha"].item() > math.log(0.2) + 0.05  # about 101 Adam steps of 1e-3 upwards
