@@ -16,8 +16,9 @@ batch to a shared-memory replay buffer; a copier thread in that process appends 
 k+1 is being sampled (two batch buffers), so sampling never waits for the copy. `collect` in the main
 process only waits until new steps exist and returns the step count, so `--replay-ratio` is an upper
 bound enforced by throttling the optimizer; sampling pauses while it is more than `max_lag_steps`
-ahead of the optimizer (the step of its previous `collect`), so a slow optimizer does not fall ever
-further behind. `sync` copies the parameters into shared memory under a lock; the sampling process
+(`--async-max-lag`, default 4 collects) ahead of the optimizer (the step of its previous `collect`), so a
+slow optimizer does not fall ever further behind and the sampler's policy is never more than that many
+steps' updates old. `sync` copies the parameters into shared memory under a lock; the sampling process
 picks up a new version before each batch. `exploration(step) -> dict` gives
 the policy keyword arguments (an epsilon, say) for the sampler's current step, in either process.
 
@@ -86,7 +87,8 @@ class ReplayFeeder:
         self.replay_restored = replay_state is not None
         self.steps_per_batch = horizon * args.n_envs
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
-        max_lag_steps = max_lag_steps or max(4 * self.steps_per_batch, 1000)
+        # The sampler's policy is at most this many steps (x --replay-ratio updates) behind the optimizer's.
+        max_lag_steps = max_lag_steps or getattr(args, "async_max_lag", None) or 4 * self.steps_per_batch
         seed = args.seed + start_step if seed is None else seed
         if not self.asynchronous:
             self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)

@@ -120,6 +120,8 @@ class CommonArgs(ExperimentArgs, SamplerArgs, LoggingArgs):
 class AsyncArgs:
     async_sampling: bool = False
     """sample in a separate process into a shared-memory replay buffer while the main process optimizes"""
+    async_max_lag: int | None = None
+    """environment steps the sampling process may run ahead of the optimizer (default: 4 collects)"""
 
 
 ArgsT = TypeVar("ArgsT", bound=CommonArgs)

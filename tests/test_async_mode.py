@@ -108,17 +108,15 @@ def test_a_killed_sampling_process_ends_the_run_quickly():
         feeder.close()
 
 
-def test_dqn_async_sampling_learns_cartpole(run_in):
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_dqn_async_sampling_keeps_what_it_learns_on_cartpole(run_in, seed):
     # An asynchronous run is not deterministic (how far the sampler's policy lags the optimizer depends on
-    # the load), and DQN on CartPole can dip late in a run whatever the sampling mode (a run under the
-    # test suite's load ended at 345). So: the greedy policy reaches the solved level during the run, and
-    # the final one is still far above an untrained network's (about 9).
-    _, run_dir, summary = run_in("dqn", "--async-sampling", "--env-id", "CartPole-v1", "--total-timesteps", "100000",
-                                 "--eval-every", "10000")
-    rows = read_progress(run_dir)
-    evals = [float(r["eval/episodic_return"]) for r in rows if r.get("eval/episodic_return")]
-    assert summary["global_step"] >= 100_000 and len(evals) >= 10, (summary, evals)
-    assert max(evals) >= 475 and summary["final_eval_return"] >= 100, (summary, evals)
+    # the load), so three seeds must each end solved. With the sampler allowed 1000 steps ahead (250
+    # updates of a stale policy per round), seed 1 reached 500 and ended at 263.5.
+    _, _, summary = run_in("dqn", "--async-sampling", "--env-id", "CartPole-v1", "--total-timesteps", "100000",
+                           "--seed", str(seed))
+    assert summary["global_step"] >= 100_000
+    assert summary["final_eval_return"] >= 400, summary
 
 
 def test_sac_async_sampling_learns_pendulum(run_in):
