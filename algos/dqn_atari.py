@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
+from common.config import AsyncArgs, AtariArgs, CommonArgs, UsageError, env_options, run, setup
 from common.envs import make_env, require_discrete_actions
 from common.kernels import linear_schedule, polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -30,13 +30,11 @@ from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
 
 
 @dataclass
-class Args(CommonArgs, AsyncArgs):
+class Args(CommonArgs, AtariArgs, AsyncArgs):
     env_id: str = "ALE/Pong-v5"
     """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
     """environment steps (agent steps, 4 frames each) to train for"""
-    max_episode_steps: int | None = None
-    """cap on an episode's agent steps (None: the game's own limit)"""
     double: bool = False
     """double Q-learning: the online network picks the bootstrap action"""
     dueling: bool = False
@@ -127,7 +125,7 @@ def eval_policy_kwargs(args: Args) -> dict:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained Q-network and the evaluation env_fn (for common.evaluate)."""
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
     model = AtariQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.dueling)
     probe.close()
@@ -166,8 +164,8 @@ def make_replay(args: Args, example, share_memory: bool = False):
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    env_fn = partial(make_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/dqn_atari.py")
     obs_shape = probe.observation_space.shape

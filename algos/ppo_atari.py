@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 from common import distributed
-from common.config import CommonArgs, UsageError, run, setup
+from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -30,7 +30,7 @@ from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AtariArgs):
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
@@ -65,8 +65,6 @@ class Args(CommonArgs):
     """gradient clipping norm"""
     target_kl: float | None = None
     """stop the epochs of an update early when the approximate KL exceeds this"""
-    max_episode_steps: int | None = None
-    """time limit of an episode in agent steps (default: the game's own)"""
     eval_epsilon: float = 0.001
     """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
     lost life would otherwise idle until the time limit)"""
@@ -111,7 +109,7 @@ def eval_policy_kwargs(args: Args) -> dict:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
     model = ActorCritic(observation_shape(probe)[0], int(probe.action_space.n))
     probe.close()
@@ -157,8 +155,8 @@ def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, 
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    env_fn = partial(make_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/ppo_atari.py")
     shape = observation_shape(probe)

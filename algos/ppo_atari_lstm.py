@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.distributions import Categorical
 
 from common import distributed
-from common.config import CommonArgs, UsageError, run, setup
+from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -39,7 +39,7 @@ from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AtariArgs):
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env with discrete actions"""
     total_timesteps: int = 10_000_000
@@ -82,8 +82,6 @@ class Args(CommonArgs):
     """scale rewards by the std of a running discounted return (auto: on for vectors; Atari clips them)"""
     hidden_size: int = 64
     """width of the MLP torso (vector observations)"""
-    max_episode_steps: int | None = None
-    """time limit of an episode in agent steps (default: the env's own)"""
     eval_epsilon: float | None = None
     """probability of a random action in evaluation episodes (auto: 0.001 images, so that a greedy policy that
     never presses FIRE after a lost life cannot idle until the time limit; 0 vectors)"""
@@ -179,7 +177,7 @@ def eval_policy_kwargs(args: Args) -> dict:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
     shape = observation_shape(probe)
     resolve_presets(args, "image" if len(shape) == 3 else "vector")
@@ -235,8 +233,8 @@ def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value,
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    env_fn = partial(make_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/ppo_atari_lstm.py")
     shape = observation_shape(probe)

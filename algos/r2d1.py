@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
+from common.config import AsyncArgs, AtariArgs, CommonArgs, UsageError, env_options, run, setup
 from common.envs import is_atari, make_env, require_discrete_actions
 from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -36,13 +36,11 @@ from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSeque
 
 
 @dataclass
-class Args(CommonArgs, AsyncArgs):
+class Args(CommonArgs, AtariArgs, AsyncArgs):
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int = 20
     """environment steps per environment per collect"""
-    max_episode_steps: int | None = None
-    """cap on an episode's steps (None: the environment's own limit)"""
     hidden_size: int = 64
     """width of the MLP torso and of the Q head (vector observations)"""
     lstm_size: int = 64
@@ -156,7 +154,7 @@ def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, de
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained network and the evaluation env_fn (for common.evaluate)."""
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
     model = R2D1Network(tuple(probe.observation_space.shape), int(probe.action_space.n), args.hidden_size,
                         args.lstm_size, is_atari(args.env_id), args.dueling)
@@ -249,8 +247,8 @@ def append_sequences(replay, batch) -> None:
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_env, args.env_id, training=True, max_episode_steps=args.max_episode_steps)
-    eval_env_fn = partial(make_env, args.env_id, training=False, max_episode_steps=args.max_episode_steps)
+    env_fn = partial(make_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/r2d1.py")
     obs_shape = tuple(probe.observation_space.shape)

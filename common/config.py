@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -122,6 +122,33 @@ class AsyncArgs:
     """sample in a separate process into a shared-memory replay buffer while the main process optimizes"""
     async_max_lag: int | None = None
     """environment steps the sampling process may run ahead of the optimizer (default: 4 collects)"""
+
+
+@dataclass
+class AtariArgs:
+    """Environment options of the scripts that take Atari games (ignored for other envs)."""
+
+    max_episode_steps: int | None = None
+    """time limit of an episode in agent steps (default: the env's own)"""
+    frame_skip: int = 4
+    """Atari: emulator frames per agent step (the observation is the max over the last two)"""
+    noop_max: int = 30
+    """Atari: at most this many no-op actions after a reset (0: none)"""
+    episodic_life: bool = True
+    """Atari: a lost life ends a training episode (evaluation plays whole games)"""
+    clip_rewards: bool = True
+    """Atari: train on the sign of the reward (evaluation reports the game score)"""
+    sticky_actions: float | None = None
+    """Atari: probability of repeating the previous action (default: the id's own, 0.25 for v5)"""
+    full_action_space: bool = False
+    """Atari: all 18 actions instead of the game's minimal set"""
+    frame_stack: int = 4
+    """Atari: frames per observation"""
+
+
+def env_options(args: Any) -> dict:
+    """make_env's keyword arguments from a script's AtariArgs flags (for env_fn partials)."""
+    return {field.name: getattr(args, field.name) for field in dataclasses.fields(AtariArgs)}
 
 
 ArgsT = TypeVar("ArgsT", bound=CommonArgs)

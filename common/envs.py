@@ -313,19 +313,22 @@ def is_atari(env_id: str) -> bool:
     return _is_atari_spec(spec)
 
 
-def _wrap_atari(env: gym.Env, training: bool, frame_stack: int, max_episode_steps: int | None) -> gym.Env:
-    env = NoopReset(env, noop_max=30)
-    env = MaxAndSkip(env, skip=4)
+def _wrap_atari(env: gym.Env, training: bool, frame_stack: int, max_episode_steps: int | None, frame_skip: int,
+                noop_max: int, episodic_life: bool, clip_rewards: bool) -> gym.Env:
+    if noop_max > 0:
+        env = NoopReset(env, noop_max=noop_max)
+    if frame_skip > 1:
+        env = MaxAndSkip(env, skip=frame_skip)
     if max_episode_steps is not None:
         env = TimeLimit(env, max_episode_steps)
     env = EpisodeStatistics(env)
-    if training:
+    if training and episodic_life:
         env = EpisodicLife(env)
     meanings = env.unwrapped.get_action_meanings()
     if len(meanings) >= 3 and meanings[_FIRE] == "FIRE":
         env = FireReset(env)
     env = WarpFrame(env, size=84)
-    if training:
+    if training and clip_rewards:
         env = SignReward(env)
     return FrameStack(env, frame_stack)
 
@@ -340,12 +343,21 @@ def make_env(
     render_mode: str | None = None,
     video_dir: str | Path | None = None,
     video_episodes: int = 1,
+    frame_skip: int = 4,
+    noop_max: int = 30,
+    episodic_life: bool = True,
+    clip_rewards: bool = True,
+    sticky_actions: float | None = None,
+    full_action_space: bool = False,
 ) -> gym.Env:
     """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics.
 
-    Atari ids (`ALE/<Game>-v5`, `<Game>NoFrameskip-v4`) get DeepMind preprocessing: observations are
-    uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping.
-    `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. 4 frames).
+    Atari ids (`ALE/<Game>-v5`, `<Game>NoFrameskip-v4`) get DeepMind preprocessing: up to `noop_max`
+    no-op actions after a reset, `frame_skip` frames per action (max over the last two), observations
+    uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping (each unless
+    turned off). `sticky_actions` is the probability of repeating the previous action (default: the id's
+    own, 0.25 for v5 and 0 for NoFrameskip-v4); `full_action_space` gives all 18 actions.
+    `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. `frame_skip` frames).
     The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
     With `video_dir` (`record_video` passes it to the first env), its first `video_episodes` episodes are
     written to `<video_dir>/seed<seed>-episode<k>.mp4`.
@@ -353,16 +365,26 @@ def make_env(
     if video_dir is not None:
         render_mode = "rgb_array"
         _headless_rendering_defaults()
-    if frame_stack < 1:
-        raise UsageError(f"frame_stack must be >= 1, got {frame_stack}")
+    bad = [f"{name} {value}" for name, value, ok in (
+        ("frame_stack", frame_stack, frame_stack >= 1), ("frame_skip", frame_skip, frame_skip >= 1),
+        ("noop_max", noop_max, noop_max >= 0), ("sticky_actions", sticky_actions, 0 <= (sticky_actions or 0) <= 1),
+    ) if not ok]
+    if bad:
+        raise UsageError(f"out of range: {', '.join(bad)} (frame_stack and frame_skip must be >= 1, noop_max >= 0, "
+                         "sticky_actions in [0, 1])")
     if max_episode_steps is not None and max_episode_steps < 1:
         raise UsageError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
     spec, kwargs = _resolve(env_id)
     try:
         if _is_atari_spec(spec):
-            # frameskip=1: MaxAndSkip skips; v5's sticky actions (repeat_action_probability) are kept.
+            if sticky_actions is not None:
+                kwargs["repeat_action_probability"] = sticky_actions
+            if full_action_space:
+                kwargs["full_action_space"] = True
+            # frameskip=1: MaxAndSkip skips.
             env = gym.make(spec, frameskip=1, obs_type="grayscale", render_mode=render_mode, **kwargs)
-            env = _wrap_atari(env, training, frame_stack, max_episode_steps)
+            env = _wrap_atari(env, training, frame_stack, max_episode_steps, frame_skip, noop_max, episodic_life,
+                              clip_rewards)
         else:
             env = gym.make(spec, max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
             env = EpisodeStatistics(env)

@@ -1,10 +1,12 @@
 """Tests of common/envs.py: Atari preprocessing, episode statistics, time limits, ids, space checks."""
 
+import json
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from common.envs import (
     UsageError,
@@ -300,3 +302,52 @@ def test_bad_arguments():
     with pytest.raises(UsageError, match="max_episode_steps"):
         make_env("CartPole-v1", max_episode_steps=0)
     assert make_env("ALE/Pong-v5", frame_stack=2).reset(seed=0)[0].shape == (2, 84, 84)
+
+
+def wrapper_names(env) -> list[str]:
+    names = []
+    while isinstance(env, gym.Wrapper):
+        names.append(type(env).__name__)
+        env = env.env
+    return names
+
+
+def test_atari_options_change_the_preprocessing():
+    default = make_env("ALE/Breakout-v5", seed=1, training=True)
+    assert {"NoopReset", "MaxAndSkip", "EpisodicLife", "SignReward"} <= set(wrapper_names(default))
+    assert default.action_space.n == 4
+    plain = make_env("ALE/Breakout-v5", seed=1, training=True, frame_skip=1, noop_max=0, episodic_life=False,
+                     clip_rewards=False, sticky_actions=0.0, full_action_space=True, frame_stack=2)
+    assert not {"NoopReset", "MaxAndSkip", "EpisodicLife", "SignReward"} & set(wrapper_names(plain))
+    assert plain.action_space.n == 18 and plain.unwrapped.ale.getFloat("repeat_action_probability") == 0.0
+    obs, _ = plain.reset(seed=1)
+    assert obs.shape == (2, 84, 84)
+    frames = plain.unwrapped.ale.getEpisodeFrameNumber()
+    plain.step(0)
+    assert plain.unwrapped.ale.getEpisodeFrameNumber() - frames == 1  # one frame per agent step
+    skip3 = make_env("ALE/Breakout-v5", seed=1, frame_skip=3, noop_max=0)
+    skip3.reset(seed=1)
+    frames = skip3.unwrapped.ale.getEpisodeFrameNumber()
+    skip3.step(0)
+    assert skip3.unwrapped.ale.getEpisodeFrameNumber() - frames == 3
+    assert make_env("ALE/Pong-v5", sticky_actions=0.5).unwrapped.ale.getFloat("repeat_action_probability") == 0.5
+    with pytest.raises(UsageError, match="frame_skip 0, sticky_actions 1.5"):
+        make_env("ALE/Pong-v5", frame_skip=0, sticky_actions=1.5)
+
+
+def test_atari_options_reach_a_run_and_its_evaluation(run_in):
+    from common.evaluate import evaluate_run
+
+    flags = ["--frame-stack", "2", "--frame-skip", "2", "--noop-max", "0", "--sticky-actions", "0",
+             "--full-action-space", "--no-episodic-life", "--no-clip-rewards"]
+    _, run_dir, summary = run_in("ppo_atari", "--env-id", "ALE/Pong-v5", "--n-envs", "2", "--num-steps", "16",
+                                 "--total-timesteps", "32", "--max-episode-steps", "30", "--eval-episodes", "1",
+                                 *flags)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["frame_stack"], config["frame_skip"], config["noop_max"], config["sticky_actions"]) == (2, 2, 0, 0.0)
+    assert config["full_action_space"] and not config["episodic_life"] and not config["clip_rewards"]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"]["actor.weight"].shape[0] == 18  # the full action set
+    assert checkpoint["model"]["torso.net.0.weight"].shape[1] == 2  # two stacked frames
+    episodes = evaluate_run(run_dir)
+    assert [e.ret for e in episodes] == [summary["final_eval_return"]]
