@@ -1,12 +1,14 @@
-"""A2C: synchronous advantage actor-critic, for vector observations.
+"""A2C: synchronous advantage actor-critic, for vector observations and Atari frames.
 
 Mnih et al. 2016 (A3C, https://arxiv.org/abs/1602.01783), in its synchronous form: every update uses one
 short rollout of all environments, bootstrapped n-step returns (GAE with lambda = 1 by default) and a single
 RMSprop step. Discrete actions get a categorical policy, continuous (Box) actions a diagonal Gaussian with
-a state-independent log-std.
+a state-independent log-std. Vector observations feed two MLPs (actor, critic); Atari frame stacks feed the
+Nature CNN shared by an actor and a critic head, with an entropy bonus of 0.01 (the A3C paper's setting).
 
     python algos/a2c.py --env-id CartPole-v1 --total-timesteps 200000
     python algos/a2c.py --env-id InvertedPendulum-v5 --total-timesteps 500000
+    python algos/a2c.py --env-id ALE/Pong-v5 --total-timesteps 10000000 --sampler parallel-gpu
     python algos/a2c.py --sampler parallel-cpu --n-workers 2 --n-envs 8
 """
 
@@ -22,17 +24,17 @@ import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
 from common import distributed
-from common.config import CommonArgs, UsageError, run, setup
+from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
-from common.networks import layer_init
+from common.networks import NatureCNN, layer_init
 from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, AtariArgs):
     n_envs: int = 16
     """total number of training environments"""
     num_steps: int = 5
@@ -51,8 +53,8 @@ class Args(CommonArgs):
     """GAE lambda (1: plain bootstrapped n-step returns)"""
     norm_adv: bool = False
     """normalize advantages over the batch"""
-    ent_coef: float = 0.0
-    """entropy bonus coefficient"""
+    ent_coef: float | None = None
+    """entropy bonus coefficient (auto: 0.01 images, 0 vectors)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -68,14 +70,17 @@ AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int):
+    def __init__(self, obs_shape: tuple[int, ...], action_space: gym.Space, hidden: int):
         super().__init__()
         self.continuous = isinstance(action_space, gym.spaces.Box)
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
+        self.torso = NatureCNN(obs_shape[0]) if len(obs_shape) == 3 else None
 
-        def mlp(out: int, std: float) -> nn.Sequential:
+        def mlp(out: int, std: float) -> nn.Module:
+            if self.torso is not None:  # frame stacks: linear heads on the shared CNN features
+                return layer_init(nn.Linear(512, out), std=std)
             return nn.Sequential(
-                layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
+                layer_init(nn.Linear(obs_shape[0], hidden)), nn.Tanh(),
                 layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
                 layer_init(nn.Linear(hidden, out), std=std),
             )
@@ -85,11 +90,24 @@ class ActorCritic(nn.Module):
         if self.continuous:
             self.log_std = nn.Parameter(torch.zeros(n_out))
 
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations [..., *obs_shape] (any leading dims) -> the heads' inputs [..., features]."""
+        if self.torso is None:
+            return obs.float()
+        return self.torso(obs.reshape(-1, *obs.shape[-3:])).reshape(*obs.shape[:-3], -1)
+
+    def forward(self, obs: torch.Tensor):
+        """The policy and the value [N] of observations [N, ...], sharing one pass of the torso."""
+        features = self.features(obs)
+        return self.head(self.actor(features)), self.critic(features).squeeze(-1)
+
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs.float()).squeeze(-1)
+        return self.critic(self.features(obs)).squeeze(-1)
 
     def distribution(self, obs: torch.Tensor):
-        out = self.actor(obs.float())
+        return self.head(self.actor(self.features(obs)))
+
+    def head(self, out: torch.Tensor):
         if self.continuous:
             return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
         return Categorical(logits=out, validate_args=False)
@@ -103,28 +121,28 @@ class ActorCritic(nn.Module):
 
 def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
     """Sample (or, deterministically, take the mode of) the policy; record log-prob and value."""
-    dist = model.distribution(obs)
+    dist, value = model(obs)
     if deterministic:
         action = dist.mean if model.continuous else dist.probs.argmax(-1)
     else:
         action = dist.sample()
-    return action, AgentInfo(model.log_prob(dist, action), model.value(obs)), None
+    return action, AgentInfo(model.log_prob(dist, action), value), None
 
 
-def make_a2c_env(env_id: str, seed: int, training: bool = True, **video) -> gym.Env:
+def make_a2c_env(env_id: str, seed: int, training: bool = True, **options) -> gym.Env:
     """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded).
 
-    `video` (video_dir, video_episodes) goes on to make_env: common.envs.record_video records through it.
+    `options` (Atari options, video_dir, video_episodes) go on to make_env.
     """
-    env = make_env(env_id, seed, training=training, **video)
+    env = make_env(env_id, seed, training=training, **options)
     return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_a2c_env, args.env_id, training=False)
+    eval_env_fn = partial(make_a2c_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
-    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size)
+    model = ActorCritic(observation_shape(probe), probe.action_space, args.hidden_size)
     probe.close()
     model.load_state_dict(checkpoint["model"])
     return model.to(device), eval_env_fn
@@ -147,30 +165,33 @@ def a2c_loss(model: ActorCritic, obs, action, advantage, returns, args: Args):
 
     obs, action, advantage, returns: [N, ...] (the flattened batch); the advantages are constants.
     """
-    dist = model.distribution(obs)
+    dist, value = model(obs)
     log_prob = model.log_prob(dist, action)
     entropy = model.entropy(dist).mean()
     if args.norm_adv:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
     policy_loss = -(advantage * log_prob).mean()
-    value_loss = 0.5 * ((model.value(obs) - returns) ** 2).mean()
+    value_loss = 0.5 * ((value - returns) ** 2).mean()
     loss = policy_loss - args.ent_coef * entropy + args.vf_coef * value_loss
     return loss, (policy_loss, value_loss, entropy, log_prob.detach())
 
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_a2c_env, args.env_id, training=True)
-    eval_env_fn = partial(make_a2c_env, args.env_id, training=False)
+    env_fn = partial(make_a2c_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_a2c_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
         raise UsageError(f"algos/a2c.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
-    if len(observation_shape(probe)) != 1:
-        raise UsageError(f"algos/a2c.py needs vector observations, {args.env_id} has shape "
-                         f"{probe.observation_space.shape}: use ppo_atari.py for images")
+    obs_shape = observation_shape(probe)
+    if len(obs_shape) not in (1, 3):
+        raise UsageError(f"algos/a2c.py needs vector observations or Atari frame stacks, {args.env_id} has shape "
+                         f"{obs_shape}")
+    if args.ent_coef is None:
+        args.ent_coef = 0.01 if len(obs_shape) == 3 else 0.0
     if args.num_steps < 1 or args.log_every_updates < 1:
         raise UsageError("--num-steps and --log-every-updates must be at least 1")
-    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size).to(device)
+    model = ActorCritic(obs_shape, probe.action_space, args.hidden_size).to(device)
     probe.close()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,
                                     eps=args.rmsprop_eps, foreach=True)

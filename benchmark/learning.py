@@ -9,7 +9,7 @@ Suites (`--list-suites` prints them): `smoke`; `classic` (ppo, a2c, dqn, c51, r2
 200k steps; sac, td3, ddpg on Pendulum-v1, 30k steps: about 25 minutes for 3 seeds on 2 cores); `mujoco`
 (sac, td3, ddpg, ppo on Hopper / HalfCheetah / Walker2d-v5, 1M steps); `mujoco-cpu` (ppo on Hopper /
 HalfCheetah / Walker2d-v5, 1M steps, seeds 1-3; td3 and sac on Hopper / HalfCheetah-v5, 300k steps, seeds 1-2:
-about 8 CPU-hours); `atari` (ppo_atari, dqn_atari,
+about 8 CPU-hours); `atari` (ppo_atari, a2c, dqn_atari,
 c51_atari, rainbow_atari, r2d1 on Pong / Breakout / BeamRider, 10M
 steps). Scripts not in algos/ yet are skipped with a message. The runs go to a launch directory
 (runs/learning-<suite>-<time>, with summary.md); then benchmark/plot.py draws the learning curves into
@@ -69,7 +69,7 @@ SUITES: dict[str, tuple[Group, ...]] = {
               ("--buffer-size", "400000", "--checkpoint-replay", "--checkpoint-every-s", "300"), seeds=2),
     ),
     "atari": (
-        Group(("ppo_atari", "dqn_atari", "c51_atari", "rainbow_atari", "r2d1"),
+        Group(("ppo_atari", "a2c", "dqn_atari", "c51_atari", "rainbow_atari", "r2d1"),
               ("ALE/Pong-v5", "ALE/Breakout-v5", "ALE/BeamRider-v5"), 10_000_000),
     ),
 }

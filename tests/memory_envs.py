@@ -82,3 +82,24 @@ class GreedyNeverEndsEnv(gym.Env):
 
 if "GreedyNeverEnds-v0" not in gym.registry:
     gym.register(id="GreedyNeverEnds-v0", entry_point=GreedyNeverEndsEnv, max_episode_steps=1000)
+
+
+class MatrixObservationEnv(gym.Env):
+    """A [3, 4] observation: neither a vector nor a frame stack."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3, 4), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros((3, 4), np.float32), {}
+
+    def step(self, action):
+        return np.zeros((3, 4), np.float32), 0.0, True, False, {}
+
+
+if "MatrixObservation-v0" not in gym.registry:
+    gym.register(id="MatrixObservation-v0", entry_point=MatrixObservationEnv, max_episode_steps=10)

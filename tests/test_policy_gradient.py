@@ -215,6 +215,24 @@ def test_atari_scripts_run_pong_under_every_sampler(run_in, script, sampler):
     assert set(LOSSES) <= progress_columns(run_dir)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a2c_runs_pong_on_the_nature_cnn_under_every_sampler(run_in, sampler):
+    start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "spawn"
+    _, run_dir, summary = run_in(
+        "a2c", "--env-id", "ALE/Pong-v5", "--sampler", sampler, "--n-workers", "2", "--n-envs", "4",
+        "--start-method", start_method, "--num-steps", "5", "--total-timesteps", "100", "--log-every-updates", "1",
+        "--max-episode-steps", "40", "--eval-episodes", "1", "--log-every-s", "0",
+    )
+    assert summary["global_step"] == 100 and math.isfinite(summary["final_eval_return"])
+    assert set(LOSSES) - {"losses/clipfrac"} <= progress_columns(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["ent_coef"] == 0.01  # the image preset
+    model = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert model["torso.net.0.weight"].shape[1] == 4 and model["actor.weight"].shape == (6, 512)
+    episodes = evaluate_run(run_dir)
+    assert [e.ret for e in episodes] == [summary["final_eval_return"]]
+
+
 @pytest.mark.parametrize(("script", "sampler", "env_id"), [
     ("ppo", "parallel-cpu", "Pendulum-v1"),
     ("a2c", "parallel-gpu", "Pendulum-v1"),
@@ -235,7 +253,7 @@ def test_vector_scripts_run_under_parallel_samplers(run_in, script, sampler, env
 @pytest.mark.parametrize(("script", "env_id", "message"), [
     ("ppo_atari", "CartPole-v1", "image observations"),
     ("ppo_atari_lstm", "Pendulum-v1", "discrete"),
-    ("a2c", "ALE/Pong-v5", "vector observations"),
+    ("a2c", "tests.memory_envs:MatrixObservation-v0", "vector observations or Atari frame stacks"),
 ])
 def test_wrong_spaces_are_one_line_errors(run_in, script, env_id, message):
     proc, _, _ = run_in(script, "--env-id", env_id, check=False, timeout=120)
