@@ -144,12 +144,13 @@ def test_dqn_async_sampling_runs_its_inference_on_cuda(run_in):
 @pytest.mark.parametrize("flag", ["--compile", "--cudagraphs"])
 @pytest.mark.parametrize("script", ["sac", "td3"])
 def test_compiled_updates_train_on_cuda(run_in, script, flag):
-    # A log after every update reads each update's losses (td3's actor loss is one update old on odd
-    # updates): CUDA graphs must not have recycled their memory by then.
+    # Hopper-v5 with the default batch and network sizes: the shapes benchmark/algo_speed.py compiles (the
+    # GPU check runs it next, and finds these compiled graphs in torch's cache). A log after every update
+    # reads each update's losses (td3's actor loss is one update old on odd updates): CUDA graphs must not
+    # have recycled their memory by then.
     _, run_dir, summary = run_in(
-        script, flag, "--device", "cuda", "--env-id", "Pendulum-v1", "--total-timesteps", "1500",
-        "--learning-starts", "500", "--batch-size", "64", "--log-every-updates", "1", "--eval-episodes", "2",
-        timeout=400)
+        script, flag, "--device", "cuda", "--env-id", "Hopper-v5", "--total-timesteps", "1500",
+        "--learning-starts", "500", "--log-every-updates", "1", "--eval-episodes", "2", timeout=400)
     assert summary["global_step"] == 1500 and math.isfinite(summary["final_eval_return"]), summary
     assert len(finite_column(run_dir, "losses/qf_loss")) >= 900
     finite_column(run_dir, "losses/actor_loss")
