@@ -176,7 +176,7 @@ class Wheel:
 
 
 def read_wheel(path: Path) -> Wheel:
-    """A wheel's distribution name, version, tags, top-level modules (from RECORD) and Requires-Dist."""
+    """A wheel's distribution name, version, tags, top-level modules (from the files it holds) and Requires-Dist."""
     name, version, *_, python, abi, platform = path.stem.split("-")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
