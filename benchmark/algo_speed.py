@@ -5,9 +5,10 @@ Three measurements, all with the networks and batch size of the scripts' default
 1. Update throughput in isolation (gradient updates per second, on fixed replay batches of Hopper-v5's
    shapes): the scripts' own update (imported from algos/sac.py and algos/td3.py: stacked twin critics in
    one torch.baddbmm per layer, fused Adam, no gradient into the critics' weights from the actor loss,
-   foreach Polyak averaging), eager and with torch.compile, against a reference written here the way a
-   straightforward script does it: two critic networks called separately, one plain `torch.optim.Adam` per
-   network, torch.distributions for the squashed Gaussian, a Python loop for the Polyak average.
+   foreach Polyak averaging), eager, with torch.compile and (on CUDA) as with --cudagraphs, against a
+   reference written here the way a straightforward script does it: two critic networks called separately,
+   one plain `torch.optim.Adam` per network, torch.distributions for the squashed Gaussian, a Python loop for
+   the Polyak average.
 2. Twin-critic evaluation alone (critic loss, forward and backward): two separate networks, torch.func
    (`functional_call` + `vmap` over stacked parameters) and the stacked-weights baddbmm layer of the scripts.
 3. End to end: environment steps per second of `python algos/{sac,td3}.py --env-id Hopper-v5` after learning
@@ -15,7 +16,8 @@ Three measurements, all with the networks and batch size of the scripts' default
 
 Configurations of 1 and 2 are timed in interleaved rounds, so that load from other processes hits them
 alike; each reports its median round, by wall clock and by process CPU time (the steadier of the two on a
-shared machine). The last lines print the ratios against the reference.
+shared machine). The last lines print the ratios against the reference (taken on CPU time, on wall clock
+with --device cuda).
 
     python benchmark/algo_speed.py                       # about 6 minutes on 2 cores
     python benchmark/algo_speed.py --device cuda         # the same on a GPU
@@ -71,6 +73,8 @@ class Args:
     """interleaved rounds; each configuration reports its median"""
     compile: bool = True
     """also time the torch.compile'd update (and run the scripts with --compile)"""
+    cudagraphs: bool = True
+    """on CUDA, also time the update as the scripts run it with --cudagraphs (compiled losses in CUDA graphs)"""
     end_to_end: bool = True
     """also run sac.py and td3.py on Hopper-v5"""
     e2e_steps: int = 4000
@@ -209,7 +213,7 @@ class ReferenceTD3:
 # --------------------------------------------------------------------------------------------------
 
 
-def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool) -> Callable:
+def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool, cudagraphs: bool) -> Callable:
     low, high = -np.ones(args.act_dim, np.float32), np.ones(args.act_dim, np.float32)
     actor = sac.Actor(args.obs_dim, args.act_dim, hidden, low, high).to(device)
     critics = sac.Critics(args.obs_dim, args.act_dim, hidden).to(device)
@@ -217,10 +221,12 @@ def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool
     log_alpha = torch.zeros((), device=device, requires_grad=True)
     critic_optimizer = sac.adam(critics.parameters(), 1e-3, device)
     actor_optimizer = sac.adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": 1e-3}], 3e-4, device)
-    q_loss_fn = torch.compile(sac.soft_q_loss) if compile else sac.soft_q_loss
-    actor_loss_fn = torch.compile(sac.actor_and_alpha_loss) if compile else sac.actor_and_alpha_loss
+    q_loss_fn = sac.compile_fn(sac.soft_q_loss, compile, cudagraphs)
+    actor_loss_fn = sac.compile_fn(sac.actor_and_alpha_loss, compile, cudagraphs)
 
     def update(s) -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         q_loss, _ = q_loss_fn(critics, target_critics, actor, log_alpha, s)
         critic_optimizer.zero_grad(set_to_none=True)
         q_loss.backward()
@@ -234,7 +240,7 @@ def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool
     return update
 
 
-def td3_update(td3, hidden: int, args: Args, device: torch.device, compile: bool) -> Callable:
+def td3_update(td3, hidden: int, args: Args, device: torch.device, compile: bool, cudagraphs: bool) -> Callable:
     low, high = -np.ones(args.act_dim, np.float32), np.ones(args.act_dim, np.float32)
     actor = td3.Actor(args.obs_dim, args.act_dim, hidden, low, high).to(device)
     critics = td3.Critics(args.obs_dim, args.act_dim, hidden).to(device)
@@ -243,11 +249,13 @@ def td3_update(td3, hidden: int, args: Args, device: torch.device, compile: bool
     target_critics.requires_grad_(False)
     actor_optimizer = td3.adam(actor.parameters(), 1e-3, device)
     critic_optimizer = td3.adam(critics.parameters(), 1e-3, device)
-    critic_loss_fn = torch.compile(td3.td3_critic_loss) if compile else td3.td3_critic_loss
-    actor_loss_fn = torch.compile(td3.td3_actor_loss) if compile else td3.td3_actor_loss
+    critic_loss_fn = td3.compile_fn(td3.td3_critic_loss, compile, cudagraphs)
+    actor_loss_fn = td3.compile_fn(td3.td3_actor_loss, compile, cudagraphs)
     n_updates = [0]
 
     def update(s) -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         q_loss, _ = critic_loss_fn(critics, target_critics, target_actor, s, 0.2, 0.5)
         critic_optimizer.zero_grad(set_to_none=True)
         q_loss.backward()
@@ -362,16 +370,20 @@ def main(args: Args) -> None:
     for algo, ours, reference in [("sac", partial_update(sac_update, sac), ReferenceSAC),
                                   ("td3", partial_update(td3_update, td3), ReferenceTD3)]:
         configs = {"reference": reference(args.obs_dim, args.act_dim, hidden, device).update,
-                   "rlsolo eager": ours(hidden, args, device, False)}
+                   "rlsolo eager": ours(hidden, args, device, False, False)}
         if args.compile:
-            configs["rlsolo compile"] = ours(hidden, args, device, True)
+            configs["rlsolo compile"] = ours(hidden, args, device, True, False)
+        if args.cudagraphs and device.type == "cuda":
+            configs["rlsolo cudagraphs"] = ours(hidden, args, device, True, True)
         results[algo] = time_rounds(configs, batches, args, device)
-    print("| update (updates/s) | wall clock | CPU time | ratio (CPU time) |")
+    # On a GPU the host's CPU time says little about the device's work: the ratios are taken on wall clock.
+    by, by_name = (0, "wall clock") if device.type == "cuda" else (1, "CPU time")
+    print(f"| update (updates/s) | wall clock | CPU time | ratio ({by_name}) |")
     print("|---|---|---|---|")
     for algo, rows in results.items():
-        for name, (wall, cpu) in rows.items():
-            ratio = cpu / rows["reference"][1]
-            print(f"| {algo} {name} | {wall:.0f} | {cpu:.0f} | {ratio:.2f}x |")
+        for name, times in rows.items():
+            ratio = times[by] / rows["reference"][by]
+            print(f"| {algo} {name} | {times[0]:.0f} | {times[1]:.0f} | {ratio:.2f}x |")
 
     critic = time_rounds(critic_steps(sac, hidden, args, device), batches, args, device)
     print("\n| twin critics, loss forward + backward (calls/s) | wall clock | CPU time |")
@@ -391,13 +403,13 @@ def main(args: Args) -> None:
 
     print()
     for algo, rows in results.items():
-        best = max((name for name in rows if name != "reference"), key=lambda name: rows[name][1])
+        best = max((name for name in rows if name != "reference"), key=lambda name: rows[name][by])
         print(f"{algo}: {best} / reference updates per second = {rows[best][1] / rows['reference'][1]:.2f}x "
               f"(CPU time), {rows[best][0] / rows['reference'][0]:.2f}x (wall clock)")
 
 
 def partial_update(builder: Callable, module) -> Callable:
-    return lambda hidden, args, device, compile: builder(module, hidden, args, device, compile)
+    return lambda hidden, args, device, compile, cudagraphs: builder(module, hidden, args, device, compile, cudagraphs)
 
 
 if __name__ == "__main__":

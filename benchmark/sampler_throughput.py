@@ -2,8 +2,8 @@
 
 Every configuration steps `--n-envs` copies of `--env-id` (through `common.envs.make_env`: DeepMind
 preprocessing, 4x84x84 uint8 observations, 4 frames per agent step) and stores a [T, B] batch of
-observations, actions and rewards, either with a Nature-CNN actor-critic on CPU (sampled actions, log-prob
-and value, as in PPO) or with random actions (no network):
+observations, actions and rewards, either with a Nature-CNN actor-critic on `--device` (sampled actions,
+log-prob and value, as in PPO) or with random actions (no network):
 
 - rlsolo: `serial`, `parallel-cpu`, `parallel-gpu`, `alternating-gpu` (`--n-workers` workers);
 - gymnasium: `SyncVectorEnv` and `AsyncVectorEnv` (shared-memory observations) of the same envs, driven by
@@ -11,14 +11,16 @@ and value, as in PPO) or with random actions (no network):
 - ale-py: the C++ `AtariVectorEnv` (`--n-workers` threads, the same preprocessing), same loop.
 
 Where the main process runs the policy, it is measured with 1 and with `nproc` torch threads, and the
-better is kept (that choice is the user's). The configurations are measured in interleaved rounds, so that
-load from other processes hits them alike, and each reports its best round (and the median), with the
-CPU time its processes spent per agent step in that round (all threads, workers included: a measure of
-efficiency that load from other processes barely changes). The last lines print the ratios the targets
-are stated in.
+better is kept (that choice is the user's); with `--device cuda` the main process runs it on the GPU, with
+one thread (parallel-cpu's workers run their copies on the CPU whatever the device). The configurations
+are measured in interleaved rounds, so that load from other processes hits them alike, and each reports its
+best round (and the median), with the CPU time its processes spent per agent step in that round (all
+threads, workers included: a measure of efficiency that load from other processes barely changes). The last
+lines print the ratios the targets are stated in.
 
     python benchmark/sampler_throughput.py                     # about 4 minutes on 2 cores
     python benchmark/sampler_throughput.py --n-envs 16 --rounds 5 --policies cnn
+    python benchmark/sampler_throughput.py --device cuda --n-envs 32 --policies cnn   # 16 cores and a GPU
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class Args:
     rounds: int = 3
     """rounds over all configurations; each configuration reports its best round"""
     policies: tuple[str, ...] = ("cnn", "random")
-    """cnn: Nature-CNN actor-critic on CPU; random: uniform random actions, no network"""
+    """cnn: Nature-CNN actor-critic on --device; random: uniform random actions, no network"""
+    device: str = "cpu"
+    """where the main process runs the network (cpu or cuda; parallel-cpu's workers run it on the CPU)"""
     configs: tuple[str, ...] = OURS + ("gym-sync", "gym-async", "ale-vector")
     """configurations to measure"""
     start_method: str = "forkserver"
@@ -124,7 +128,7 @@ def measure(rollout: Callable[[], None], steps_per_rollout: int, seconds: float,
 
 
 def ours(kind: str, env_fn, policy, model, args: Args) -> tuple[float, float]:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     if kind == "serial":
         sampler = SerialSampler(env_fn, policy, model, args.n_envs, args.horizon, args.seed, device)
     else:
@@ -143,17 +147,19 @@ def vector_loop(envs, policy, model, args: Args) -> tuple[float, float]:
     observations = np.zeros((T, B) + obs.shape[1:], obs.dtype)
     actions, rewards, dones = np.zeros((T, B), np.int64), np.zeros((T, B), np.float32), np.zeros((T, B), bool)
     log_probs, values = np.zeros((T, B), np.float32), np.zeros((T, B), np.float32)
-    prev_action, prev_reward = torch.zeros(B, dtype=torch.int64), torch.zeros(B)
+    device = torch.device(args.device)
+    prev_action, prev_reward = torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, device=device)
     state = {"obs": obs}
 
     def rollout():
         for t in range(T):
             observations[t] = state["obs"]
             with torch.no_grad():
-                action, info, _ = policy(model, torch.from_numpy(state["obs"]), prev_action, prev_reward, None)
-            actions[t] = action.numpy()
+                observation = torch.from_numpy(state["obs"]).to(device)
+                action, info, _ = policy(model, observation, prev_action, prev_reward, None)
+            actions[t] = action.cpu().numpy()
             if info is not None:
-                log_probs[t], values[t] = info.log_prob.numpy(), info.value.numpy()
+                log_probs[t], values[t] = info.log_prob.cpu().numpy(), info.value.cpu().numpy()
             state["obs"], rewards[t], terminated, truncated, _ = envs.step(actions[t])
             dones[t] = terminated | truncated
 
@@ -190,6 +196,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
+
+
 def main(args: Args) -> None:
     probe = make_env(args.env_id, args.seed)
     n_actions = int(probe.action_space.n)
@@ -198,15 +208,18 @@ def main(args: Args) -> None:
     n_cpus = len(os.sched_getaffinity(0))
     print(f"{args.env_id}, {args.n_envs} envs, {args.n_workers} workers, horizon {args.horizon}, "
           f"{args.rounds} rounds of {args.seconds:g} s per configuration; {n_cpus} CPUs ({cpu_model()}); "
-          f"torch {torch.__version__}, gymnasium {gym.__version__}; {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"torch {torch.__version__}, gymnasium {gym.__version__}; network on {device_name(args.device)}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     models = {"cnn": (NatureCNN, cnn_policy), "random": (RandomActions, random_policy)}
     runs = [
         (policy_name, config, threads)
         for policy_name in args.policies
         for config in args.configs
-        # parallel-cpu's workers run the policy with one thread each; elsewhere the main process runs it.
-        for threads in ([1] if policy_name == "random" or config == "parallel-cpu" else sorted({1, n_cpus}))
+        # parallel-cpu's workers run the policy with one thread each; elsewhere the main process runs it (on
+        # the CPU with 1 or all threads, or on the GPU).
+        for threads in ([1] if policy_name == "random" or config == "parallel-cpu" or args.device != "cpu"
+                        else sorted({1, n_cpus}))
     ]
     # Rounds interleave the configurations, so that load from other processes hits them alike; the best
     # round of each is reported.
@@ -215,7 +228,7 @@ def main(args: Args) -> None:
         for policy_name, config, threads in runs:
             torch.manual_seed(args.seed)
             model_cls, policy = models[policy_name]
-            model = model_cls(n_actions)
+            model = model_cls(n_actions).to(args.device)
             torch.set_num_threads(threads)
             if config in OURS:
                 result = ours(config, env_fn, policy, model, args)

@@ -8,6 +8,9 @@ pytest, and worker processes inherit it):
 - `ExplodingCartPole-v0`: CartPole-v1 whose step raises `RuntimeError("ExplodingCartPole: boom ...")` on the
   5th step after a reset.
 - `ExplodingResetCartPole-v0`: CartPole-v1 whose reset raises.
+
+`counting_policy` computes its actions from integers only, so that it acts the same on every device (CUDA
+included), bit for bit.
 """
 
 import time
@@ -20,6 +23,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 from common.namedarraytuple import namedarraytuple
 
 ProbeInfo = namedarraytuple("ProbeInfo", ["memory", "epsilon", "parameter"])
+CountInfo = namedarraytuple("CountInfo", ["count"])
 
 
 class ProbeModel(nn.Module):
@@ -47,6 +51,19 @@ def memory_policy(model: ProbeModel, observation, prev_action, prev_reward, rnn_
     n = observation.shape[0]
     parameter = (model.weight + model.offset).detach().expand(n)
     return action, ProbeInfo(memory.sum(-1), torch.full((n,), float(epsilon)), parameter), memory
+
+
+def counting_policy(model: ProbeModel, observation, prev_action, prev_reward, rnn_state, deterministic=False,
+                    **kwargs):
+    """Deterministic and recurrent, on integers only: the rnn state counts the steps of the episode.
+
+    The action is a fixed, erratic function of (step count, previous action): the same action sequence on
+    any device, whatever floating-point differences the device's arithmetic has. agent_info reports the count.
+    """
+    count = torch.zeros(observation.shape[0], dtype=torch.int64, device=observation.device) if rnn_state is None \
+        else rnn_state + 1
+    action = (7 * count + 3 * prev_action.long() + count // 5) % model.n_actions
+    return action, CountInfo(count), count
 
 
 class SlowCartPoleEnv(CartPoleEnv):
