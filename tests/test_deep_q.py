@@ -4,6 +4,7 @@ Learning tests run the real CLI with each script's default hyper-parameters and 
 the test.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_feed_forward_dqn_does_not_learn_the_memory_task(run_in):
 
 ATARI_SMOKE = ["--env-id", "ALE/Pong-v5", "--total-timesteps", "1200", "--learning-starts", "800",
                "--buffer-size", "4000", "--batch-size", "4", "--max-episode-steps", "150", "--eval-episodes", "1",
-               "--n-envs", "4", "--n-workers", "2", "--seed", "2"]
+               "--n-workers", "2", "--seed", "2"]  # each script's default --n-envs (rounded up to split)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -76,6 +77,8 @@ def test_atari_scripts_run_under_every_sampler(run_in, script, sampler):
                  "--replay-ratio", "0.05"]
     _, run_dir, summary = run_in(script, *ATARI_SMOKE, "--sampler", sampler, *flags, timeout=600)
     assert summary["global_step"] >= 1200
+    n_envs = json.loads((run_dir / "config.json").read_text())["n_envs"]
+    assert n_envs % {"serial": 1, "alternating-gpu": 4}.get(sampler, 2) == 0  # the default split over the workers
     assert summary["final_eval_return"] <= 0  # Pong scores of an untrained agent, capped at 150 steps
     assert EXPECTED_METRICS <= logged_metrics(run_dir)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)

@@ -205,8 +205,9 @@ def test_atari_scripts_run_pong_under_every_sampler(run_in, script, sampler):
     # parallel-cpu pickles the script's model and policy to spawned workers; the env-only kinds (which only
     # send env_fn) fork theirs, which is faster.
     start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "spawn"
+    # Each script's default --n-envs (8), which every kind splits over the 2 workers.
     _, run_dir, summary = run_in(
-        script, "--env-id", "ALE/Pong-v5", "--sampler", sampler, "--n-workers", "2", "--n-envs", "4",
+        script, "--env-id", "ALE/Pong-v5", "--sampler", sampler, "--n-workers", "2",
         "--start-method", start_method, "--num-steps", "32", "--total-timesteps", "256",
         "--max-episode-steps", "40", "--eval-episodes", "1", "--log-every-s", "0",
     )
