@@ -14,7 +14,7 @@ Both sides report how much work they did: the script's final checkpoint holds it
 summary.json its environment steps; a plain loop prints both. The benchmark stops with an error if they
 differ, or if a script's config.json disagrees with the hyper-parameters the plain loop uses.
 
-    python benchmark/loop_overhead.py                          # about 30 minutes on 2 cores
+    python benchmark/loop_overhead.py                          # 70 minutes on a busy 2-core machine
     python benchmark/loop_overhead.py --cases dqn ppo --repeats 5
     python benchmark/loop_overhead.py --quick                  # tiny budgets, seconds: a smoke run
 """
