@@ -355,8 +355,8 @@ def plain_td3(h: SimpleNamespace, env_id: str, total_timesteps: int, seed: int) 
     actor = nn.Sequential(mlp(obs_dim, act_dim, h.hidden_size), nn.Tanh())
     qf1, qf2 = mlp(obs_dim + act_dim, 1, h.hidden_size), mlp(obs_dim + act_dim, 1, h.hidden_size)
     actor_target, qf1_target, qf2_target = copy.deepcopy(actor), copy.deepcopy(qf1), copy.deepcopy(qf2)
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=h.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=h.learning_rate)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=h.q_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=h.policy_lr)
     replay = ReplayRing(h.buffer_size, obs_dim, (act_dim,), np.float32)
     global_step, n_updates, updates_owed, returns, losses = 0, 0, 0.0, [], []
     actor_loss = torch.zeros(())
@@ -462,7 +462,7 @@ CASES = {
     "td3": Case(
         "td3", "Hopper-v5", 6_000, 300, plain_td3, target=0.75,
         hyper=dict(n_envs=1, learning_starts=1_000, num_steps=1, buffer_size=1_000_000, gamma=0.99, tau=0.005,
-                   batch_size=256, replay_ratio=1.0, learning_rate=1e-3, exploration_noise=0.1, policy_noise=0.2,
+                   batch_size=256, replay_ratio=1.0, policy_lr=1e-3, q_lr=1e-3, exploration_noise=0.1, policy_noise=0.2,
                    noise_clip=0.5, policy_frequency=2, hidden_size=256, log_every_updates=100),
         flags=("learning_starts",),
         quick=dict(learning_starts=200),
