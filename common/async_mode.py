@@ -29,8 +29,8 @@ all-reduce stays in step; the faster samplers wait through the lag bound. Sampli
 per-rank buffers, one batch each, is sampling one N-times-larger batch stratified over the ranks' data,
 and it works across nodes, where one buffer in shared memory could not.
 
-A sampling process that dies ends the run within seconds with its traceback; the sampling process
-exits when the main process dies.
+A sampling process that dies ends the run within seconds with its traceback (or, for bad input that only
+the envs reveal, its one-line UsageError); the sampling process exits when the main process dies.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common import distributed
+from common.envs import UsageError
 from common.namedarraytuple import buffer_from_example
 from common.samplers import (
     REPLICA_STREAM,
@@ -175,6 +176,8 @@ class ReplayFeeder:
                 message = self.errors.get(timeout=1.0)
             except queue.Empty:
                 message = f"exit code {self.process.exitcode}"
+            if isinstance(message, UsageError):  # bad input that only the envs reveal: its one-line message
+                raise message
             raise SamplerError(f"the sampling process died: {message}")
 
     def close(self) -> None:
@@ -266,6 +269,9 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
                 episodes_out.put(list(episodes))
             step += steps_per_batch
             k ^= 1
+    except UsageError as error:
+        errors.put(error)
+        raise SystemExit(1) from None
     except BaseException:  # noqa: BLE001 - the main process re-raises it
         errors.put(traceback.format_exc())
         raise SystemExit(1) from None

@@ -494,6 +494,10 @@ def worker_main(spec: WorkerSpec) -> None:
             conn.send(("done", result))
     except WorkerStopped:
         pass
+    except UsageError as error:  # bad input that only the envs reveal: one line, no traceback
+        with suppress(OSError, ValueError):
+            conn.send(("usage-error", str(error)))
+        exit_code = 1
     except BaseException:
         with suppress(OSError, ValueError):
             conn.send(("error", traceback.format_exc()))
@@ -706,8 +710,8 @@ class ParallelSampler:
             kind, payload = self.conns[w].recv()
         except (EOFError, OSError):
             raise self._failure(w) from None
-        if kind == "error":
-            raise self._fail(f"sampler worker {w} (pid {self.processes[w].pid}) raised:\n{payload}")
+        if kind in ("error", "usage-error"):
+            raise self._worker_error(w, kind, payload)
         return payload
 
     def _wait_replies(self, workers: Any) -> list:
@@ -737,14 +741,21 @@ class ParallelSampler:
             if process.exitcode is not None:
                 raise self._failure(w)
 
-    def _failure(self, w: int) -> SamplerError:
-        """The error for a worker whose pipe broke or whose process ended: its traceback if it sent one."""
+    def _worker_error(self, w: int, kind: str, payload: str) -> Exception:
+        """A worker's reported error: its bad-input message as UsageError, else its traceback as SamplerError."""
+        if kind == "usage-error":
+            self.broken = self.broken or payload
+            return UsageError(payload)
+        return self._fail(f"sampler worker {w} (pid {self.processes[w].pid}) raised:\n{payload}")
+
+    def _failure(self, w: int) -> Exception:
+        """The error for a worker whose pipe broke or whose process ended: its own report if it sent one."""
         process = self.processes[w]
         with suppress(EOFError, OSError, ValueError):
             if self.conns[w].poll(0.5):
                 kind, payload = self.conns[w].recv()
-                if kind == "error":
-                    return self._fail(f"sampler worker {w} (pid {process.pid}) raised:\n{payload}")
+                if kind in ("error", "usage-error"):
+                    return self._worker_error(w, kind, payload)
         process.join(0.5)
         code = process.exitcode
         status = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
