@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,7 +34,7 @@ import tyro
 
 from common import distributed
 from common.envs import UsageError
-from common.samplers import check_split
+from common.samplers import check_split, parse_info_keys
 
 __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "run",
            "resolve_device", "setup"]
@@ -109,6 +109,9 @@ class LoggingArgs:
     """deterministic evaluation episodes (after training and at every --eval-every)"""
     log_every_s: float = 2.0
     """seconds between console progress lines"""
+    info_keys: list[str] = field(default_factory=list)
+    """numeric env info entries to log per training episode as charts/info/KEY: KEY:sum (summed over the episode)
+    or KEY:last (the last value reported; the default), e.g. reward_forward:sum is_success"""
 
 
 @dataclass
@@ -203,6 +206,7 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
         check_split(args.sampler, args.n_envs, args.n_workers)
     if args.eval_episodes < 0:
         raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    parse_info_keys(args.info_keys)
 
 
 def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:

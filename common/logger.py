@@ -3,7 +3,8 @@
 Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `episodes.csv` (one row
 per finished training episode), `checkpoint.pt` (written atomically: a run killed at any moment leaves the
 previous checkpoint intact) and, at the end, `summary.json`. Metric names follow the usual convention:
-`charts/episodic_return` (with `_std`, `_min`, `_max`), `charts/SPS`, `losses/<name>`, `eval/<name>`.
+`charts/episodic_return` (with `_std`, `_min`, `_max`), `charts/SPS`, `losses/<name>`, `eval/<name>`, and
+`charts/info/<key>` for the env info values that `--info-keys` names.
 """
 
 from __future__ import annotations
@@ -259,11 +260,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
-    def log_episodes(self, step: int, episodes: Iterable[tuple[float, int]]) -> None:
+    def log_episodes(self, step: int, episodes: Iterable[tuple]) -> None:
         """Log finished training episodes (raw return, length) as charts/episodic_return and _length (means).
 
         The spread of this window's returns (the episodes of this call) goes with them:
-        charts/episodic_return_std (population std), _min and _max.
+        charts/episodic_return_std (population std), _min and _max; and so do the means of the episodes'
+        `--info-keys` values (a third field, {key: value}, as in samplers.Episode) as charts/info/<key>.
 
         Under data-parallel training every rank must call this once per iteration: episodes are
         gathered from all ranks.
@@ -271,8 +273,12 @@ class RunLogger:
         episodes = distributed.gather_objects(list(episodes))
         if not episodes or not self.enabled:
             return
-        returns = [float(r) for r, _ in episodes]
-        lengths = [int(n) for _, n in episodes]
+        returns = [float(episode[0]) for episode in episodes]
+        lengths = [int(episode[1]) for episode in episodes]
+        info: dict[str, list[float]] = {}
+        for episode in episodes:
+            for key, value in (episode[2] if len(episode) > 2 else {}).items():
+                info.setdefault(f"charts/info/{key}", []).append(value)
         self.recent_returns = (self.recent_returns + returns)[-100:]
         new_file = not self.episodes_path.exists()
         with open(self.episodes_path, "a", newline="") as f:
@@ -283,7 +289,8 @@ class RunLogger:
                         "charts/episodic_return_std": float(np.std(returns)),
                         "charts/episodic_return_min": float(np.min(returns)),
                         "charts/episodic_return_max": float(np.max(returns)),
-                        "charts/episodic_length": float(np.mean(lengths))})
+                        "charts/episodic_length": float(np.mean(lengths)),
+                        **{name: float(np.mean(values)) for name, values in info.items()}})
 
     def _write_csv(self, row: dict) -> None:
         new = [k for k in row if k not in self.columns]

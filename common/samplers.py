@@ -39,6 +39,10 @@ every kind, bit for bit. Episodes are listed in the order they ended: by step, t
 serial order). Stochastic policies draw from the main process's generators, except in parallel-cpu where
 each worker has its own, seeded from (seed, worker index).
 
+With `--info-keys KEY[:sum|last] ...` the envs' numeric `info[KEY]` values are also aggregated over each
+training episode (summed, or the last value reported) and returned in `Episode.info`; evaluation
+episodes carry none.
+
 The parallel kinds move observations, actions, rewards, flags, agent info and episode statistics through
 preallocated shared memory: the [T, B] batch itself, each worker writing its columns. Per step, semaphores
 hand each half of the batch between the workers and the main process (env-only kinds); one small pipe
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import numbers
 import os
 import random
 import signal
@@ -67,7 +72,7 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_handles
@@ -93,7 +98,7 @@ Samples = namedarraytuple(
      "prev_action", "prev_reward", "agent_info"],
 )
 # Where episodes ended inside a batch ([T, B] each): the parallel kinds report them through shared memory.
-EpisodeStats = namedarraytuple("EpisodeStats", ["ended", "ret", "length"])
+EpisodeStats = namedarraytuple("EpisodeStats", ["ended", "ret", "length", "info"])
 
 EVAL_SEED_OFFSET = 1_000_003
 EVAL_MAX_ENVS = 8  # evaluation episodes run batched over at most this many envs
@@ -104,10 +109,37 @@ CLOSE_TIMEOUT_S = 2.0  # workers get this long to exit on request before they ar
 
 
 class Episode(NamedTuple):
-    """Statistics of one finished episode: raw (unclipped) return and length in environment steps."""
+    """Statistics of one finished episode: raw (unclipped) return, length in environment steps and the
+    aggregated `--info-keys` values by key."""
 
     ret: float
     length: int
+    info: dict[str, float] = {}
+
+
+INFO_AGGREGATIONS = ("sum", "last")
+InfoKey = tuple[str, str]  # (info key, aggregation)
+
+
+def parse_info_keys(specs: Sequence[str]) -> list[InfoKey]:
+    """`--info-keys` entries `KEY`, `KEY:sum` or `KEY:last` as (key, aggregation); `last` by default."""
+    parsed: list[InfoKey] = []
+    for spec in specs:
+        key, _, how = spec.rpartition(":") if ":" in spec else (spec, "", "last")
+        if not key or how not in INFO_AGGREGATIONS:
+            raise UsageError(f"--info-keys {spec}: write KEY, KEY:sum or KEY:last")
+        if key in dict(parsed):
+            raise UsageError(f"--info-keys: {key!r} is given twice; give each key once")
+        parsed.append((key, how))
+    return parsed
+
+
+def info_number(key: str, value: Any) -> float:
+    """An info value as a float; UsageError if it is not a number."""
+    if not isinstance(value, numbers.Real | np.bool_):
+        raise UsageError(f"--info-keys {key}: the env's info[{key!r}] is a {type(value).__name__}, not a number; "
+                         "pass only keys whose values are numbers")
+    return float(value)
 
 
 class SamplerError(RuntimeError):
@@ -124,10 +156,16 @@ class EnvGroup:
     `step` fill a one-step Samples of [B, ...] arrays (a local buffer or a slice of shared memory): the policy
     inputs, then the true next observation (the final one for an ended episode), reward and flags. After
     `step`, `finished_envs[i]` is the index of the env that produced the i-th returned episode.
+
+    `info_keys` (see `parse_info_keys`) are aggregated per env from each step's info until the episode's
+    end; a key that no env has reported by the end of the group's first episode raises UsageError.
     """
 
-    def __init__(self, env_fn: Callable[[int], Any], seeds: list[int]):
+    def __init__(self, env_fn: Callable[[int], Any], seeds: list[int], info_keys: Sequence[InfoKey] = ()):
         self.envs = [env_fn(seed) for seed in seeds]
+        self.info_keys = list(info_keys)
+        self.info_values = np.zeros((len(self.envs), len(self.info_keys)))
+        self.reported_keys: set[str] | None = set()  # until the first episode ends: every info key seen
         first = [env.reset(seed=seed)[0] for env, seed in zip(self.envs, seeds)]
         self.observation = np.stack(first)
         example_action = np.asarray(self.envs[0].action_space.sample())
@@ -152,9 +190,12 @@ class EnvGroup:
             obs, r, term, trunc, info = env.step(action[b])
             step.next_observation[b] = obs
             step.reward[b], terminated[b], truncated[b] = r, term, trunc
+            if self.info_keys:
+                self._aggregate_info(b, info)
             if term or trunc:
                 if "episode" in info:
-                    episodes.append(Episode(float(info["episode"]["r"]), int(info["episode"]["l"])))
+                    episodes.append(Episode(float(info["episode"]["r"]), int(info["episode"]["l"]),
+                                            self._episode_info(b)))
                     self.finished_envs.append(b)
                 obs, _ = env.reset()
             self.observation[b] = obs
@@ -163,6 +204,32 @@ class EnvGroup:
         self.prev_action[done] = 0
         self.prev_reward[:] = np.where(done, 0.0, step.reward)
         return episodes, done
+
+    def _aggregate_info(self, b: int, info: dict) -> None:
+        """Add one step's info of env b to its episode's aggregates."""
+        if self.reported_keys is not None:
+            self.reported_keys.update(info)
+        for k, (key, how) in enumerate(self.info_keys):
+            if key in info:
+                value = info_number(key, info[key])
+                self.info_values[b, k] = self.info_values[b, k] + value if how == "sum" else value
+
+    def _episode_info(self, b: int) -> dict[str, float]:
+        """The info values of env b's finished episode; its aggregates start afresh."""
+        if not self.info_keys:
+            return {}
+        if self.reported_keys is not None:
+            missing = [key for key, _ in self.info_keys if key not in self.reported_keys]
+            if missing:
+                reported = sorted(self.reported_keys - {"episode"})
+                raise UsageError(
+                    f"--info-keys: the env reported no {', '.join(map(repr, missing))} in its first episode; "
+                    f"it reported {', '.join(map(repr, reported)) if reported else 'no info keys'}"
+                )
+            self.reported_keys = None
+        values = dict(zip([key for key, _ in self.info_keys], self.info_values[b].tolist()))
+        self.info_values[b] = 0.0
+        return values
 
     def close(self) -> None:
         for env in self.envs:
@@ -293,10 +360,11 @@ class SerialSampler:
     """Everything in one process: the envs are stepped in a loop, the policy runs batched on `device`."""
 
     def __init__(self, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_envs: int,
-                 horizon: int, seed: int, device: torch.device, eval_env_fn: Callable[[int], Any] | None = None):
+                 horizon: int, seed: int, device: torch.device, eval_env_fn: Callable[[int], Any] | None = None,
+                 info_keys: Sequence[InfoKey] = ()):
         self.policy_step, self.model, self.device, self.horizon = policy_step, model, device, horizon
         self.seed, self.eval_env_fn = seed, eval_env_fn or env_fn
-        self.group = EnvGroup(env_fn, [seed + i for i in range(n_envs)])
+        self.group = EnvGroup(env_fn, [seed + i for i in range(n_envs)], info_keys)
         self.example = samples_example(self.group, policy_step, model, device)
         self.samples_np = buffer_from_example(self.example, (horizon, n_envs))
         self.samples = torchify_buffer(self.samples_np)
@@ -344,6 +412,7 @@ class WorkerSpec:
     model: Any  # parallel-cpu: the shared CPU copy; else None
     columns: list[tuple[int, int]]  # [start, stop) of its envs in each half of the batch
     seed: int
+    info_keys: list[InfoKey]
     horizon: int
     samples: Samples  # [T, B] shared
     episode_stats: EpisodeStats  # [T, B] shared
@@ -399,7 +468,7 @@ class EnvSlice:
 
     def __init__(self, spec: WorkerSpec, start: int, stop: int, samples: Samples, stats: EpisodeStats,
                  obs_ready: Any, act_ready: Any):
-        self.group = EnvGroup(spec.env_fn, [spec.seed + i for i in range(start, stop)])
+        self.group = EnvGroup(spec.env_fn, [spec.seed + i for i in range(start, stop)], spec.info_keys)
         self.samples, self.stats = samples[:, start:stop], stats[:, start:stop]
         self.obs_ready, self.act_ready = obs_ready, act_ready
         self.rnn_state = None
@@ -414,6 +483,7 @@ class EnvSlice:
         stats.ended[:] = False
         for b, episode in zip(self.group.finished_envs, episodes):
             stats.ended[b], stats.ret[b], stats.length[b] = True, episode.ret, episode.length
+            stats.info[b] = list(episode.info.values())
         return done
 
 
@@ -542,7 +612,8 @@ class ParallelSampler:
 
     def __init__(self, kind: str, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_envs: int,
                  horizon: int, seed: int, device: torch.device, n_workers: int, cpu_affinity: bool = False,
-                 start_method: str = "spawn", eval_env_fn: Callable[[int], Any] | None = None):
+                 start_method: str = "spawn", eval_env_fn: Callable[[int], Any] | None = None,
+                 info_keys: Sequence[InfoKey] = ()):
         if kind not in PARALLEL_KINDS:
             raise UsageError(f"unknown parallel sampler {kind!r}: use one of {', '.join(PARALLEL_KINDS)}")
         check_split(kind, n_envs, n_workers)
@@ -550,6 +621,7 @@ class ParallelSampler:
         self.kind, self.policy_step, self.model, self.device = kind, policy_step, model, device
         self.n_envs, self.horizon, self.seed, self.n_workers = n_envs, horizon, seed, n_workers
         self.eval_env_fn = eval_env_fn or env_fn
+        self.info_keys = list(info_keys)
         self.training = getattr(model, "training", False)
         self.shared_model = None
         self.processes: list = []
@@ -582,7 +654,7 @@ class ParallelSampler:
             probe.close()
         dims = (self.horizon, self.n_envs)
         self.samples = buffer_from_example(self.example, dims, share_memory=True)
-        no_episode = EpisodeStats(np.bool_(False), np.float64(0), np.int64(0))
+        no_episode = EpisodeStats(np.bool_(False), np.float64(0), np.int64(0), np.zeros(len(self.info_keys)))
         self.episode_stats = buffer_from_example(no_episode, dims, share_memory=True)
         self.samples_np, self.stats_np = numpify_buffer(self.samples), numpify_buffer(self.episode_stats)
         env_only = self.kind != "parallel-cpu"
@@ -602,7 +674,7 @@ class ParallelSampler:
             spec = WorkerSpec(
                 index=w, env_only=env_only, env_fn=env_fn, eval_env_fn=self.eval_env_fn,
                 policy_step=self.policy_step, model=self.shared_model, columns=columns, seed=self.seed,
-                horizon=self.horizon, samples=self.samples, episode_stats=self.episode_stats,
+                info_keys=self.info_keys, horizon=self.horizon, samples=self.samples, episode_stats=self.episode_stats,
                 stop_flag=self.stop_flag, obs_ready=obs_ready, act_ready=act_ready, conn=worker_conn,
                 main_pid=os.getpid(), cpu=None if cpus is None else cpus[w % len(cpus)],
             )
@@ -653,8 +725,10 @@ class ParallelSampler:
 
     def _finished_episodes(self) -> list[Episode]:
         times, envs = np.nonzero(self.stats_np.ended)  # row-major: by step, then env index
-        ret, length = self.stats_np.ret, self.stats_np.length
-        return [Episode(float(ret[t, b]), int(length[t, b])) for t, b in zip(times, envs)]
+        ret, length, info = self.stats_np.ret, self.stats_np.length, self.stats_np.info
+        keys = [key for key, _ in self.info_keys]
+        return [Episode(float(ret[t, b]), int(length[t, b]), dict(zip(keys, info[t, b].tolist())))
+                for t, b in zip(times, envs)]
 
     def sync(self, model: Any) -> None:
         """parallel-cpu: copy the model's parameters and buffers into the workers' shared copy."""
@@ -803,7 +877,8 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
     """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps.
 
     `device` (default: the model's) is where the main process runs the policy (serial, parallel-gpu,
-    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`. Under
+    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`;
+    `args.info_keys` (`--info-keys`, when the script has it) name the info values its episodes carry. Under
     data-parallel training, every rank but rank 0 reseeds its generators here by (seed, rank): the
     networks were built identically from one seed, and from now on each rank explores on its own.
     """
@@ -811,12 +886,13 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
     seed = distributed.replica_seed(args.seed if seed is None else seed)
     if distributed.rank() > 0:
         seed_worker(seed, REPLICA_STREAM)
+    info_keys = parse_info_keys(getattr(args, "info_keys", []))
     if args.sampler == "serial":
-        return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device, eval_env_fn)
+        return SerialSampler(env_fn, policy_step, model, args.n_envs, horizon, seed, device, eval_env_fn, info_keys)
     if args.sampler in PARALLEL_KINDS:
         return ParallelSampler(
             args.sampler, env_fn, policy_step, model, args.n_envs, horizon, seed, device, args.n_workers,
             cpu_affinity=getattr(args, "cpu_affinity", False), start_method=getattr(args, "start_method", "spawn"),
-            eval_env_fn=eval_env_fn,
+            eval_env_fn=eval_env_fn, info_keys=info_keys,
         )
     raise UsageError(f"unknown --sampler {args.sampler!r}: use serial, {', '.join(PARALLEL_KINDS)}")
