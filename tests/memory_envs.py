@@ -7,6 +7,9 @@ balance the pole well while a recurrent one can. Use it as
 
 `ConstantReward-v0`: reward 1 every step, the same observation always, never terminated; the 10-step
 time limit truncates every episode, so a correct value estimate bootstraps at the cut.
+
+`InfoReport-v0`: 5-step episodes whose info reports `bonus` 1.0 every step, `is_success` 1.0 on the last
+step only and a string `label` every step (for `--info-keys`).
 """
 
 import gymnasium as gym
@@ -103,3 +106,30 @@ class MatrixObservationEnv(gym.Env):
 
 if "MatrixObservation-v0" not in gym.registry:
     gym.register(id="MatrixObservation-v0", entry_point=MatrixObservationEnv, max_episode_steps=10)
+
+
+class InfoReportEnv(gym.Env):
+    """Episodes of LENGTH steps; info: bonus 1.0 every step, is_success 1.0 on the last step, a string label."""
+
+    LENGTH = 5
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        terminated = self.t == self.LENGTH
+        info = {"bonus": 1.0, "label": "text", **({"is_success": 1.0} if terminated else {})}
+        return np.full(1, self.t / self.LENGTH, np.float32), 1.0, terminated, False, info
+
+
+if "InfoReport-v0" not in gym.registry:
+    gym.register(id="InfoReport-v0", entry_point=InfoReportEnv)
