@@ -55,3 +55,8 @@ def run_in(tmp_path):
         return proc, run_dir, summary
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Learning runs first: xdist then spreads the longest tests over the workers and the suite ends on short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("learning") is None)

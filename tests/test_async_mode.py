@@ -108,6 +108,7 @@ def test_a_killed_sampling_process_ends_the_run_quickly():
         feeder.close()
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_dqn_async_sampling_keeps_what_it_learns_on_cartpole(run_in, seed):
     # An asynchronous run is not deterministic (how far the sampler's policy lags the optimizer depends on
@@ -119,6 +120,7 @@ def test_dqn_async_sampling_keeps_what_it_learns_on_cartpole(run_in, seed):
     assert summary["final_eval_return"] >= 400, summary
 
 
+@pytest.mark.learning
 def test_sac_async_sampling_learns_pendulum(run_in):
     _, _, summary = run_in("sac", "--async-sampling", "--env-id", "Pendulum-v1", "--total-timesteps", "20000")
     assert summary["global_step"] >= 20_000 and summary["final_eval_return"] >= -250, summary
@@ -174,6 +176,7 @@ def test_two_ranks_agree_on_steps_and_sample_different_data():
     assert not np.allclose(obs0, obs1)  # env seeds differ by rank in the sampling processes too
 
 
+@pytest.mark.learning
 def test_torchrun_two_ranks_dqn_async_sampling_learns_cartpole(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(

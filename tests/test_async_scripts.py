@@ -39,6 +39,7 @@ def test_async_sampling_updates_and_logs_training_episodes(run_in, script):
     assert any(row.get("charts/episodic_return") for row in rows)
 
 
+@pytest.mark.learning
 def test_td3_async_sampling_learns_pendulum(run_in):
     _, _, summary = run_in("td3", "--async-sampling", "--env-id", "Pendulum-v1", "--total-timesteps", "20000")
     assert summary["global_step"] >= 20_000 and summary["final_eval_return"] >= -250, summary

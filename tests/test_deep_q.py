@@ -23,7 +23,7 @@ from common.replay import SequenceReplayBuffer
 from common.samplers import make_sampler
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1"]
-MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "200000", "--seed", "1"]
+MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "100000", "--seed", "1"]
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 DEEP_Q_SCRIPTS = ["dqn", "dqn_atari", "c51", "c51_atari", "rainbow_atari", "r2d1"]
 EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "charts/updates_per_second", "charts/SPS"}
@@ -33,14 +33,22 @@ def logged_metrics(run_dir) -> set[str]:
     return {key for row in read_progress(run_dir) for key, value in row.items() if value not in ("", None)}
 
 
-@pytest.mark.parametrize("flags", [["--no-double", "--n-step", "1"], [], ["--dueling"], ["--prioritized"]],
-                         ids=["one-step-single", "double-3-step", "dueling", "prioritized"])
+@pytest.mark.learning
+@pytest.mark.parametrize("flags", [
+    ["--no-double", "--n-step", "1"],
+    [],
+    ["--dueling", "--sampler", "parallel-cpu", "--n-workers", "2"],
+    ["--prioritized", "--sampler", "alternating-gpu", "--n-workers", "1"],
+], ids=["one-step-single", "double-3-step", "dueling-parallel-cpu", "prioritized-alternating-gpu"])
 def test_dqn_variants_cartpole_reach_400(run_in, flags):
+    # The variants share runs with the parallel sampler kinds: the kinds give the serial sampler's data for a
+    # deterministic policy (tests/test_samplers.py), and here they also learn end to end (both end at 500).
     _, _, summary = run_in("dqn", *CARTPOLE, *flags)
     assert summary["global_step"] >= 100_000
     assert summary["final_eval_return"] >= 400, summary
 
 
+@pytest.mark.learning
 def test_c51_cartpole_reaches_400(run_in):
     _, run_dir, summary = run_in("c51", *CARTPOLE)
     assert summary["global_step"] >= 100_000
@@ -48,18 +56,19 @@ def test_c51_cartpole_reaches_400(run_in):
     assert EXPECTED_METRICS <= logged_metrics(run_dir)
 
 
+@pytest.mark.learning
 def test_r2d1_learns_the_memory_task(run_in):
-    _, run_dir, summary = run_in("r2d1", *MEMORY_TASK)
-    assert summary["global_step"] >= 200_000
+    _, run_dir, summary = run_in("r2d1", *MEMORY_TASK)  # seed 1 ends at 241.9
+    assert summary["global_step"] >= 100_000
     assert summary["final_eval_return"] >= 150, summary
     assert EXPECTED_METRICS <= logged_metrics(run_dir)
 
 
+@pytest.mark.learning
 def test_feed_forward_dqn_does_not_learn_the_memory_task(run_in):
-    # Feed-forward DQN plateaus near 40 (measured with the defaults, seed 1: 40.0 after 100k steps; the
-    # one-step target: 40.7 after 200k); half of r2d1's budget keeps the test short.
-    memory_task = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "100000", "--seed", "1"]
-    _, _, summary = run_in("dqn", *memory_task)
+    # Feed-forward DQN plateaus near 40 on r2d1's budget (measured with the defaults, seed 1: 40.0 after 100k
+    # steps; the one-step target: 40.7 after 200k).
+    _, _, summary = run_in("dqn", *MEMORY_TASK)
     assert summary["final_eval_return"] < 100, summary
 
 

@@ -108,6 +108,7 @@ def torchrun(*args, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.learning
 def test_torchrun_two_ranks_ppo_learns_cartpole(tmp_path):
     proc = torchrun("--nproc-per-node", "2", "--master-port", str(distributed.free_port()), "algos/ppo.py",
                     "--device", "cpu", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",

@@ -1,10 +1,13 @@
 """Learning tests: each script's default hyper-parameters, seeded, must reach its return threshold.
 
 The parallel sampler kinds must learn as well as serial: they produce the same data for a deterministic
-policy (tests/test_samplers.py); here they train end to end with two worker processes.
+policy (tests/test_samplers.py); here ppo trains end to end under each of them with two worker processes
+(dqn does in tests/test_deep_q.py's variant runs).
 """
 
 import pytest
+
+pytestmark = pytest.mark.learning
 
 KINDS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
@@ -27,10 +30,3 @@ def test_ppo_cartpole_reaches_475_with_every_sampler(run_in, kind):
     _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
                            *sampler_flags(kind, 8))
     assert summary["final_eval_return"] >= 475, summary
-
-
-@pytest.mark.parametrize("kind", KINDS[1:])
-def test_dqn_cartpole_reaches_400_with_every_sampler(run_in, kind):
-    _, _, summary = run_in("dqn", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
-                           *sampler_flags(kind, 2))
-    assert summary["final_eval_return"] >= 400, summary

@@ -41,6 +41,7 @@ def progress_columns(run_dir: Path) -> set[str]:
 # ---------------------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.learning
 def test_a2c_cartpole_reaches_400(run_in):
     _, run_dir, summary = run_in("a2c", "--env-id", "CartPole-v1", "--total-timesteps", "200000", "--seed", "1")
     assert summary["global_step"] >= 200_000
@@ -49,6 +50,7 @@ def test_a2c_cartpole_reaches_400(run_in):
             "losses/explained_variance", "charts/learning_rate"} <= progress_columns(run_dir)
 
 
+@pytest.mark.learning
 def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
     _, run_dir, summary = run_in("ppo", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "100000",
                                  "--seed", "1")
@@ -60,6 +62,7 @@ def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
     assert checkpoint["reward_scaler"]["return_stats.count"] > 90_000
 
 
+@pytest.mark.learning
 def test_recurrent_ppo_solves_the_memory_task_where_feed_forward_ppo_fails(run_in):
     flags = ["--env-id", MEMORY_ENV, "--total-timesteps", "300000", "--seed", "1"]
     _, _, recurrent = run_in("ppo_atari_lstm", *flags, run_name="lstm")

@@ -15,6 +15,7 @@ from common.samplers import Samples
 SCRIPTS = ["sac", "td3", "ddpg"]
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_pendulum_reaches_minus_250(run_in, script):
     _, _, summary = run_in(script, "--env-id", "Pendulum-v1", "--total-timesteps", "15000", "--seed", "1")
