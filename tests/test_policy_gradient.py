@@ -52,14 +52,14 @@ def test_a2c_cartpole_reaches_400(run_in):
 
 @pytest.mark.learning
 def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
-    _, run_dir, summary = run_in("ppo", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "100000",
-                                 "--seed", "1")
+    _, run_dir, summary = run_in("ppo", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "50000",
+                                 "--seed", "1")  # seed 1: 1000.0
     assert summary["final_eval_return"] >= 900, summary
     config = json.loads((run_dir / "config.json").read_text())  # the "auto" fields, resolved
     assert config["norm_obs"] is True and config["norm_reward"] is True and config["num_steps"] == 256
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert checkpoint["model"]["obs_norm.count"] > 90_000  # updated from every collected batch
-    assert checkpoint["reward_scaler"]["return_stats.count"] > 90_000
+    assert checkpoint["model"]["obs_norm.count"] > 45_000  # updated from every collected batch
+    assert checkpoint["reward_scaler"]["return_stats.count"] > 45_000
 
 
 @pytest.mark.learning
