@@ -3,6 +3,9 @@
 Schulman et al. 2017 (https://arxiv.org/abs/1707.06347) with a recurrent policy as in Mnih et al. 2016's
 A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] uint8, scaled by 1/255) and
 a small MLP for vector observations, chosen by the observation shape, so memory tasks run on a CPU.
+Discrete actions take a categorical head (the previous action enters the LSTM one-hot); continuous (Box)
+actions a diagonal Gaussian with a state-independent log-std, as in ppo.py (the previous action enters as
+it was sampled; the env clips it to its bounds).
 
 Training re-runs whole environment sequences: a minibatch is a subset of the environments (all T steps of
 each), started from the rnn state stored at the start of the batch, with the state zeroed at every step
@@ -10,11 +13,13 @@ where an episode ended inside the sequence, exactly as the sampler did while col
 
 Hyper-parameters left at `None` ("auto") take the preset of the observation kind, printed resolved in
 config.json: image observations the Atari preset (lr 2.5e-4, clip 0.1, LSTM 128), vector observations a
-small one with observation and reward normalisation. Any flag overrides its preset value.
+small one with observation and reward normalisation. The entropy bonus is 0.01 for discrete actions and 0
+for continuous ones. Any flag overrides its preset value.
 
     python algos/ppo_atari_lstm.py --env-id ALE/Breakout-v5
     python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 300000
     python algos/ppo_atari_lstm.py --env-id ALE/Pong-v5 --sampler parallel-cpu --n-workers 8 --n-envs 16
+    python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CueRecall-v0 --total-timesteps 50000
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import gymnasium as gym
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Categorical
+from torch.distributions import Categorical, Normal
 
 from common import distributed
 from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
-from common.envs import make_env, observation_shape, require_discrete_actions
+from common.envs import make_env, observation_shape
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
@@ -41,7 +48,7 @@ from common.samplers import make_sampler
 @dataclass
 class Args(CommonArgs, AtariArgs):
     env_id: str = "ALE/Breakout-v5"
-    """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env with discrete actions"""
+    """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env (discrete or Box actions)"""
     total_timesteps: int = 10_000_000
     """environment steps (Atari: agent steps, 4 frames each) to train for, summed over all environments"""
     n_envs: int = 8
@@ -66,8 +73,8 @@ class Args(CommonArgs, AtariArgs):
     """policy ratio clipping (auto: 0.1 images, 0.2 vectors)"""
     clip_vloss: bool = True
     """clip the value loss around the old values"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
+    ent_coef: float | None = None
+    """entropy bonus coefficient (auto: 0.01 discrete actions, 0 continuous)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -84,7 +91,7 @@ class Args(CommonArgs, AtariArgs):
     """width of the MLP torso (vector observations)"""
     eval_epsilon: float | None = None
     """probability of a random action in evaluation episodes (auto: 0.001 images, so that a greedy policy that
-    never presses FIRE after a lost life cannot idle until the time limit; 0 vectors)"""
+    never presses FIRE after a lost life cannot idle until the time limit; 0 vectors; discrete actions only)"""
 
 
 # The values of the "auto" (None) fields, by observation kind.
@@ -96,11 +103,21 @@ PRESETS = {
 }
 
 
-def resolve_presets(args: Args, kind: str) -> None:
-    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector")."""
-    for name, value in PRESETS[kind].items():
+def resolve_presets(args: Args, kind: str, continuous: bool = False) -> None:
+    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector") and the
+    action kind."""
+    for name, value in {**PRESETS[kind], "ent_coef": 0.0 if continuous else 0.01}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if continuous and args.eval_epsilon:
+        raise UsageError(f"--eval-epsilon {args.eval_epsilon}: random evaluation actions are for discrete "
+                         "actions; leave it at 0 for a continuous action space")
+
+
+def make_lstm_env(env_id: str, seed: int, training: bool = True, **options) -> gym.Env:
+    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
+    env = make_env(env_id, seed, training=training, **options)
+    return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
 
 
 RnnState = namedarraytuple("RnnState", ["h", "c"])
@@ -109,10 +126,11 @@ AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value", "rnn_state"])  # 
 
 
 class RecurrentActorCritic(nn.Module):
-    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden_size: int, lstm_size: int,
+    def __init__(self, obs_shape: tuple[int, ...], action_space: gym.Space, hidden_size: int, lstm_size: int,
                  norm_obs: bool = False):
         super().__init__()
-        self.image, self.n_actions = len(obs_shape) == 3, n_actions
+        self.image, self.continuous = len(obs_shape) == 3, isinstance(action_space, gym.spaces.Box)
+        self.n_actions = n_actions = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
         self.obs_norm = RunningMeanStd(obs_shape) if norm_obs else nn.Identity()
         n_features = 512 if self.image else hidden_size
         self.torso = (NatureCNN(obs_shape[0]) if self.image
@@ -122,6 +140,8 @@ class RecurrentActorCritic(nn.Module):
             nn.init.constant_(param, 0.0) if "bias" in name else nn.init.orthogonal_(param, 1.0)
         self.actor = layer_init(nn.Linear(lstm_size, n_actions), std=0.01)
         self.critic = layer_init(nn.Linear(lstm_size, 1), std=1.0)
+        if self.continuous:
+            self.log_std = nn.Parameter(torch.zeros(n_actions))
 
     def initial_state(self, batch_size: int, device: torch.device) -> RnnState:
         zeros = torch.zeros(batch_size, self.lstm.hidden_size, device=device)
@@ -134,14 +154,15 @@ class RecurrentActorCritic(nn.Module):
         `reset[t]` ([T, B] bool) zeroes the state before step t (an episode ended at step t - 1); `reset_steps`
         lists, on the host, the steps t where `reset[t]` may be true for some env. Between two of them the
         LSTM runs over the whole segment in one call (an order of magnitude faster than a Python loop over
-        steps). Returns (logits [T, B, A], value [T, B], state after the last step).
+        steps). Returns (the actor's output [T, B, A]: logits or Gaussian means, value [T, B], state after the
+        last step).
         """
         T, B = prev_action.shape[:2]
         features = self.torso(self.obs_norm(obs.flatten(0, 1))).view(T, B, -1)
         # Atari trains on sign-clipped rewards and evaluates on raw scores: the network sees their sign.
         prev_reward = prev_reward.sign() if self.image else prev_reward
-        x = torch.cat([features, F.one_hot(prev_action.long(), self.n_actions).float(),
-                       prev_reward.unsqueeze(-1).float()], -1)
+        prev_action = prev_action.float() if self.continuous else F.one_hot(prev_action.long(), self.n_actions).float()
+        x = torch.cat([features, prev_action.view(T, B, -1), prev_reward.unsqueeze(-1).float()], -1)
         h, c = state.h[None], state.c[None]
         bounds = [0, *(t for t in reset_steps if 0 < t < T), T]
         outputs = []
@@ -154,20 +175,34 @@ class RecurrentActorCritic(nn.Module):
         out = torch.cat(outputs)
         return self.actor(out), self.critic(out).squeeze(-1), RnnState(h[0], c[0])
 
+    def distribution(self, out: torch.Tensor):
+        if self.continuous:
+            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+        return Categorical(logits=out, validate_args=False)
+
+    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
+
+    def entropy(self, dist) -> torch.Tensor:
+        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
+
 
 def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
-    """One step for a batch of envs, uniform with probability `epsilon`; agent_info keeps the rnn state the
-    step started from."""
+    """One step for a batch of envs (discrete actions: uniform with probability `epsilon`); agent_info keeps
+    the rnn state the step started from."""
     if rnn_state is None:
         rnn_state = model.initial_state(obs.shape[0], obs.device)
-    logits, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
-    dist = Categorical(logits=logits[0], validate_args=False)
-    action = dist.probs.argmax(-1) if deterministic else dist.sample()
+    out, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
+    dist = model.distribution(out[0])
+    if deterministic:
+        action = dist.mean if model.continuous else dist.probs.argmax(-1)
+    else:
+        action = dist.sample()
     if epsilon > 0:
         explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, logits.shape[-1]), action)
-    return action, AgentInfo(dist.log_prob(action), value[0], rnn_state), next_state
+        action = torch.where(explore, torch.randint_like(action, out.shape[-1]), action)
+    return action, AgentInfo(model.log_prob(dist, action), value[0], rnn_state), next_state
 
 
 def eval_policy_kwargs(args: Args) -> dict:
@@ -177,11 +212,11 @@ def eval_policy_kwargs(args: Args) -> dict:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
+    eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
     shape = observation_shape(probe)
-    resolve_presets(args, "image" if len(shape) == 3 else "vector")
-    model = RecurrentActorCritic(shape, int(probe.action_space.n), args.hidden_size, args.lstm_size, args.norm_obs)
+    resolve_presets(args, "image" if len(shape) == 3 else "vector", isinstance(probe.action_space, gym.spaces.Box))
+    model = RecurrentActorCritic(shape, probe.action_space, args.hidden_size, args.lstm_size, args.norm_obs)
     probe.close()
     model.load_state_dict(checkpoint["model"])
     return model.to(device), eval_env_fn
@@ -208,12 +243,11 @@ def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
     return next_value
 
 
-def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value, args: Args):
-    """Clipped surrogate + (clipped) value loss - entropy bonus on the logits and values of re-run [T, b]
-    sequences; returns (loss, stats). `--compile` compiles this, not the model, whose segments vary by batch."""
-    dist = Categorical(logits=logits, validate_args=False)
-    log_prob = dist.log_prob(action)
-    entropy = dist.entropy().mean()
+def ppo_loss(log_prob, entropy, value, old_log_prob, advantage, returns, old_value, args: Args):
+    """Clipped surrogate + (clipped) value loss - entropy bonus on the log-probs, entropies and values of re-run
+    [T, b] sequences; returns (loss, stats). `--compile` compiles this, not the model, whose segments vary by
+    batch."""
+    entropy = entropy.mean()
     log_ratio = log_prob - old_log_prob
     ratio = log_ratio.exp()
     with torch.no_grad():
@@ -233,20 +267,23 @@ def ppo_loss(logits, value, action, old_log_prob, advantage, returns, old_value,
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_env, args.env_id, training=True, **env_options(args))
-    eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
+    env_fn = partial(make_lstm_env, args.env_id, training=True, **env_options(args))
+    eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
-    n_actions = require_discrete_actions(probe, "algos/ppo_atari_lstm.py")
-    shape = observation_shape(probe)
+    action_space, shape = probe.action_space, observation_shape(probe)
     probe.close()
+    continuous = isinstance(action_space, gym.spaces.Box)
+    if not (isinstance(action_space, gym.spaces.Discrete) or (continuous and len(action_space.shape) == 1)):
+        raise UsageError(f"algos/ppo_atari_lstm.py needs discrete actions or a 1-D Box of continuous ones, "
+                         f"{args.env_id} has {action_space}")
     if len(shape) not in (1, 3) or (len(shape) == 3 and shape[1:] != (84, 84)):
         raise UsageError(f"algos/ppo_atari_lstm.py needs vector observations or [C, 84, 84] Atari frames, "
                          f"{args.env_id} has shape {shape}")
-    resolve_presets(args, "image" if len(shape) == 3 else "vector")
+    resolve_presets(args, "image" if len(shape) == 3 else "vector", continuous)
     if args.num_minibatches < 1 or args.n_envs % args.num_minibatches:
         raise UsageError(f"--num-minibatches {args.num_minibatches} must divide --n-envs {args.n_envs}: "
                          "a minibatch is a subset of whole environment sequences")
-    model = RecurrentActorCritic(shape, n_actions, args.hidden_size, args.lstm_size, args.norm_obs).to(device)
+    model = RecurrentActorCritic(shape, action_space, args.hidden_size, args.lstm_size, args.norm_obs).to(device)
     reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
@@ -286,11 +323,13 @@ def main(args: Args) -> dict:
                 for k, envs in enumerate(minibatch_envs[epoch]):
                     sequences = batch[:, envs]
                     # Whole sequences, from the state stored at their start, zeroed after episode ends.
-                    logits, new_value, _ = model(sequences.observation, sequences.prev_action, sequences.prev_reward,
-                                                 sequences.agent_info.rnn_state[0], reset[:, envs],
-                                                 minibatch_resets[epoch, k].nonzero().flatten().tolist())
-                    loss, stats = loss_fn(logits, new_value, sequences.action, sequences.agent_info.log_prob,
-                                          advantage[:, envs], returns[:, envs], value[:, envs], args)
+                    out, new_value, _ = model(sequences.observation, sequences.prev_action, sequences.prev_reward,
+                                              sequences.agent_info.rnn_state[0], reset[:, envs],
+                                              minibatch_resets[epoch, k].nonzero().flatten().tolist())
+                    dist = model.distribution(out)
+                    loss, stats = loss_fn(model.log_prob(dist, sequences.action), model.entropy(dist), new_value,
+                                          sequences.agent_info.log_prob, advantage[:, envs], returns[:, envs],
+                                          value[:, envs], args)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks

@@ -8,6 +8,10 @@ balance the pole well while a recurrent one can. Use it as
 `ConstantReward-v0`: reward 1 every step, the same observation always, never terminated; the 10-step
 time limit truncates every episode, so a correct value estimate bootstraps at the cut.
 
+`CueRecall-v0`: continuous actions in [-1, 1]; the first observation shows a cue c drawn uniformly from
+[-1, 1], the later ones do not, and each of the 9 steps pays -(action - c)^2. A policy that remembers c scores
+near 0; the best one that cannot (c on the first step, then 0) loses about 1/3 a step, -8/3 an episode.
+
 `InfoReport-v0`: 5-step episodes whose info reports `bonus` 1.0 every step, `is_success` 1.0 on the last
 step only and a string `label` every step (for `--info-keys`).
 """
@@ -133,3 +137,29 @@ class InfoReportEnv(gym.Env):
 
 if "InfoReport-v0" not in gym.registry:
     gym.register(id="InfoReport-v0", entry_point=InfoReportEnv)
+
+
+class CueRecallEnv(gym.Env):
+    """Observation [cue, first-step flag]; the cue shows only at the reset. Episodes of LENGTH rewarded steps."""
+
+    LENGTH = 9
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+        self.cue, self.t = 0.0, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = float(self.np_random.uniform(-1.0, 1.0)), 0
+        return np.array([self.cue, 1.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = -float((np.asarray(action, np.float64).reshape(-1)[0] - self.cue) ** 2)
+        return np.zeros(2, np.float32), reward, self.t == self.LENGTH, False, {}
+
+
+if "CueRecall-v0" not in gym.registry:
+    gym.register(id="CueRecall-v0", entry_point=CueRecallEnv)

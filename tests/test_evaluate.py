@@ -166,9 +166,17 @@ class RecurrentAlwaysNoop(torch.nn.Module):
     def initial_state(self, batch_size, device):
         return torch.zeros(1, batch_size, 1, device=device), torch.zeros(1, batch_size, 1, device=device)
 
+    continuous = False
+
     def forward(self, obs, prev_action, prev_reward, rnn_state):
         time, batch = obs.shape[:2]
         return self.logits.expand(time, batch, 4), torch.zeros(time, batch), rnn_state
+
+    def distribution(self, out):
+        return torch.distributions.Categorical(logits=out)
+
+    def log_prob(self, dist, action):
+        return dist.log_prob(action)
 
 
 def test_recurrent_ppo_evaluates_epsilon_greedy_on_images_and_greedy_on_vectors():

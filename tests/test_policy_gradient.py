@@ -63,6 +63,22 @@ def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
 
 
 @pytest.mark.learning
+def test_recurrent_ppo_recalls_a_continuous_cue_where_feed_forward_ppo_cannot(run_in):
+    # The Gaussian head on a memory task: the action must repeat a cue seen only at the first step.
+    flags = ["--env-id", "tests.memory_envs:CueRecall-v0", "--total-timesteps", "50000", "--seed", "1"]
+    _, run_dir, recurrent = run_in("ppo_atari_lstm", *flags, run_name="lstm")
+    _, _, feed_forward = run_in("ppo", *flags, run_name="mlp")
+    assert recurrent["final_eval_return"] >= -1.5, recurrent  # seed 1: -0.78
+    assert feed_forward["final_eval_return"] < -2.0, feed_forward  # seed 1: -3.55 (at best about -8/3)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["ent_coef"] == 0.0 and config["norm_obs"] is True  # the continuous-action vector preset
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert checkpoint["log_std"].shape == (1,) and checkpoint["lstm.weight_ih_l0"].shape[1] == 64 + 1 + 1
+    episodes = evaluate_run(run_dir)  # load_policy rebuilds the Gaussian model
+    assert np.mean([e.ret for e in episodes]) == pytest.approx(recurrent["final_eval_return"])
+
+
+@pytest.mark.learning
 def test_recurrent_ppo_solves_the_memory_task_where_feed_forward_ppo_fails(run_in):
     flags = ["--env-id", MEMORY_ENV, "--total-timesteps", "100000", "--seed", "1"]  # seed 1: 500.0 and 43.1
     _, _, recurrent = run_in("ppo_atari_lstm", *flags, run_name="lstm")
@@ -111,7 +127,7 @@ def test_truncated_steps_bootstrap_from_their_final_observation(script_name):
 def test_recurrent_truncation_bootstraps_with_the_state_carried_through_the_step():
     script = load_script("ppo_atari_lstm")
     torch.manual_seed(0)
-    model = script.RecurrentActorCritic((4,), 2, 16, 8)
+    model = script.RecurrentActorCritic((4,), gym.spaces.Discrete(2), 16, 8)
     for param in model.lstm.parameters():  # a strong recurrence, so that a wrong state shows
         param.data.mul_(3.0)
     batch = hand_made_batch(script, model)
@@ -174,7 +190,7 @@ def test_recurrent_sequence_rerun_reproduces_the_collected_policy():
     the log-probs and values of collection; without the resets it does not."""
     script = load_script("ppo_atari_lstm")
     torch.manual_seed(0)
-    model = script.RecurrentActorCritic((2,), 2, 16, 8)
+    model = script.RecurrentActorCritic((2,), gym.spaces.Discrete(2), 16, 8)
     for param in model.lstm.parameters():  # a strong recurrence and a decisive policy, so that state errors show
         param.data.mul_(3.0)
     model.actor.weight.data.mul_(100.0)
@@ -243,6 +259,7 @@ def test_a2c_runs_pong_on_the_nature_cnn_under_every_sampler(run_in, sampler):
     ("ppo", "parallel-cpu", "Pendulum-v1"),
     ("a2c", "parallel-gpu", "Pendulum-v1"),
     ("ppo_atari_lstm", "alternating-gpu", MEMORY_ENV),
+    ("ppo_atari_lstm", "parallel-cpu", "tests.memory_envs:CueRecall-v0"),  # Box actions through shared memory
 ])
 def test_vector_scripts_run_under_parallel_samplers(run_in, script, sampler, env_id):
     _, run_dir, summary = run_in(script, "--env-id", env_id, "--sampler", sampler, "--n-workers", "2",
@@ -258,7 +275,7 @@ def test_vector_scripts_run_under_parallel_samplers(run_in, script, sampler, env
 
 @pytest.mark.parametrize(("script", "env_id", "message"), [
     ("ppo_atari", "CartPole-v1", "image observations"),
-    ("ppo_atari_lstm", "Pendulum-v1", "discrete"),
+    ("ppo_atari_lstm", "tests.memory_envs:MatrixObservation-v0", "vector observations or [C, 84, 84]"),
     ("a2c", "tests.memory_envs:MatrixObservation-v0", "vector observations or Atari frame stacks"),
 ])
 def test_wrong_spaces_are_one_line_errors(run_in, script, env_id, message):
