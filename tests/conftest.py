@@ -58,5 +58,11 @@ def run_in(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Learning runs first: xdist then spreads the longest tests over the workers and the suite ends on short ones."""
-    items.sort(key=lambda item: item.get_closest_marker("learning") is None)
+    """Half of the seeded learning runs (the longest tests) open each half of the collection. `--dist worksteal`
+    (pyproject.toml) gives each of the two workers one half, and a worker that runs dry takes tests from the
+    end of the other's queue, so the suite ends on short tests."""
+    learning = [item for item in items if item.get_closest_marker("learning")]
+    rest = [item for item in items if not item.get_closest_marker("learning")]
+    first, second = learning[0::2], learning[1::2]
+    split = max(0, len(items) // 2 - len(first))
+    items[:] = first + rest[:split] + second + rest[split:]
