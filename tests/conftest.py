@@ -2,6 +2,7 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def default_sigint() -> None:
+    """A Popen preexec_fn: the child takes SIGINT as Ctrl-C, even where this test run was started in the
+    background of a shell (which starts it with SIGINT ignored, a disposition every child inherits)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_script(script: str, *flags: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_summary
+from conftest import ROOT, default_sigint, read_summary
 
 from common.launch import (
     Experiment,
@@ -220,14 +220,17 @@ def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
     out = tmp_path / "launch"
     proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--variants", "ignore-sigint", "grandchild",
                     "--max-parallel", "3", "--grace-s", "1", "--output-dir", str(out), "--", "--sleep", "600",
-                    "--grandchild")
-    deadline = time.monotonic() + 60
-    while len(list(out.glob("*/seen.json"))) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(list(out.glob("*/seen.json"))) == 3
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+                    "--grandchild", preexec_fn=default_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*/seen.json"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(out.glob("*/seen.json"))) == 3
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a launcher that outlived the test takes its runs with it (their parent-death signal)
     assert proc.returncode == 130, stderr
     assert time.monotonic() - started < 15
     pids = {int(line.split("(pid ")[1].split(",")[0]) for line in stdout.splitlines() if "] start " in line}

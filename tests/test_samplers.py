@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import default_sigint
 from sampler_helpers import ProbeModel, memory_policy
 
 from common.envs import UsageError, make_env
@@ -299,7 +300,7 @@ def ppo_command(kind: str, tmp_path: Path, total_timesteps: int) -> list[str]:
 
 def test_ctrl_c_ends_a_parallel_script_cleanly(tmp_path):
     process = subprocess.Popen(ppo_command("parallel-cpu", tmp_path, 10**7), cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         read_until(process, "SPS", timeout_s=60)  # a few collects went through the spawned workers
         children = children_of(process.pid)
