@@ -1,10 +1,14 @@
+import atexit
 import csv
 import importlib.util
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +23,79 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+class ScriptServer:
+    """The client of this test process's fork server (tests/zygote.py): runs scripts as fresh processes
+    would, without paying their imports each time. RLSOLO_TEST_SUBPROCESS=1 starts real processes instead."""
+
+    def __init__(self):
+        self.process = None
+
+    def start(self, env: dict) -> None:
+        self.env, self.pending = env, b""
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.reply(timeout=300) == {"ready": True}
+
+    def reply(self, timeout: float | None) -> dict:
+        """The server's next line (unbuffered reads: a line already read is never waited for again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not select.select([self.process.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the script server ended (exit code {self.process.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        same_imports = all(env.get(k) == self.env.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")) \
+            if self.process is not None else False
+        if self.process is None or self.process.poll() is not None or not same_imports:
+            self.close()
+            self.start(env)
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            out.touch()
+            err.touch()
+            request = {"argv": argv, "cwd": str(ROOT), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+            pid = self.reply(timeout=60)["pid"]
+            try:
+                returncode = self.reply(timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self.reply(timeout=60)
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(argv, returncode, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+SCRIPT_SERVER = ScriptServer()
+atexit.register(SCRIPT_SERVER.close)
+
+
 def run_script(script: str, *flags: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python algos/<script>.py <flags>` from the repository root; return the finished process."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "algos" / f"{script}.py"), *flags],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    argv = [str(ROOT / "algos" / f"{script}.py"), *flags]
+    if os.environ.get("RLSOLO_TEST_SUBPROCESS") == "1":
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    else:
+        proc = SCRIPT_SERVER.run(argv, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
