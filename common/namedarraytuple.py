@@ -97,6 +97,17 @@ def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     return fn(buffer)
 
 
+def buffer_map_named(fn: Callable[[str, Any], Any], buffer: Any, name: str) -> Any:
+    """Like `buffer_map`, calling `fn(path, leaf)`: the path of a field is its parent's path + `/` + its name.
+
+    `name` is the path of `buffer` itself (of a plain leaf, its only path).
+    """
+    if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
+        return type(buffer)(*(None if field is None else buffer_map_named(fn, field, f"{name}/{field_name}")
+                              for field_name, field in zip(buffer._fields, buffer)))
+    return fn(name, buffer)
+
+
 def buffer_leaves(buffer: Any) -> list[Any]:
     """The leaves of a (nested) namedtuple in field order, None fields left out; a plain leaf is a list of one."""
     if buffer is None:

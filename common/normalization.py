@@ -12,13 +12,13 @@ the model sees the same statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from common import distributed
+from common.namedarraytuple import buffer_map_named
 
 __all__ = ["ObservationNormalizer", "RewardScaler", "RunningMeanStd"]
 
@@ -57,14 +57,6 @@ class RunningMeanStd(nn.Module):
         return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
 
 
-def _map_leaves(fn: Callable[[str, Any], Any], observation: Any, path: str = "observation") -> Any:
-    """`fn(path, leaf)` for every leaf of an array or (nested) namedarraytuple; paths like `observation/state/x`."""
-    if isinstance(observation, tuple):
-        return type(observation)(*(None if field is None else _map_leaves(fn, field, f"{path}/{name}")
-                                   for name, field in zip(observation._fields, observation)))
-    return fn(path, observation)
-
-
 class ObservationNormalizer(nn.Module):
     """Per-leaf running standardisation of observations shaped like `example` (no leading dims).
 
@@ -82,7 +74,7 @@ class ObservationNormalizer(nn.Module):
             if leaf.is_floating_point():
                 self.stats[path] = RunningMeanStd(tuple(leaf.shape), clip)
 
-        _map_leaves(add, example)
+        buffer_map_named(add, example, "observation")
 
     @torch.no_grad()
     def update(self, observation: Any) -> None:
@@ -92,11 +84,12 @@ class ObservationNormalizer(nn.Module):
             if path in self.stats:
                 self.stats[path].update(leaf)
 
-        _map_leaves(update_leaf, observation)
+        buffer_map_named(update_leaf, observation, "observation")
 
     def forward(self, observation: Any) -> Any:
         """The observation with each float leaf standardised and clipped (float32); integer leaves as they are."""
-        return _map_leaves(lambda path, leaf: self.stats[path](leaf) if path in self.stats else leaf, observation)
+        return buffer_map_named(lambda path, leaf: self.stats[path](leaf) if path in self.stats else leaf, observation,
+                                "observation")
 
 
 class RewardScaler(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from common.namedarraytuple import (
     buffer_from_example,
     buffer_leaves,
+    buffer_map_named,
     buffer_to,
     namedarraytuple,
     numpify_buffer,
@@ -146,3 +147,12 @@ def test_runtime_classes_are_cached_and_cross_a_spawn_boundary():
     proc.join(timeout=60)
     assert proc.exitcode == 0 and reply == ("Runtime", ("a", "inner"), ("b",), 7.0)
     assert (shared.a[0] == 5.0).all()  # the child wrote the same shared memory
+
+
+def test_buffer_map_named_passes_each_leaf_its_path():
+    outer = make_outer()
+    paths = []
+    mapped = buffer_map_named(lambda path, leaf: paths.append(path) or path, outer, "root")
+    assert paths == ["root/obs", "root/info/x", "root/info/y"]
+    assert type(mapped) is Outer and mapped.info.y == "root/info/y" and mapped.nothing is None
+    assert buffer_map_named(lambda path, leaf: path, outer.obs, "root") == "root"
