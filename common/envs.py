@@ -455,6 +455,8 @@ def observation_shape(env: gym.Env) -> tuple[int, ...]:
 # Observations: arrays, or namedarraytuples of arrays for Dict / Tuple spaces
 # --------------------------------------------------------------------------------------------------
 
+ARRAY_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
 
 def observation_example(space: gym.Space, observation: Any = None, where: str = "observation") -> Any:
     """One zero-filled observation as samplers and replay buffers store it (no leading dims).
@@ -463,7 +465,7 @@ def observation_example(space: gym.Space, observation: Any = None, where: str = 
     whose fields are its keys in the space's order, for a Tuple space one with fields f0, f1, ... (nested
     spaces nest). Given a raw `observation` of the env, each leaf takes its shape and dtype from it (what
     the env really returns) rather than from the space. UsageError for spaces without a fixed array shape
-    (Text, Graph, Sequence...) and for Dict keys that cannot be field names.
+    (Text, Graph, Sequence...) and for Dict keys that cannot be field names; `where` names the space there.
     """
     if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
         if isinstance(space, gym.spaces.Dict):
@@ -484,9 +486,6 @@ def observation_example(space: gym.Space, observation: Any = None, where: str = 
     if observation is not None:
         return np.zeros_like(np.asarray(observation))
     return np.zeros(space.shape, space.dtype)
-
-
-ARRAY_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 def _check_field_name(name: Any, where: str) -> None:

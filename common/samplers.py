@@ -15,10 +15,10 @@ function of the script:
 
 `observation` is a [B, ...] tensor or, for Dict / Tuple observation spaces, a namedarraytuple of them
 (nested; see `common.envs.observation_example`), and the batch stores it the same way, next_observation
-included. `agent_info` is None or a namedarraytuple of [B, ...] tensors (log-prob, value, rnn state ...), stored in
-the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of [B, ...]
-tensors that the sampler zeroes for environments whose episode ended (it also zeroes their previous
-action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
+included. `agent_info` is None or a namedarraytuple of [B, ...] tensors (log-prob, value, rnn state ...),
+stored in the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of
+[B, ...] tensors that the sampler zeroes for environments whose episode ended (it also zeroes their
+previous action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
 `policy_step`, in every kind. `sampler.example` is one step of the batch (no leading dims): replay buffers
 are allocated from it.
 
