@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import keyword
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ale_py
 import cv2
@@ -26,6 +28,8 @@ import numpy as np
 from gymnasium import error as gym_error
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.wrappers import TimeLimit
+
+from common.namedarraytuple import runtime_namedarraytuple
 
 gym.register_envs(ale_py)
 
@@ -436,11 +440,82 @@ def require_continuous_actions(env: gym.Env, script: str) -> tuple[int, ...]:
 
 
 def observation_shape(env: gym.Env) -> tuple[int, ...]:
-    """The shape of one observation (Atari: (frame_stack, 84, 84))."""
-    shape = env.observation_space.shape
-    if shape is None:
+    """The shape of one array observation (Atari: (frame_stack, 84, 84)); UsageError for Dict / Tuple spaces."""
+    space = env.observation_space
+    observation_example(space)  # UsageError for spaces that nothing can store
+    if space.shape is None:
         raise UsageError(
-            f"{_env_name(env)} has observation space {env.observation_space}, but rlsolo needs array "
-            f"observations: flatten it with gymnasium.wrappers.FlattenObservation in a custom env"
+            f"{_env_name(env)} has observation space {space}, but this script needs array observations: "
+            f"flatten it with gymnasium.wrappers.FlattenObservation in a custom env"
         )
-    return tuple(shape)
+    return tuple(space.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Observations: arrays, or namedarraytuples of arrays for Dict / Tuple spaces
+# --------------------------------------------------------------------------------------------------
+
+ARRAY_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+def observation_example(space: gym.Space, observation: Any = None, where: str = "observation") -> Any:
+    """One zero-filled observation as samplers and replay buffers store it (no leading dims).
+
+    An array for array spaces (Box, Discrete, MultiDiscrete, MultiBinary); for a Dict space a namedarraytuple
+    whose fields are its keys in the space's order, for a Tuple space one with fields f0, f1, ... (nested
+    spaces nest). Given a raw `observation` of the env, each leaf takes its shape and dtype from it (what
+    the env really returns) rather than from the space. UsageError for spaces without a fixed array shape
+    (Text, Graph, Sequence...) and for Dict keys that cannot be field names; `where` names the space there.
+    """
+    if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
+        if isinstance(space, gym.spaces.Dict):
+            keys = names = list(space.spaces)
+            for name in names:
+                _check_field_name(name, where)
+        else:
+            keys, names = range(len(space.spaces)), [f"f{i}" for i in range(len(space.spaces))]
+        fields = [observation_example(space[key], None if observation is None else observation[key],
+                                      f"{where}[{key!r}]") for key in keys]
+        return runtime_namedarraytuple("Observation", names)(*fields)
+    if not isinstance(space, ARRAY_SPACES):
+        raise UsageError(
+            f"{where} has space {space}, which has no fixed array shape: rlsolo stores Box, Discrete, "
+            f"MultiDiscrete and MultiBinary observations and Dict / Tuple spaces of them; wrap the env to "
+            f"observe one of those"
+        )
+    if observation is not None:
+        return np.zeros_like(np.asarray(observation))
+    return np.zeros(space.shape, space.dtype)
+
+
+def _check_field_name(name: Any, where: str) -> None:
+    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+            and not name.startswith("_")):
+        raise UsageError(
+            f"the Dict space at {where} has key {name!r}, which cannot name a namedarraytuple field (a Python "
+            f"identifier, not a keyword, not starting with '_'): rename the key in the env or a wrapper"
+        )
+
+
+def write_observation(destination: Any, index: Any, observation: Any) -> None:
+    """`destination[index] = observation` for a raw env observation (a dict / tuple for Dict / Tuple spaces).
+
+    Structured observations are written leaf by leaf into the namedarraytuple `destination` (see
+    `observation_example`), without building one per step.
+    """
+    if not isinstance(destination, tuple):
+        destination[index] = observation
+        return
+    if isinstance(observation, Mapping):
+        observation = [observation[name] for name in destination._fields]
+    for leaf, value in zip(destination, observation, strict=True):
+        write_observation(leaf, index, value)
+
+
+def raw_observation(space: gym.Space, observation: Any) -> Any:
+    """A stored observation in the env's own form: dicts for Dict spaces and tuples for Tuple spaces (nested)."""
+    if isinstance(space, gym.spaces.Dict):
+        return {name: raw_observation(subspace, getattr(observation, name)) for name, subspace in space.spaces.items()}
+    if isinstance(space, gym.spaces.Tuple):
+        return tuple(raw_observation(subspace, field) for subspace, field in zip(space.spaces, observation))
+    return observation

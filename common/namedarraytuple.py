@@ -8,7 +8,9 @@
 
 Fields may themselves be namedarraytuples (nested structures recurse) or None (skipped everywhere).
 The same class works for numpy arrays and torch tensors, and instances pickle (also to processes started
-with `spawn`) as long as the class is bound to a module-level name equal to its type name.
+with `spawn`) as long as the class is bound to a module-level name equal to its type name. Classes made
+at run time (from an observation space, say) come from `runtime_namedarraytuple` instead: their
+instances pickle with their field names, so a process that never made the class can load them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,26 @@ def namedarraytuple(typename: str, field_names: Sequence[str] | str) -> type:
     return cls
 
 
+_RUNTIME_TYPES: dict[tuple[str, tuple[str, ...]], type] = {}
+
+
+def runtime_namedarraytuple(typename: str, field_names: Sequence[str]) -> type:
+    """The namedarraytuple class for (typename, field_names), made once per process and cached.
+
+    Its instances pickle by structure (type name, field names, values), not by a module-level name.
+    """
+    key = (typename, tuple(field_names))
+    if key not in _RUNTIME_TYPES:
+        cls = namedarraytuple(typename, key[1])
+        cls.__reduce__ = lambda self: (_rebuild_runtime, (typename, self._fields, tuple(self)))
+        _RUNTIME_TYPES[key] = cls
+    return _RUNTIME_TYPES[key]
+
+
+def _rebuild_runtime(typename: str, field_names: tuple[str, ...], values: tuple) -> Any:
+    return runtime_namedarraytuple(typename, field_names)(*values)
+
+
 def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     """Apply `fn` to every leaf (array / tensor / scalar) of a (nested) namedtuple; None stays None."""
     if buffer is None:
@@ -73,6 +95,26 @@ def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     if isinstance(buffer, tuple | list):
         return type(buffer)(buffer_map(fn, field) for field in buffer)
     return fn(buffer)
+
+
+def buffer_map_named(fn: Callable[[str, Any], Any], buffer: Any, name: str) -> Any:
+    """Like `buffer_map`, calling `fn(path, leaf)`: the path of a field is its parent's path + `/` + its name.
+
+    `name` is the path of `buffer` itself (of a plain leaf, its only path).
+    """
+    if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
+        return type(buffer)(*(None if field is None else buffer_map_named(fn, field, f"{name}/{field_name}")
+                              for field_name, field in zip(buffer._fields, buffer)))
+    return fn(name, buffer)
+
+
+def buffer_leaves(buffer: Any) -> list[Any]:
+    """The leaves of a (nested) namedtuple in field order, None fields left out; a plain leaf is a list of one."""
+    if buffer is None:
+        return []
+    if isinstance(buffer, tuple | list):
+        return [leaf for field in buffer for leaf in buffer_leaves(field)]
+    return [buffer]
 
 
 def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_memory: bool = False) -> Any:

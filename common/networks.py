@@ -1,20 +1,24 @@
 """Network building blocks that several scripts share.
 
-The policy-gradient scripts' orthogonal initialisation and Nature CNN torso; for the Q-function
-policy-gradient scripts (ddpg.py, td3.py, sac.py) a critic ensemble with stacked weights, evaluated in one
-batched matmul per layer, the action scaling between the actor's [-1, 1] and the env's bounds, and the
-optimizer and compile helpers.
+The policy-gradient scripts' orthogonal initialisation and Nature CNN torso; `ObservationEncoder`, the
+input stage for array or Dict observations (a Nature CNN per frame-stack leaf, other leaves flattened);
+for the Q-function policy-gradient scripts (ddpg.py, td3.py, sac.py) a critic ensemble with stacked
+weights, evaluated in one batched matmul per layer, the action scaling between the actor's [-1, 1] and
+the env's bounds, and the optimizer and compile helpers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.namedarraytuple import buffer_leaves, buffer_map_named
 
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
@@ -39,6 +43,52 @@ class NatureCNN(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs.float() / 255.0)
+
+
+IMAGE_SHAPE = (84, 84)  # a uint8 leaf [C, 84, 84] is a frame stack: it gets a Nature CNN
+
+
+class ObservationEncoder(nn.Module):
+    """Features [..., out_features] of observations shaped like `example` (an array or a namedarraytuple).
+
+    Each leaf has its encoder: a uint8 [C, 84, 84] leaf a NatureCNN (in `cnns`, keyed by its path, e.g.
+    `observation/pixels`); any other leaf is flattened to float32 (uint8 scaled to [0, 1]). Their features
+    are concatenated in field order, ready for the script's MLP. Leading dims of any number are kept.
+    """
+
+    def __init__(self, example: Any, cnn_features: int = 512):
+        super().__init__()
+        self.cnns = nn.ModuleDict()
+        self.leaves: list[tuple[str, int]] = []  # (path, dims without leading dims) of each leaf, in field order
+        self.out_features = 0
+
+        def add(path: str, leaf: Any) -> None:
+            leaf = torch.as_tensor(leaf)
+            self.leaves.append((path, leaf.dim()))
+            if leaf.dtype == torch.uint8 and leaf.dim() == 3 and tuple(leaf.shape[1:]) == IMAGE_SHAPE:
+                self.cnns[path] = NatureCNN(leaf.shape[0], cnn_features)
+                self.out_features += cnn_features
+            else:
+                self.out_features += leaf.numel()
+
+        buffer_map_named(add, example, "observation")
+
+    def forward(self, observation: Any) -> torch.Tensor:
+        features = []
+        for (path, n_dims), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
+            leading = leaf.shape[: leaf.dim() - n_dims]
+            if path in self.cnns:
+                feature = self.cnns[path](leaf.reshape(-1, *leaf.shape[len(leading):]))
+            else:
+                feature = leaf.float() / 255.0 if leaf.dtype == torch.uint8 else leaf.float()
+            features.append(feature.reshape(*leading, -1))
+        return torch.cat(features, dim=-1)
+
+
+def observation_encoder(example: Any, cnn_features: int = 512) -> tuple[ObservationEncoder, int]:
+    """An `ObservationEncoder` for observations shaped like `example` (no leading dims) and its output size."""
+    encoder = ObservationEncoder(example, cnn_features)
+    return encoder, encoder.out_features
 
 
 class EnsembleLinear(nn.Module):

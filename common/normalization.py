@@ -1,5 +1,9 @@
 """Running normalisation statistics as `nn.Module`s: observation normalisation and reward scaling.
 
+`ObservationNormalizer` standardises every floating-point leaf of an observation (an array, or a
+namedarraytuple of them for Dict / Tuple spaces) with its own `RunningMeanStd`; integer leaves (uint8
+images, discrete values) pass through unchanged.
+
 The statistics are buffers: `state_dict` saves them in checkpoints, `sampler.sync(model)` ships them to the
 sampler workers (for a `RunningMeanStd` inside the model), and evaluation uses them frozen. Scripts update
 them in the main process from each collected [T, B] batch, never per step in the workers, so every copy of
@@ -8,12 +12,15 @@ the model sees the same statistics.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from common import distributed
+from common.namedarraytuple import buffer_map_named
 
-__all__ = ["RewardScaler", "RunningMeanStd"]
+__all__ = ["ObservationNormalizer", "RewardScaler", "RunningMeanStd"]
 
 
 class RunningMeanStd(nn.Module):
@@ -48,6 +55,41 @@ class RunningMeanStd(nn.Module):
         """`(x - mean) / std`, clipped to [-clip, clip], as float32; any leading dims."""
         std = torch.sqrt(self.var.float() + self.epsilon)
         return ((x.float() - self.mean.float()) / std).clamp(-self.clip, self.clip)
+
+
+class ObservationNormalizer(nn.Module):
+    """Per-leaf running standardisation of observations shaped like `example` (no leading dims).
+
+    Each floating-point leaf has its own `RunningMeanStd` in `stats`, keyed by its path (`observation` for an
+    array observation, `observation/state/position` for a Dict leaf); integer leaves have none and pass
+    through unchanged.
+    """
+
+    def __init__(self, example: Any, clip: float = 10.0):
+        super().__init__()
+        self.stats = nn.ModuleDict()
+
+        def add(path: str, leaf: Any) -> None:
+            leaf = torch.as_tensor(leaf)
+            if leaf.is_floating_point():
+                self.stats[path] = RunningMeanStd(tuple(leaf.shape), clip)
+
+        buffer_map_named(add, example, "observation")
+
+    @torch.no_grad()
+    def update(self, observation: Any) -> None:
+        """Merge a batch (every leaf `[N, *leaf_shape]`, any leading dims) into each float leaf's statistics."""
+
+        def update_leaf(path: str, leaf: torch.Tensor) -> None:
+            if path in self.stats:
+                self.stats[path].update(leaf)
+
+        buffer_map_named(update_leaf, observation, "observation")
+
+    def forward(self, observation: Any) -> Any:
+        """The observation with each float leaf standardised and clipped (float32); integer leaves as they are."""
+        return buffer_map_named(lambda path, leaf: self.stats[path](leaf) if path in self.stats else leaf, observation,
+                                "observation")
 
 
 class RewardScaler(nn.Module):

@@ -18,6 +18,9 @@ With `share_memory=True` every array, the sum tree and the cursors live in share
 cross-process read-write lock guards append / sample / update_priorities; the buffer object pickles
 to `spawn` children (pass it as a Process argument) and they keep writing the same memory.
 Sampling draws from torch's global RNG (`torch.manual_seed` makes it reproducible).
+
+Observations may be namedarraytuples (Dict / Tuple observation spaces): every leaf is stored, sampled and
+checkpointed as an array observation is. Frame deduplication is for single image stacks only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.envs import UsageError
 from common.namedarraytuple import buffer_from_example, buffer_map, namedarraytuple, numpify_buffer, torchify_buffer
 
 ReplaySamples = namedarraytuple(
@@ -247,12 +251,12 @@ class UniformReplayBuffer:
         """What is stored of an observation `[..., *obs_shape]`."""
         return observation
 
-    def _observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
-        """Observations of steps (row [M], env [M]): [M, *obs_shape]."""
+    def _observation(self, row: np.ndarray, env: np.ndarray) -> Any:
+        """Observations of steps (row [M], env [M]): [M, *obs_shape] (every leaf of a structured one)."""
         return self.observation[row, env]
 
-    def _next_observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
-        """True next observations of steps (row [M], env [M]): [M, *obs_shape]."""
+    def _next_observation(self, row: np.ndarray, env: np.ndarray) -> Any:
+        """True next observations of steps (row [M], env [M]): [M, *obs_shape] (every leaf)."""
         next_observation = self.observation[(row + 1) % self.n_rows, env]
         self._put_finals(next_observation, row, env)
         return next_observation
@@ -261,7 +265,7 @@ class UniformReplayBuffer:
         """Whether steps (row, env) ended an episode (terminated or truncated), any index shape."""
         return self.terminated[row, env] | self.truncated[row, env]
 
-    def _put_finals(self, target: np.ndarray, row: np.ndarray, env: np.ndarray) -> None:
+    def _put_finals(self, target: Any, row: np.ndarray, env: np.ndarray) -> None:
         """Overwrite target [M, ...] with the stored final observation where step (row [M], env [M]) ended."""
         ended = self._ended(row, env)
         target[ended] = self.final_observation[self.final_index[row[ended], env[ended]]]
@@ -406,10 +410,10 @@ class UniformReplayBuffer:
         observation = self._observation(row, env)
         bootstrap = self._next_observation(window[np.arange(len(index)), last], env)
         return ReplaySamples(
-            observation=torch.from_numpy(observation),
+            observation=torchify_buffer(observation),
             action=torch.from_numpy(self.action[row, env]),
             n_step_return=torch.from_numpy(n_step_return.astype(np.float32)),
-            bootstrap_observation=torch.from_numpy(bootstrap),
+            bootstrap_observation=torchify_buffer(bootstrap),
             discount=torch.from_numpy(discount.astype(np.float32)),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
             index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
@@ -545,6 +549,10 @@ class FrameReplayBuffer(UniformReplayBuffer):
     ):
         if frame_padding != "repeat":
             raise ValueError(f"frame_padding must be 'repeat' (as envs.FrameStack pads), got {frame_padding!r}")
+        if isinstance(example.observation, tuple):
+            raise UsageError(f"frame deduplication needs a single frame-stack observation, not a Dict / Tuple one "
+                             f"(fields {', '.join(example.observation._fields)}): use a buffer class without "
+                             f"frames (UniformReplayBuffer, PrioritizedReplayBuffer, SequenceReplayBuffer...)")
         shape = tuple(example.observation.shape)
         if len(shape) < 2:
             raise ValueError(f"frame replay needs stacked observations [K, *frame_shape], got {shape}")
@@ -664,7 +672,7 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         flat_row, flat_env = row.ravel(), env_of_row.ravel()
         observation = self._observation(flat_row, flat_env)
         ended = self._ended(flat_row, flat_env)
-        next_observation = np.zeros_like(observation)
+        next_observation = buffer_map(np.zeros_like, observation)
         next_observation[ended] = self._next_observation(flat_row[ended], flat_env[ended])
 
         def time_major(array: np.ndarray) -> torch.Tensor:
@@ -672,8 +680,8 @@ class SequenceReplayBuffer(UniformReplayBuffer):
 
         steps = {name: torch.from_numpy(getattr(self, name)[row, env_of_row]) for name in _STEP_FIELDS}
         return SequenceSamples(
-            observation=time_major(observation),
-            next_observation=time_major(next_observation),
+            observation=buffer_map(time_major, observation),
+            next_observation=buffer_map(time_major, next_observation),
             rnn_state=buffer_map(lambda leaf: torch.from_numpy(leaf[unit, env]), self.rnn_state),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
             index=torch.from_numpy(np.asarray(index, dtype=np.int64)),

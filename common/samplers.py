@@ -13,10 +13,12 @@ function of the script:
     def policy_step(model, observation, prev_action, prev_reward, rnn_state, deterministic=False, **kw):
         return action, agent_info, next_rnn_state      # torch tensors with leading dim [B]
 
-`agent_info` is None or a namedarraytuple of [B, ...] tensors (log-prob, value, rnn state ...), stored in
-the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of [B, ...]
-tensors that the sampler zeroes for environments whose episode ended (it also zeroes their previous
-action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
+`observation` is a [B, ...] tensor or, for Dict / Tuple observation spaces, a namedarraytuple of them
+(nested; see `common.envs.observation_example`), and the batch stores it the same way, next_observation
+included. `agent_info` is None or a namedarraytuple of [B, ...] tensors (log-prob, value, rnn state ...),
+stored in the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of
+[B, ...] tensors that the sampler zeroes for environments whose episode ended (it also zeroes their
+previous action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
 `policy_step`, in every kind. `sampler.example` is one step of the batch (no leading dims): replay buffers
 are allocated from it.
 
@@ -83,7 +85,7 @@ import torch
 import torch.multiprocessing as torch_mp
 
 from common import distributed
-from common.envs import UsageError
+from common.envs import UsageError, observation_example, write_observation
 from common.namedarraytuple import (
     buffer_from_example,
     buffer_map,
@@ -167,7 +169,10 @@ class EnvGroup:
         self.info_values = np.zeros((len(self.envs), len(self.info_keys)))
         self.reported_keys: set[str] | None = set()  # until the first episode ends: every info key seen
         first = [env.reset(seed=seed)[0] for env, seed in zip(self.envs, seeds)]
-        self.observation = np.stack(first)
+        example = observation_example(self.envs[0].observation_space, first[0])
+        self.observation = buffer_from_example(example, len(self.envs))
+        for b, obs in enumerate(first):
+            write_observation(self.observation, b, obs)
         example_action = np.asarray(self.envs[0].action_space.sample())
         self.prev_action = np.zeros((len(self.envs),) + example_action.shape, dtype=example_action.dtype)
         self.prev_reward = np.zeros(len(self.envs), dtype=np.float32)
@@ -188,7 +193,7 @@ class EnvGroup:
         terminated, truncated = step.terminated, step.truncated
         for b, env in enumerate(self.envs):
             obs, r, term, trunc, info = env.step(action[b])
-            step.next_observation[b] = obs
+            write_observation(step.next_observation, b, obs)
             step.reward[b], terminated[b], truncated[b] = r, term, trunc
             if self.info_keys:
                 self._aggregate_info(b, info)
@@ -198,7 +203,7 @@ class EnvGroup:
                                             self._episode_info(b)))
                     self.finished_envs.append(b)
                 obs, _ = env.reset()
-            self.observation[b] = obs
+            write_observation(self.observation, b, obs)
         done = np.logical_or(terminated, truncated)
         self.prev_action[:] = action
         self.prev_action[done] = 0
@@ -244,11 +249,12 @@ def zero_rnn_state(rnn_state: Any, done: torch.Tensor) -> Any:
     return buffer_map(lambda x: x * keep.to(x.device, x.dtype).view((-1,) + (1,) * (x.dim() - 1)), rnn_state)
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).to(device, non_blocking=True)
+def to_device(buffer: Any, device: torch.device) -> Any:
+    """numpy leaves [B, ...] as tensors on `device` (an array, or a namedarraytuple observation)."""
+    return buffer_map(lambda array: torch.from_numpy(array).to(device, non_blocking=True), buffer)
 
 
-def call_policy(policy_step: PolicyStep, model: Any, observation: np.ndarray, prev_action: np.ndarray,
+def call_policy(policy_step: PolicyStep, model: Any, observation: Any, prev_action: np.ndarray,
                 prev_reward: np.ndarray, rnn_state: Any, device: torch.device, **kwargs: Any):
     """Run the policy on numpy inputs [B, ...]; returns (action numpy, agent_info numpy, rnn_state)."""
     with torch.no_grad():
@@ -273,7 +279,7 @@ def act(step: Samples, policy_step: PolicyStep, model: Any, rnn_state: Any, devi
 def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device: torch.device) -> Samples:
     """A one-step Samples (no leading dims) with the dtypes and shapes the batch buffer needs."""
     n = len(group.envs)
-    obs = group.observation.copy()
+    obs = buffer_map(np.copy, group.observation)
     action, agent_info, _ = call_policy(
         policy_step, model, obs, group.prev_action.copy(), group.prev_reward.copy(), None, device
     )
@@ -311,7 +317,8 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
     n_envs = len(seeds)
     was_training = getattr(model, "training", False)
     try:
-        step = Samples(observation=np.empty_like(group.observation), next_observation=np.empty_like(group.observation),
+        step = Samples(observation=buffer_map(np.empty_like, group.observation),
+                       next_observation=buffer_map(np.empty_like, group.observation),
                        action=None, reward=np.zeros(n_envs, np.float32), terminated=np.zeros(n_envs, bool),
                        truncated=np.zeros(n_envs, bool), prev_action=np.empty_like(group.prev_action),
                        prev_reward=np.empty_like(group.prev_reward), agent_info=None)

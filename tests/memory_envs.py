@@ -12,6 +12,11 @@ time limit truncates every episode, so a correct value estimate bootstraps at th
 [-1, 1], the later ones do not, and each of the 9 steps pays -(action - c)^2. A policy that remembers c scores
 near 0; the best one that cannot (c on the first step, then 0) loses about 1/3 a step, -8/3 an episode.
 
+`DictCartPole-v0`: CartPole-v1 with a 25-step time limit (so episodes are also truncated) observing a
+nested Dict: `pixels` (uint8 [1, 8, 8], the cart and pole drawn as one lit pixel per row),
+`state` (Dict of `position` [x, theta] and `velocity` [x_dot, theta_dot]) and `steps` (a Tuple of one
+Discrete: the steps since the reset).
+
 `InfoReport-v0`: 5-step episodes whose info reports `bonus` 1.0 every step, `is_success` 1.0 on the last
 step only and a string `label` every step (for `--info-keys`).
 """
@@ -163,3 +168,40 @@ class CueRecallEnv(gym.Env):
 
 if "CueRecall-v0" not in gym.registry:
     gym.register(id="CueRecall-v0", entry_point=CueRecallEnv)
+
+
+class DictCartPoleEnv(CartPoleEnv):
+    """CartPole observing Dict(pixels=uint8 [1, 8, 8], state=Dict(position, velocity), steps=Tuple(Discrete))."""
+
+    def __init__(self, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        high = self.observation_space.high
+        self.observation_space = gym.spaces.Dict(
+            pixels=gym.spaces.Box(0, 255, (1, 8, 8), np.uint8),
+            state=gym.spaces.Dict(position=gym.spaces.Box(-high[[0, 2]], high[[0, 2]], dtype=np.float32),
+                                  velocity=gym.spaces.Box(-high[[1, 3]], high[[1, 3]], dtype=np.float32)),
+            steps=gym.spaces.Tuple((gym.spaces.Discrete(1000),)),
+        )
+        self.steps = 0
+
+    def _observe(self, obs: np.ndarray) -> dict:
+        pixels = np.zeros((1, 8, 8), np.uint8)
+        limits = (self.x_threshold, self.theta_threshold_radians)
+        for row, (value, limit) in enumerate(zip(obs[[0, 2]], limits)):
+            pixels[0, row, int(np.clip((value / limit + 1) * 4, 0, 7))] = 255
+        return {"pixels": pixels, "state": {"position": obs[[0, 2]], "velocity": obs[[1, 3]]},
+                "steps": (np.int64(self.steps),)}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        self.steps = 0
+        return self._observe(obs), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        return self._observe(obs), reward, terminated, truncated, info
+
+
+if "DictCartPole-v0" not in gym.registry:
+    gym.register(id="DictCartPole-v0", entry_point=DictCartPoleEnv, max_episode_steps=25)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
-from common.namedarraytuple import namedarraytuple
+from common.namedarraytuple import buffer_leaves, namedarraytuple
 
 ProbeInfo = namedarraytuple("ProbeInfo", ["memory", "epsilon", "parameter"])
 CountInfo = namedarraytuple("CountInfo", ["count"])
@@ -42,13 +42,14 @@ def memory_policy(model: ProbeModel, observation, prev_action, prev_reward, rnn_
 
     The action is a fixed, erratic function of (memory, observation, previous action and reward), so any
     difference in rnn resets or in prev action / reward zeroing changes the trajectory. agent_info reports
-    the memory, the `epsilon` keyword and the model's parameter + buffer.
+    the memory, the `epsilon` keyword and the model's parameter + buffer. Observations may be namedarraytuples
+    (Dict spaces): every leaf counts.
     """
-    flat = observation.flatten(1).double()
+    flat = torch.cat([leaf.reshape(leaf.shape[0], -1).double() for leaf in buffer_leaves(observation)], dim=1)
     memory = flat if rnn_state is None else rnn_state + flat
     score = memory.sum(-1) + 0.5 * flat.sum(-1) + prev_action.double() + prev_reward.double()
     action = (score.abs() * 1000).floor().long() % model.n_actions
-    n = observation.shape[0]
+    n = flat.shape[0]
     parameter = (model.weight + model.offset).detach().expand(n)
     return action, ProbeInfo(memory.sum(-1), torch.full((n,), float(epsilon)), parameter), memory
 

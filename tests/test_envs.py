@@ -12,10 +12,14 @@ from common.envs import (
     UsageError,
     is_atari,
     make_env,
+    observation_example,
     observation_shape,
+    raw_observation,
     require_continuous_actions,
     require_discrete_actions,
+    write_observation,
 )
+from common.namedarraytuple import buffer_from_example
 
 
 def record_raw_rewards(env: gym.Env) -> list[float]:
@@ -351,3 +355,68 @@ def test_atari_options_reach_a_run_and_its_evaluation(run_in):
     assert checkpoint["model"]["torso.net.0.weight"].shape[1] == 2  # two stacked frames
     episodes = evaluate_run(run_dir)
     assert [e.ret for e in episodes] == [summary["final_eval_return"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dict / Tuple observations
+# ------------------------------------------------------------------------------------------------
+
+NESTED_SPACE = gym.spaces.Dict({
+    "velocity": gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+    "image": gym.spaces.Box(0, 255, (1, 3, 3), np.uint8),
+    "extra": gym.spaces.Tuple((gym.spaces.Discrete(4), gym.spaces.Dict({"flag": gym.spaces.MultiBinary(3)}))),
+})
+
+
+def test_observation_example_mirrors_dict_and_tuple_spaces():
+    example = observation_example(NESTED_SPACE)
+    assert example._fields == ("extra", "image", "velocity")  # gymnasium sorts a dict's keys
+    assert example.extra._fields == ("f0", "f1") and example.extra.f1._fields == ("flag",)
+    assert example.image.shape == (1, 3, 3) and example.image.dtype == np.uint8
+    assert example.velocity.dtype == np.float32 and example.extra.f0.dtype == np.int64
+    assert example.extra.f1.flag.shape == (3,) and example.extra.f1.flag.dtype == np.int8
+    box = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    assert observation_example(box).shape == (3,)
+    observed = observation_example(box, np.zeros(3, np.float64))  # what the env returns wins over its space
+    assert observed.dtype == np.float64
+
+
+def test_write_and_raw_observation_round_trip():
+    NESTED_SPACE.seed(0)
+    raw = [NESTED_SPACE.sample() for _ in range(3)]
+    buffer = buffer_from_example(observation_example(NESTED_SPACE), 3)
+    for b, observation in enumerate(raw):
+        write_observation(buffer, b, observation)
+    for b, observation in enumerate(raw):
+        back = raw_observation(NESTED_SPACE, buffer[b])
+        assert NESTED_SPACE.contains(back)
+        assert isinstance(back, dict) and isinstance(back["extra"], tuple)
+        np.testing.assert_array_equal(back["velocity"], observation["velocity"])
+        np.testing.assert_array_equal(back["image"], observation["image"])
+        assert back["extra"][0] == observation["extra"][0]
+        np.testing.assert_array_equal(back["extra"][1]["flag"], observation["extra"][1]["flag"])
+    plain = np.zeros((2, 3), np.float32)
+    write_observation(plain, 1, np.ones(3, np.float32))
+    row = plain[1]
+    assert plain.sum() == 3 and raw_observation(gym.spaces.Box(0, 1, (3,)), row) is row
+
+
+@pytest.mark.parametrize("space,message", [
+    (gym.spaces.Dict({"bad-key": gym.spaces.Discrete(2)}), r"key 'bad-key'.*rename the key"),
+    (gym.spaces.Dict({"_private": gym.spaces.Discrete(2)}), r"key '_private'"),
+    (gym.spaces.Dict({"ok": gym.spaces.Dict({"class": gym.spaces.Discrete(2)})}), r"observation\['ok'\].*'class'"),
+    (gym.spaces.Text(5), r"Text.*no fixed array shape.*wrap the env"),
+    (gym.spaces.Tuple((gym.spaces.Discrete(2), gym.spaces.Sequence(gym.spaces.Discrete(2)))),
+     r"observation\[1\].*Sequence"),
+    (gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None), r"Graph"),
+])
+def test_observation_spaces_nothing_can_store_are_usage_errors(space, message):
+    with pytest.raises(UsageError, match=message) as raised:
+        observation_example(space)
+    assert "\n" not in str(raised.value)
+
+
+def test_observation_shape_refuses_dict_spaces_for_array_scripts():
+    env = make_env("tests.memory_envs:DictCartPole-v0")
+    with pytest.raises(UsageError, match="needs array observations: flatten it"):
+        observation_shape(env)

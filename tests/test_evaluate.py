@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, read_summary, run_script
 
-from common.envs import UsageError, make_env, record_video
-from common.evaluate import evaluate_run, main
+from common.envs import UsageError, make_env, observation_example, record_video
+from common.evaluate import evaluate_run, import_script, main
 
 
 def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
@@ -123,6 +123,66 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert main([str(run_dir), "--script", str(script)]) == 2
     err = capsys.readouterr().err
     assert "policy_step, load_policy" in err and err.count("\n") == 1
+
+
+DICT_POLICY_SCRIPT = """
+from dataclasses import dataclass
+
+import torch
+
+from common.envs import make_env, observation_example
+from common.networks import observation_encoder
+
+ENV_ID = "tests.memory_envs:DictCartPole-v0"
+
+
+@dataclass
+class Args:
+    env_id: str = ENV_ID
+    seed: int = 1
+    eval_episodes: int = 1
+
+
+class Policy(torch.nn.Module):
+    def __init__(self, example):
+        super().__init__()
+        self.encoder, size = observation_encoder(example)
+        self.logits = torch.nn.Linear(size, 2)
+
+
+def policy_step(model, observation, prev_action, prev_reward, rnn_state, deterministic=False):
+    if type(observation).__name__ != "Observation" or observation.state.position.shape != (1, 2):
+        raise ValueError(f"not a batch of one Dict observation: {observation}")
+    return model.logits(model.encoder(observation)).argmax(-1), None, None
+
+
+def env_fn(seed, **kwargs):
+    return make_env(ENV_ID, seed, training=False, **kwargs)
+
+
+def load_policy(args, checkpoint, device):
+    model = Policy(observation_example(env_fn(0).observation_space))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), env_fn
+"""
+
+
+def test_a_dict_observation_run_evaluates_and_records_video(tmp_path, capsys):
+    """The policy gets each Dict observation as a namedarraytuple batch of one; the episode is recorded."""
+    script = tmp_path / "dict_policy.py"
+    script.write_text(DICT_POLICY_SCRIPT)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"script": "dict_policy", "seed": 3, "eval_episodes": 1}))
+    module = import_script(script)
+    torch.manual_seed(0)
+    model = module.Policy(observation_example(module.env_fn(0).observation_space))
+    torch.save({"model": model.state_dict()}, run_dir / "checkpoint.pt")
+    assert main([str(run_dir), "--script", str(script), "--capture-video", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("over 1 episodes")
+    episode, = evaluate_run(run_dir, device="cpu", script=script)
+    videos = sorted((run_dir / "videos").glob("*.mp4"))
+    assert len(videos) == 1 and video_frames(videos[0]) == episode.length + 1
 
 
 class AlwaysNoop(torch.nn.Module):

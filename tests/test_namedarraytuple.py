@@ -7,9 +7,12 @@ import torch
 
 from common.namedarraytuple import (
     buffer_from_example,
+    buffer_leaves,
+    buffer_map_named,
     buffer_to,
     namedarraytuple,
     numpify_buffer,
+    runtime_namedarraytuple,
     torchify_buffer,
 )
 
@@ -111,3 +114,45 @@ def test_buffer_from_example_shapes_dtypes_and_conversions():
     assert as_torch.info.x[1, 1] == 3.5
     moved = buffer_to(buf, "cpu")
     assert isinstance(moved.obs, torch.Tensor) and moved.obs.dtype == torch.uint8
+
+
+def test_buffer_leaves_lists_non_none_leaves_in_field_order():
+    outer = make_outer()
+    leaves = buffer_leaves(outer)
+    assert len(leaves) == 3
+    assert all(leaf is field for leaf, field in zip(leaves, [outer.obs, outer.info.x, outer.info.y]))
+    assert buffer_leaves(outer.obs)[0] is outer.obs and buffer_leaves(None) == []
+
+
+def _child_reads_runtime(shared, queue):
+    queue.put((type(shared).__name__, shared._fields, shared.inner._fields, float(shared.inner.b[1])))
+    shared.a[0] = 5.0
+
+
+def test_runtime_classes_are_cached_and_cross_a_spawn_boundary():
+    """A process that never made the class (no module-level name to find it by) still loads its instances."""
+    Inner = runtime_namedarraytuple("Runtime", ["b"])
+    assert runtime_namedarraytuple("Runtime", ["b"]) is Inner
+    Runtime = runtime_namedarraytuple("Runtime", ["a", "inner"])
+    example = Runtime(a=np.zeros(2, np.float32), inner=Inner(b=np.zeros((), np.int64)))
+    shared = buffer_from_example(example, (3,), share_memory=True)
+    shared.inner.b[1] = 7
+    restored = pickle.loads(pickle.dumps(shared))
+    assert type(restored) is Runtime and type(restored.inner) is Inner
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_reads_runtime, args=(shared, queue))
+    proc.start()
+    reply = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and reply == ("Runtime", ("a", "inner"), ("b",), 7.0)
+    assert (shared.a[0] == 5.0).all()  # the child wrote the same shared memory
+
+
+def test_buffer_map_named_passes_each_leaf_its_path():
+    outer = make_outer()
+    paths = []
+    mapped = buffer_map_named(lambda path, leaf: paths.append(path) or path, outer, "root")
+    assert paths == ["root/obs", "root/info/x", "root/info/y"]
+    assert type(mapped) is Outer and mapped.info.y == "root/info/y" and mapped.nothing is None
+    assert buffer_map_named(lambda path, leaf: path, outer.obs, "root") == "root"

@@ -1,15 +1,16 @@
 """common.replay against brute-force references computed with plain Python loops over the raw stream."""
 
 import io
-import os
 import multiprocessing as mp
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from common.namedarraytuple import namedarraytuple
+from common.envs import UsageError
+from common.namedarraytuple import buffer_leaves, buffer_map, namedarraytuple, runtime_namedarraytuple
 from common.replay import (
     FrameReplayBuffer,
     PrioritizedFrameReplayBuffer,
@@ -36,6 +37,9 @@ Samples = namedarraytuple(
     ],
 )
 RnnState = namedarraytuple("RnnState", ["h", "c"])
+# What common.envs.observation_example makes of Dict(pixels=Box uint8 [1, 2, 2], state=Dict(vector=Box [3])).
+DictObservation = runtime_namedarraytuple("Observation", ["pixels", "state"])
+DictState = runtime_namedarraytuple("Observation", ["vector"])
 GAMMA = 0.9
 
 
@@ -44,11 +48,12 @@ GAMMA = 0.9
 # --------------------------------------------------------------------------------------------------
 
 
-def make_stream(n_steps, n_envs, seed, frame_stack=0, p_end=0.15, continuous=False):
+def make_stream(n_steps, n_envs, seed, frame_stack=0, p_end=0.15, continuous=False, dict_observation=False):
     """Samples [n_steps, n_envs] (numpy) with random terminations and truncations, as a sampler emits them.
 
     Vector observations are random floats; frame observations are stacks of random frames built like a
-    frame-stack wrapper: after a reset the slots before the first frame repeat it.
+    frame-stack wrapper: after a reset the slots before the first frame repeat it. `dict_observation`:
+    DictObservation(pixels=random uint8 [1, 2, 2], state=DictState(vector=the vector observation)).
     """
     rng = np.random.default_rng(seed)
     ends = rng.random((n_steps, n_envs)) < p_end
@@ -69,6 +74,12 @@ def make_stream(n_steps, n_envs, seed, frame_stack=0, p_end=0.15, continuous=Fal
         next_observation = observation[1:].copy()
         next_observation[ends] = rng.normal(size=(ends.sum(), 3))
         observation = observation[:-1]
+        if dict_observation:
+            pixels = rng.integers(0, 256, size=(n_steps + 1, n_envs, 1, 2, 2), dtype=np.uint8)
+            next_pixels = pixels[1:].copy()
+            next_pixels[ends] = rng.integers(0, 256, size=(ends.sum(), 1, 2, 2), dtype=np.uint8)
+            observation = DictObservation(pixels[:-1], DictState(observation))
+            next_observation = DictObservation(next_pixels, DictState(next_observation))
     else:
         frames = rng.integers(1, 256, size=(n_steps + 1, n_envs, 2, 3), dtype=np.uint8)
         finals = rng.integers(1, 256, size=(n_steps, n_envs, 2, 3), dtype=np.uint8)
@@ -87,7 +98,15 @@ def make_stream(n_steps, n_envs, seed, frame_stack=0, p_end=0.15, continuous=Fal
 
 
 def to_torch(samples):
-    return Samples(*(None if x is None else torch.from_numpy(np.ascontiguousarray(x)) for x in samples))
+    return buffer_map(lambda x: torch.from_numpy(np.ascontiguousarray(x)), samples)
+
+
+def same_observation(sampled, reference) -> bool:
+    """Equal leaf by leaf, dtypes included: a sampled (tensor) observation and a reference (numpy) one."""
+    sampled, reference = buffer_leaves(sampled), buffer_leaves(reference)
+    return len(sampled) == len(reference) and all(
+        x.numpy().dtype == y.dtype and np.array_equal(x.numpy(), y) for x, y in zip(sampled, reference)
+    )
 
 
 def chunks(n_steps, seed, max_length=13):
@@ -127,11 +146,11 @@ def check_transitions(buffer, stream, samples, steps_written, history):
         # never an invalid index: the window, its next observation and the stack history are all stored
         assert max(0, steps_written - buffer.n_rows) + history <= g <= steps_written - buffer.n_step - 1
         n_step_return, _, discount, bootstrap = reference_transition(stream, g, b, buffer.n_step, GAMMA)
-        assert np.array_equal(samples.observation[i].numpy(), stream.observation[g, b])
+        assert same_observation(samples.observation[i], stream.observation[g, b])
         assert np.array_equal(samples.action[i].numpy(), stream.action[g, b])
         assert samples.n_step_return[i].item() == pytest.approx(n_step_return, abs=1e-5)
         assert samples.discount[i].item() == pytest.approx(discount, abs=1e-6)
-        assert np.array_equal(samples.bootstrap_observation[i].numpy(), bootstrap)
+        assert same_observation(samples.bootstrap_observation[i], bootstrap)
 
 
 def check_tree(buffer, steps_written, history):
@@ -175,10 +194,10 @@ def test_sum_tree_prefix_search_and_batch_update_match_brute_force():
 
 @pytest.mark.parametrize("buffer_class", [UniformReplayBuffer, PrioritizedReplayBuffer])
 @pytest.mark.parametrize("n_step", [1, 3])
-@pytest.mark.parametrize("continuous", [False, True])
-def test_n_step_transitions_match_reference_across_wraparound(buffer_class, n_step, continuous):
+@pytest.mark.parametrize("continuous,dict_observation", [(False, False), (True, False), (False, True)])
+def test_n_step_transitions_match_reference_across_wraparound(buffer_class, n_step, continuous, dict_observation):
     n_envs, n_steps = 3, 160
-    stream = make_stream(n_steps, n_envs, seed=n_step, continuous=continuous)
+    stream = make_stream(n_steps, n_envs, seed=n_step, continuous=continuous, dict_observation=dict_observation)
     buffer = buffer_class(to_torch(stream)[0, 0], size=40 * n_envs, n_envs=n_envs, n_step=n_step, gamma=GAMMA)
     torch.manual_seed(0)
     for start, stop in chunks(n_steps, seed=n_step):
@@ -308,17 +327,20 @@ def test_a_late_priority_update_never_reaches_the_item_written_over_the_sampled_
 
 
 @pytest.mark.parametrize(
-    "buffer_class",
+    "buffer_class,dict_observation",
     [
-        SequenceReplayBuffer,
-        PrioritizedSequenceReplayBuffer,
-        PrioritizedFrameSequenceReplayBuffer,
+        (SequenceReplayBuffer, False),
+        (PrioritizedSequenceReplayBuffer, False),
+        (PrioritizedFrameSequenceReplayBuffer, False),
+        (SequenceReplayBuffer, True),
+        (PrioritizedSequenceReplayBuffer, True),
     ],
 )
-def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_class):
+def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_class, dict_observation):
     n_envs, n_steps, interval, frame_stack = 2, 260, 4, 3
     frames = buffer_class is PrioritizedFrameSequenceReplayBuffer
-    stream = make_stream(n_steps, n_envs, seed=5, frame_stack=frame_stack if frames else 0, p_end=0.1)
+    stream = make_stream(n_steps, n_envs, seed=5, frame_stack=frame_stack if frames else 0, p_end=0.1,
+                         dict_observation=dict_observation)
     # rnn state before step g of env b encodes (g, b) in both leaves
     code = np.arange(n_steps)[:, None] * 10.0 + np.arange(n_envs)[None]
     rnn_state = RnnState(h=np.repeat(code[..., None], 2, -1).astype(np.float32), c=(-code).astype(np.float32))
@@ -336,19 +358,20 @@ def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_
         if len(buffer) == 0:
             continue
         samples = buffer.sample(16)
-        assert samples.observation.shape[:2] == (length, 16)
+        assert all(leaf.shape[:2] == (length, 16) for leaf in buffer_leaves(samples.observation))
         for i, index in enumerate(samples.index.tolist()):
             b = index % n_envs
             g = global_step(index // n_envs * interval, stop, buffer.n_rows)
             assert g % interval == 0
             assert max(0, stop - buffer.n_rows) + history <= g and g + length <= stop  # never past the cursor
             window = slice(g, g + length)
-            for name in ("observation", "action", "reward", "terminated", "truncated", "prev_action", "prev_reward"):
+            assert same_observation(samples.observation[:, i], stream.observation[window, b])
+            for name in ("action", "reward", "terminated", "truncated", "prev_action", "prev_reward"):
                 assert np.array_equal(getattr(samples, name)[:, i].numpy(), getattr(stream, name)[window, b]), name
             ended = stream.terminated[window, b] | stream.truncated[window, b]
-            ended = ended.reshape(-1, *[1] * (stream.observation.ndim - 2))
-            expected_next = np.where(ended, stream.next_observation[window, b], 0)
-            assert np.array_equal(samples.next_observation[:, i].numpy(), expected_next)
+            expected_next = buffer_map(np.copy, stream.next_observation[window, b])
+            expected_next[~ended] = 0
+            assert same_observation(samples.next_observation[:, i], expected_next)
             assert np.array_equal(samples.rnn_state.h[i].numpy(), rnn_state.h[g, b])
             assert samples.rnn_state.c[i].item() == rnn_state.c[g, b]
         if isinstance(buffer, PrioritizedReplayBuffer):
@@ -366,12 +389,14 @@ def test_sequences_match_reference_slices_and_carry_the_stored_rnn_state(buffer_
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "buffer_class", [UniformReplayBuffer, PrioritizedFrameReplayBuffer, PrioritizedSequenceReplayBuffer]
-)
-def test_state_dict_round_trip_restores_identical_samples(buffer_class):
-    sequence = buffer_class is PrioritizedSequenceReplayBuffer
-    stream = to_torch(make_stream(90, 2, seed=6, frame_stack=0 if buffer_class is UniformReplayBuffer else 4))
+@pytest.mark.parametrize("buffer_class,dict_observation", [
+    (UniformReplayBuffer, False), (PrioritizedFrameReplayBuffer, False), (PrioritizedSequenceReplayBuffer, False),
+    (PrioritizedReplayBuffer, True), (PrioritizedSequenceReplayBuffer, True),
+])
+def test_state_dict_round_trip_restores_identical_samples(buffer_class, dict_observation):
+    sequence = buffer_class in (PrioritizedSequenceReplayBuffer, SequenceReplayBuffer)
+    frame_stack = 4 if buffer_class is PrioritizedFrameReplayBuffer else 0
+    stream = to_torch(make_stream(90, 2, seed=6, frame_stack=frame_stack, dict_observation=dict_observation))
     args = (torch.zeros(3),) if sequence else ()
     kwargs = dict(burn_in=2, train_length=4, n_step=2, rnn_state_interval=2) if sequence else dict(n_step=2)
     buffer = buffer_class(stream[0, 0], 60, 2, *args, **kwargs)
@@ -386,14 +411,25 @@ def test_state_dict_round_trip_restores_identical_samples(buffer_class):
     saved.seek(0)
     restored = buffer_class(stream[0, 0], 60, 2, *args, **kwargs)
     restored.load_state_dict(torch.load(saved, weights_only=True))
+    if dict_observation:
+        assert "observation.state.vector" in buffer.state_dict() and "final_observation.pixels" in buffer.state_dict()
     for _ in range(3):
         torch.manual_seed(123)
         expected = buffer.sample(32)
         torch.manual_seed(123)
         got = restored.sample(32)
         for name, value in zip(expected._fields, expected):
-            assert torch.equal(value, getattr(got, name)), name
+            value_leaves, got_leaves = buffer_leaves(value), buffer_leaves(getattr(got, name))
+            assert len(value_leaves) == len(got_leaves), name
+            assert all(torch.equal(x, y) for x, y in zip(value_leaves, got_leaves)), name
     assert len(restored) == len(buffer)
+
+
+@pytest.mark.parametrize("buffer_class", [FrameReplayBuffer, PrioritizedFrameReplayBuffer])
+def test_frame_buffers_refuse_dict_observations(buffer_class):
+    example = to_torch(make_stream(4, 2, seed=0, dict_observation=True))[0, 0]
+    with pytest.raises(UsageError, match=r"frame deduplication .* not a Dict / Tuple one \(fields pixels, state\)"):
+        buffer_class(example, 100, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,6 +549,22 @@ def test_private_buffer_pickles_by_value():
     copy.append(stream[:3])
     assert int(copy.counters[0]) == 23 and int(buffer.counters[0]) == 20
     assert np.array_equal(buffer.observation, stream.observation.numpy())
+
+
+def append_in_child(buffer, batch):
+    buffer.append(batch)
+
+
+def test_shared_buffer_of_dict_observations_is_written_by_a_spawn_child():
+    """The child loads the observation structure it never made and writes the parent's memory."""
+    stream = make_stream(30, 2, seed=9, dict_observation=True)
+    buffer = UniformReplayBuffer(to_torch(stream)[0, 0], size=80, n_envs=2, n_step=2, gamma=GAMMA, share_memory=True)
+    child = mp.get_context("spawn").Process(target=append_in_child, args=(buffer, to_torch(stream)))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and int(buffer.counters[0]) == 30
+    torch.manual_seed(0)
+    check_transitions(buffer, stream, buffer.sample(64), 30, history=0)
 
 
 def resident_bytes() -> int:

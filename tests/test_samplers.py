@@ -107,15 +107,23 @@ def semaphore_files(sampler: ParallelSampler) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+DICT_CARTPOLE = "tests.memory_envs:DictCartPole-v0"  # nested Dict observation with a uint8 leaf, 25-step limit
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", DICT_CARTPOLE])
 @pytest.mark.parametrize("kind,start_method", [
     ("parallel-cpu", "spawn"), ("parallel-gpu", "forkserver"), ("alternating-gpu", "fork"),
 ])
-def test_every_kind_matches_serial_on_cartpole(kind, start_method):
+def test_every_kind_matches_serial_on_cartpole(kind, start_method, env_id):
     """Recurrent deterministic policy: same batches, episodes, rnn resets, kwargs and evaluation as serial."""
-    env_fn = partial(make_env, "CartPole-v1")
+    env_fn = partial(make_env, env_id)
     model = ProbeModel(n_actions=2)
     serial = make_sampler(sampler_args("serial"), env_fn, memory_policy, model, horizon=40)
-    expected = run_collects(serial, 3) + run_collects(serial, 1, epsilon=0.25)
+    expected = run_collects(serial, 1)
+    if env_id == DICT_CARTPOLE:  # a truncated episode's next observation is its last one, not the reset's
+        batch = serial.samples
+        assert batch.truncated.any() and torch.all(batch.next_observation.steps.f0[batch.truncated] == 25)
+    expected += run_collects(serial, 2) + run_collects(serial, 1, epsilon=0.25)
     expected_eval = evaluate(env_fn, memory_policy, model, 5, seed=7, device=CPU)
     serial.close()
     assert sum(len(episodes) for _, episodes in expected) >= 10  # the batches cross many episode ends
