@@ -57,6 +57,7 @@ from common.samplers import (
     Episode,
     SamplerError,
     make_sampler,
+    pid_exists,
     samples_example,
     seed_worker,
 )
@@ -120,6 +121,8 @@ class ReplayFeeder:
         self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()
         self.counters[STEP] = self.counters[CONSUMED] = start_step
         ctx = mp.get_context(args.start_method)
+        if args.start_method == "forkserver":
+            ctx.set_forkserver_preload(["__main__", "common.async_mode"])
         self.lock = ctx.Lock()
         self.episodes: Any = ctx.Queue()
         self.errors: Any = ctx.Queue()
@@ -209,7 +212,7 @@ def append_batch(replay: Any, batch: Any) -> None:
 
 def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_model: torch.nn.Module, replay: Any,
                   append: Callable[[Any, Any], None], horizon: int, exploration: Callable[[int], dict], seed: int,
-                  counters: torch.Tensor, lock: Any, episodes_out: Any, errors: Any, parent_pid: int,
+                  counters: torch.Tensor, lock: Any, episodes_out: Any, errors: Any, main_pid: int,
                   max_lag_steps: int, device: torch.device) -> None:
     """The sampling process: collect batches with any sampler kind and append them to the shared replay.
 
@@ -218,6 +221,11 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
     """
     torch.set_num_threads(1)
     seed_worker(seed, SAMPLING_PROCESS_STREAM)
+    parent_pid = os.getppid()  # the main process (spawn, fork) or the forkserver that ends with it
+
+    def main_gone() -> bool:
+        return os.getppid() != parent_pid or not pid_exists(main_pid)
+
     sampler = None
     try:
         model = copy.deepcopy(shared_model).to(device)
@@ -247,7 +255,7 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
         thread.start()
         step, k = int(counters[STEP]), 0
         while not counters[STOP]:
-            if os.getppid() != parent_pid:
+            if main_gone():
                 return
             if int(counters[STEP]) - int(counters[CONSUMED]) >= max_lag_steps:
                 time.sleep(POLL_S)  # the optimizer is behind: let it catch up
@@ -261,7 +269,7 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
             while not free[k].acquire(timeout=0.1):
                 if copier_error:
                     raise copier_error[0]
-                if counters[STOP] or os.getppid() != parent_pid:
+                if counters[STOP] or main_gone():
                     return
             batches[k][:] = batch
             ready[k].release()

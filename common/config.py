@@ -75,8 +75,9 @@ class SamplerArgs:
     same with one GPU per process"""
     cpu_affinity: bool = False
     """pin each sampler worker to one CPU core"""
-    start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
-    """multiprocessing start method of the sampler workers (spawn is required for CUDA)"""
+    start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
+    """multiprocessing start method of the sampler workers and the sampling process: forkserver (one fresh
+    process imports the script once, the workers fork from it) and spawn are safe with CUDA, fork is not"""
 
 
 @dataclass

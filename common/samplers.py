@@ -53,7 +53,9 @@ that dies is noticed by its exit code; either way the main process raises `Sampl
 of a second, and `close()` ends every worker. Main waits poll the workers' liveness; worker waits poll the
 main process's, so workers exit by themselves when it is gone. Workers ignore SIGINT: Ctrl-C reaches the
 main process, whose `finally: sampler.close()` stops them. `close()` is idempotent and also runs at exit.
-Start methods: spawn (the default; required for CUDA), forkserver and fork. Under spawn and forkserver the
+Start methods: forkserver (the default), spawn and fork; CUDA needs one of the first two. Under forkserver a
+fresh server process imports the script and this module once and every worker forks from it; under spawn
+each worker is a fresh interpreter that imports them itself (seconds each, for torch). Under both the
 script's `policy_step`, model classes and `env_fn` are pickled by reference (`__main__` is re-imported in
 the workers as `__mp_main__`): they must be module-level, and the script must guard `main()` with
 `if __name__ == "__main__"`.
@@ -619,7 +621,7 @@ class ParallelSampler:
 
     def __init__(self, kind: str, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_envs: int,
                  horizon: int, seed: int, device: torch.device, n_workers: int, cpu_affinity: bool = False,
-                 start_method: str = "spawn", eval_env_fn: Callable[[int], Any] | None = None,
+                 start_method: str = "forkserver", eval_env_fn: Callable[[int], Any] | None = None,
                  info_keys: Sequence[InfoKey] = ()):
         if kind not in PARALLEL_KINDS:
             raise UsageError(f"unknown parallel sampler {kind!r}: use one of {', '.join(PARALLEL_KINDS)}")
@@ -899,7 +901,7 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
     if args.sampler in PARALLEL_KINDS:
         return ParallelSampler(
             args.sampler, env_fn, policy_step, model, args.n_envs, horizon, seed, device, args.n_workers,
-            cpu_affinity=getattr(args, "cpu_affinity", False), start_method=getattr(args, "start_method", "spawn"),
+            cpu_affinity=getattr(args, "cpu_affinity", False), start_method=getattr(args, "start_method", "forkserver"),
             eval_env_fn=eval_env_fn, info_keys=info_keys,
         )
     raise UsageError(f"unknown --sampler {args.sampler!r}: use serial, {', '.join(PARALLEL_KINDS)}")

@@ -1,8 +1,8 @@
 """Tests of common/samplers.py: every kind yields the serial batch; crashes, kills and Ctrl-C end cleanly.
 
-Most tests start workers with `fork` or `forkserver` (fast); `spawn`, the default, is covered by one
-equivalence test and by the script runs (`algos/ppo.py`), which also check that a script's module-level
-policy and model pickle by reference to `__mp_main__`.
+Most tests start workers with `forkserver`, the default (`fork` and `spawn` are covered by one
+equivalence test each); the script runs (`algos/ppo.py`) also check that a script's module-level policy
+and model pickle by reference to `__mp_main__`.
 """
 
 import os
@@ -22,6 +22,7 @@ import torch
 from conftest import default_sigint
 from sampler_helpers import ProbeModel, memory_policy
 
+from common.config import SamplerArgs
 from common.envs import UsageError, make_env
 from common.samplers import (
     Episode,
@@ -156,6 +157,22 @@ def test_every_kind_matches_serial_on_pong(kind, n_workers):
         sampler.close()
     assert expected[0][0][0].shape == (10, 2, 4, 84, 84)
     assert_same_collects(expected, actual)
+
+
+def test_default_workers_fork_from_one_server_not_from_this_process():
+    """The default start method (forkserver): workers are forked from one server process that imported the
+    script's modules once, instead of each importing torch as a fresh interpreter (spawn)."""
+    args = SamplerArgs()
+    assert args.start_method == "forkserver"
+    args = SimpleNamespace(sampler="parallel-cpu", n_envs=4, n_workers=2, seed=7, cpu_affinity=False)
+    sampler = make_sampler(args, partial(make_env, "CartPole-v1"), memory_policy, ProbeModel(n_actions=2), horizon=4)
+    try:
+        parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                   for pid in sampler.worker_pids}
+        assert len(parents) == 1 and os.getpid() not in parents
+        sampler.collect()
+    finally:
+        sampler.close()
 
 
 def test_sync_copies_parameters_and_buffers_to_workers():
