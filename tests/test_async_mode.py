@@ -182,7 +182,7 @@ def test_torchrun_two_ranks_dqn_async_sampling_learns_cartpole(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
          str(distributed.free_port()), "algos/dqn.py", "--device", "cpu", "--async-sampling", "--env-id",
-         "CartPole-v1", "--total-timesteps", "50000", "--output-dir", str(tmp_path), "--run-name", "ddp-async"],
+         "CartPole-v1", "--total-timesteps", "100000", "--output-dir", str(tmp_path), "--run-name", "ddp-async"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp-async" / "summary.json").read_text())
@@ -190,8 +190,8 @@ def test_torchrun_two_ranks_dqn_async_sampling_learns_cartpole(tmp_path):
     returns = [float(r["charts/episodic_return"]) for r in rows if r["charts/episodic_return"]]
     # Training returns (both ranks' episodes) reach the level of a solved task; the final evaluation of an
     # asynchronous run is left out, since DQN on CartPole can dip late in a run whatever the sampling mode.
-    # (One run: training returns reached 400 at 23k steps and 500 before 50k.)
-    assert summary["global_step"] >= 50_000 and max(returns) >= 400, (summary, returns[-20:])
+    # (On 50k steps one run reached 400 at 23k and another never passed 350: the budget is 100k.)
+    assert summary["global_step"] >= 100_000 and max(returns) >= 400, (summary, returns[-20:])
 
 
 def test_r2d1_async_sampling_trains_on_sequences(run_in):
