@@ -59,29 +59,31 @@ class ObservationEncoder(nn.Module):
     def __init__(self, example: Any, cnn_features: int = 512):
         super().__init__()
         self.cnns = nn.ModuleDict()
-        self.leaves: list[tuple[str, int]] = []  # (path, dims without leading dims) of each leaf, in field order
+        # (path, dims without leading dims, number of features) of each leaf, in field order
+        self.leaves: list[tuple[str, int, int]] = []
         self.out_features = 0
 
         def add(path: str, leaf: Any) -> None:
             leaf = torch.as_tensor(leaf)
-            self.leaves.append((path, leaf.dim()))
             if leaf.dtype == torch.uint8 and leaf.dim() == 3 and tuple(leaf.shape[1:]) == IMAGE_SHAPE:
                 self.cnns[path] = NatureCNN(leaf.shape[0], cnn_features)
-                self.out_features += cnn_features
+                size = cnn_features
             else:
-                self.out_features += leaf.numel()
+                size = leaf.numel()
+            self.leaves.append((path, leaf.dim(), size))
+            self.out_features += size
 
         buffer_map_named(add, example, "observation")
 
     def forward(self, observation: Any) -> torch.Tensor:
         features = []
-        for (path, n_dims), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
+        for (path, n_dims, size), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
             leading = leaf.shape[: leaf.dim() - n_dims]
             if path in self.cnns:
                 feature = self.cnns[path](leaf.reshape(-1, *leaf.shape[len(leading):]))
             else:
                 feature = leaf.float() / 255.0 if leaf.dtype == torch.uint8 else leaf.float()
-            features.append(feature.reshape(*leading, -1))
+            features.append(feature.reshape(*leading, size))  # (not -1: a leading dim may be 0)
         return torch.cat(features, dim=-1)
 
 
