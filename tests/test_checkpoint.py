@@ -38,7 +38,7 @@ def ppo_family(seed: int) -> dict:
 def dqn_family(seed: int) -> dict:
     dqn = load_script("dqn")
     torch.manual_seed(seed)
-    q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+    q_net, target_net = (dqn.QNetwork(np.zeros(4, np.float32), 2, 16, dueling=True) for _ in range(2))
     optimizer = torch.optim.Adam(q_net.parameters(), lr=1e-3)
     step_once(optimizer)
     return dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
@@ -154,7 +154,7 @@ def test_init_from_loads_networks_and_statistics_and_leaves_optimizers_and_count
 def test_init_from_a_network_of_another_shape_is_a_one_line_error(tmp_path):
     save_checkpoint(tmp_path, checkpoint_state(dqn_family(seed=1), Counters()))
     dqn = load_script("dqn")
-    wider = dict(q_net=dqn.QNetwork(4, 2, 32, dueling=True), target_net=dqn.QNetwork(4, 2, 32, dueling=True))
+    wider = {name: dqn.QNetwork(np.zeros(4, np.float32), 2, 32, dueling=True) for name in ("q_net", "target_net")}
     with pytest.raises(UsageError, match="its q_net does not fit") as error:
         restore_checkpoint(None, wider, Counters(), init_from=tmp_path)
     assert "\n" not in str(error.value) and "config.json" in str(error.value)

@@ -24,6 +24,7 @@ from common.samplers import make_sampler
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1"]
 MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "100000", "--seed", "1"]
+DICT_CARTPOLE = "tests.memory_envs:DictStateCartPole-v0"  # CartPole-v1 observing Dict(position, velocity)
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 DEEP_Q_SCRIPTS = ["dqn", "dqn_atari", "c51", "c51_atari", "rainbow_atari", "r2d1"]
 EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "charts/updates_per_second", "charts/SPS"}
@@ -46,6 +47,12 @@ def test_dqn_variants_cartpole_reach_400(run_in, flags):
     _, _, summary = run_in("dqn", *CARTPOLE, *flags)
     assert summary["global_step"] >= 100_000
     assert summary["final_eval_return"] >= 400, summary
+
+
+@pytest.mark.learning
+def test_dqn_learns_cartpole_from_dict_observations(run_in):
+    _, _, summary = run_in("dqn", "--env-id", DICT_CARTPOLE, "--total-timesteps", "100000", "--seed", "1")
+    assert summary["final_eval_return"] >= 400, summary  # seed 1: 500.0
 
 
 @pytest.mark.learning

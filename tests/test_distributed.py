@@ -317,7 +317,7 @@ def _update_sgd(family: str, rank: int | None) -> list[torch.Tensor]:
                        lambda: ppo.ppo_loss(model, *batch.values(), args)[0])]
     elif family == "dqn":
         dqn = load_script("dqn")
-        q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+        q_net, target_net = (dqn.QNetwork(np.zeros(4, np.float32), 2, 16, dueling=True) for _ in range(2))
         model, sample = q_net, SimpleNamespace(**batch)
         optimizers = [(torch.optim.SGD(q_net.parameters(), lr=0.5), q_net.parameters,
                        lambda: dqn.td_loss(q_net, target_net, sample, True)[0])]
