@@ -26,7 +26,7 @@ def ppo_family(seed: int) -> dict:
     ppo = load_script("ppo")
     torch.manual_seed(seed)
     space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    model = ppo.ActorCritic(3, space, 16, norm_obs=True)
+    model = ppo.ActorCritic(np.zeros(3, np.float32), space, 16, norm_obs=True)
     model.obs_norm.update(torch.randn(32, 3) * seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, eps=1e-5)
     step_once(optimizer)

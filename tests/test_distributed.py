@@ -311,7 +311,7 @@ def _update_sgd(family: str, rank: int | None) -> list[torch.Tensor]:
     torch.manual_seed(0)
     if family == "ppo":
         ppo = load_script("ppo")
-        model = ppo.ActorCritic(4, __import__("gymnasium").spaces.Discrete(2), 16, norm_obs=False)
+        model = ppo.ActorCritic(np.zeros(4, np.float32), __import__("gymnasium").spaces.Discrete(2), 16, norm_obs=False)
         args = SimpleNamespace(clip_coef=0.2, norm_adv=False, clip_vloss=True, ent_coef=0.01, vf_coef=0.5)
         optimizers = [(torch.optim.SGD(model.parameters(), lr=0.5), model.parameters,
                        lambda: ppo.ppo_loss(model, *batch.values(), args)[0])]
