@@ -70,6 +70,8 @@ def test_ppo_continuous_actions_run_a_gaussian_policy(run_in):
 
 @pytest.mark.parametrize(("script", "env_id", "flags"), [
     ("dqn", DICT_ENV, REPLAY_SMOKE),
+    ("c51", DICT_ENV, REPLAY_SMOKE),
+    ("r2d1", DICT_ENV, ["--total-timesteps", "1600", "--learning-starts", "800"]),
     ("ppo", DICT_ENV, ON_POLICY_SMOKE),
     ("ppo", DICT_BOX_ENV, ON_POLICY_SMOKE),  # the continuous preset normalises observations, leaf by leaf
 ])
