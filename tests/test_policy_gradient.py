@@ -120,8 +120,8 @@ def test_truncated_steps_bootstrap_from_their_final_observation(script_name):
     torch.manual_seed(0)
     if script_name == "ppo":
         model = script.ActorCritic(np.zeros(4, np.float32), gym.spaces.Discrete(2), 16, False)
-    else:  # a2c takes the observation shape, so that it can build an image torso
-        model = script.ActorCritic((4,), gym.spaces.Discrete(2), 16)
+    else:
+        model = script.ActorCritic(np.zeros(4, np.float32), gym.spaces.Discrete(2), 16)
     batch = hand_made_batch(script, model)
     with torch.no_grad():
         next_value = script.next_values(model, batch)
@@ -135,7 +135,7 @@ def test_truncated_steps_bootstrap_from_their_final_observation(script_name):
 def test_recurrent_truncation_bootstraps_with_the_state_carried_through_the_step():
     script = load_script("ppo_atari_lstm")
     torch.manual_seed(0)
-    model = script.RecurrentActorCritic((4,), gym.spaces.Discrete(2), 16, 8)
+    model = script.RecurrentActorCritic(np.zeros(4, np.float32), gym.spaces.Discrete(2), 16, 8)
     for param in model.lstm.parameters():  # a strong recurrence, so that a wrong state shows
         param.data.mul_(3.0)
     batch = hand_made_batch(script, model)
@@ -198,7 +198,7 @@ def test_recurrent_sequence_rerun_reproduces_the_collected_policy():
     the log-probs and values of collection; without the resets it does not."""
     script = load_script("ppo_atari_lstm")
     torch.manual_seed(0)
-    model = script.RecurrentActorCritic((2,), gym.spaces.Discrete(2), 16, 8)
+    model = script.RecurrentActorCritic(np.zeros(2, np.float32), gym.spaces.Discrete(2), 16, 8)
     for param in model.lstm.parameters():  # a strong recurrence and a decisive policy, so that state errors show
         param.data.mul_(3.0)
     model.actor.weight.data.mul_(100.0)

@@ -74,6 +74,8 @@ def test_ppo_continuous_actions_run_a_gaussian_policy(run_in):
     ("r2d1", DICT_ENV, ["--total-timesteps", "1600", "--learning-starts", "800"]),
     ("ppo", DICT_ENV, ON_POLICY_SMOKE),
     ("ppo", DICT_BOX_ENV, ON_POLICY_SMOKE),  # the continuous preset normalises observations, leaf by leaf
+    ("a2c", DICT_ENV, ON_POLICY_SMOKE),
+    ("ppo_atari_lstm", DICT_ENV, ON_POLICY_SMOKE),  # the vector preset normalises observations, leaf by leaf
 ])
 def test_vector_scripts_take_dict_observations(run_in, script, env_id, flags):
     _, run_dir, summary = run_in(script, "--env-id", env_id, *flags, "--eval-episodes", "1", "--seed", "1")
