@@ -47,8 +47,8 @@ def dqn_family(seed: int) -> dict:
 def sac_family(seed: int) -> dict:
     sac = load_script("sac")
     torch.manual_seed(seed)
-    actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
-    critics, target_critics = Critics(3, 1, 16), Critics(3, 1, 16)
+    actor = sac.Actor(np.zeros(3, np.float32), 1, 16, np.array([-2.0]), np.array([2.0]))
+    critics, target_critics = (Critics(np.zeros(3, np.float32), 1, 16) for _ in range(2))
     log_alpha = torch.tensor(math.log(0.2) * seed, requires_grad=True)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=1e-3)
     actor_optimizer = torch.optim.Adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": 1e-3}], lr=3e-4)

@@ -324,8 +324,8 @@ def _update_sgd(family: str, rank: int | None) -> list[torch.Tensor]:
     else:
         sac = load_script("sac")
         torch.randn_like = _deterministic_noise
-        actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
-        critics, target_critics = sac.Critics(3, 1, 16), sac.Critics(3, 1, 16)
+        actor = sac.Actor(np.zeros(3, np.float32), 1, 16, np.array([-2.0]), np.array([2.0]))
+        critics, target_critics = (sac.Critics(np.zeros(3, np.float32), 1, 16) for _ in range(2))
         log_alpha = torch.tensor(-1.0, requires_grad=True)
         model, sample = torch.nn.ModuleList([actor, critics]), SimpleNamespace(**batch)
         optimizers = [

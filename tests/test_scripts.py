@@ -76,6 +76,9 @@ def test_ppo_continuous_actions_run_a_gaussian_policy(run_in):
     ("ppo", DICT_BOX_ENV, ON_POLICY_SMOKE),  # the continuous preset normalises observations, leaf by leaf
     ("a2c", DICT_ENV, ON_POLICY_SMOKE),
     ("ppo_atari_lstm", DICT_ENV, ON_POLICY_SMOKE),  # the vector preset normalises observations, leaf by leaf
+    ("ddpg", DICT_BOX_ENV, REPLAY_SMOKE),
+    ("td3", DICT_BOX_ENV, REPLAY_SMOKE),
+    ("sac", DICT_BOX_ENV, REPLAY_SMOKE),
 ])
 def test_vector_scripts_take_dict_observations(run_in, script, env_id, flags):
     _, run_dir, summary = run_in(script, "--env-id", env_id, *flags, "--eval-episodes", "1", "--seed", "1")
