@@ -1,9 +1,10 @@
-"""A2C: synchronous advantage actor-critic, for vector observations and Atari frames.
+"""A2C: synchronous advantage actor-critic, for vector or Dict observations and Atari frames.
 
 Mnih et al. 2016 (A3C, https://arxiv.org/abs/1602.01783), in its synchronous form: every update uses one
 short rollout of all environments, bootstrapped n-step returns (GAE with lambda = 1 by default) and a single
 RMSprop step. Discrete actions get a categorical policy, continuous (Box) actions a diagonal Gaussian with
-a state-independent log-std. Vector observations feed two MLPs (actor, critic); Atari frame stacks feed the
+a state-independent log-std. Vector observations (or the leaves of a Dict observation, encoded and
+concatenated) feed two MLPs (actor, critic); Atari frame stacks feed the
 Nature CNN shared by an actor and a critic head, with an entropy bonus of 0.01 (the A3C paper's setting).
 
     python algos/a2c.py --env-id CartPole-v1 --total-timesteps 200000
@@ -25,11 +26,11 @@ from torch.distributions import Categorical, Normal
 
 from common import distributed
 from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
-from common.envs import make_env, observation_shape
+from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
-from common.namedarraytuple import buffer_to, namedarraytuple
-from common.networks import NatureCNN, layer_init
+from common.namedarraytuple import buffer_map, buffer_to, namedarraytuple
+from common.networks import NatureCNN, layer_init, observation_encoder
 from common.samplers import make_sampler
 
 
@@ -70,17 +71,20 @@ AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, obs_shape: tuple[int, ...], action_space: gym.Space, hidden: int):
+    def __init__(self, example, action_space: gym.Space, hidden: int):
         super().__init__()
         self.continuous = isinstance(action_space, gym.spaces.Box)
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.torso = NatureCNN(obs_shape[0]) if len(obs_shape) == 3 else None
+        frame_stack = is_frame_stack(example)
+        self.torso = NatureCNN(example.shape[0]) if frame_stack else None
+        if not frame_stack:  # a Dict observation: its leaves, encoded and concatenated
+            self.encoder, obs_dim = observation_encoder(example)
 
         def mlp(out: int, std: float) -> nn.Module:
             if self.torso is not None:  # frame stacks: linear heads on the shared CNN features
                 return layer_init(nn.Linear(512, out), std=std)
             return nn.Sequential(
-                layer_init(nn.Linear(obs_shape[0], hidden)), nn.Tanh(),
+                layer_init(nn.Linear(obs_dim, hidden)), nn.Tanh(),
                 layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
                 layer_init(nn.Linear(hidden, out), std=std),
             )
@@ -90,10 +94,10 @@ class ActorCritic(nn.Module):
         if self.continuous:
             self.log_std = nn.Parameter(torch.zeros(n_out))
 
-    def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """Observations [..., *obs_shape] (any leading dims) -> the heads' inputs [..., features]."""
+    def features(self, obs) -> torch.Tensor:
+        """Observations (arrays or namedarraytuples, any leading dims) -> the heads' inputs [..., features]."""
         if self.torso is None:
-            return obs.float()
+            return self.encoder(obs)
         return self.torso(obs.reshape(-1, *obs.shape[-3:])).reshape(*obs.shape[:-3], -1)
 
     def forward(self, obs: torch.Tensor):
@@ -119,6 +123,11 @@ class ActorCritic(nn.Module):
         return dist.entropy().sum(-1) if self.continuous else dist.entropy()
 
 
+def is_frame_stack(example) -> bool:
+    """Whether observations shaped like `example` are Atari frame stacks [C, H, W] (not vectors or Dicts)."""
+    return not isinstance(example, tuple) and example.ndim == 3
+
+
 def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
     """Sample (or, deterministically, take the mode of) the policy; record log-prob and value."""
     dist, value = model(obs)
@@ -142,7 +151,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model and the evaluation env_fn, for common.evaluate."""
     eval_env_fn = partial(make_a2c_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
-    model = ActorCritic(observation_shape(probe), probe.action_space, args.hidden_size)
+    model = ActorCritic(observation_example(probe.observation_space), probe.action_space, args.hidden_size)
     probe.close()
     model.load_state_dict(checkpoint["model"])
     return model.to(device), eval_env_fn
@@ -183,15 +192,15 @@ def main(args: Args) -> dict:
     probe = env_fn(args.seed)
     if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
         raise UsageError(f"algos/a2c.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
-    obs_shape = observation_shape(probe)
-    if len(obs_shape) not in (1, 3):
-        raise UsageError(f"algos/a2c.py needs vector observations or Atari frame stacks, {args.env_id} has shape "
-                         f"{obs_shape}")
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim not in (1, 3):
+        raise UsageError(f"algos/a2c.py needs vector observations or Atari frame stacks (or Dict / Tuple "
+                         f"observations), {args.env_id} has shape {example.shape}")
     if args.ent_coef is None:
-        args.ent_coef = 0.01 if len(obs_shape) == 3 else 0.0
+        args.ent_coef = 0.01 if is_frame_stack(example) else 0.0
     if args.num_steps < 1 or args.log_every_updates < 1:
         raise UsageError("--num-steps and --log-every-updates must be at least 1")
-    model = ActorCritic(obs_shape, probe.action_space, args.hidden_size).to(device)
+    model = ActorCritic(example, probe.action_space, args.hidden_size).to(device)
     probe.close()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,
                                     eps=args.rmsprop_eps, foreach=True)
@@ -220,8 +229,8 @@ def main(args: Args) -> dict:
                                                     batch.truncated, args.gamma, args.gae_lambda)
 
             flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
-            loss, stats = loss_fn(model, flat(batch.observation), flat(batch.action), flat(advantage),
-                                  flat(returns), args)
+            obs = buffer_map(flat, batch.observation)
+            loss, stats = loss_fn(model, obs, flat(batch.action), flat(advantage), flat(returns), args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.all_reduce_gradients(model.parameters())  # data-parallel: the mean over ranks
@@ -233,7 +242,7 @@ def main(args: Args) -> dict:
             if count.n_updates % args.log_every_updates == 0:
                 policy_loss, value_loss, entropy, old_log_prob = stats
                 with torch.no_grad():  # how far this update moved the policy on its own batch
-                    new_log_prob = model.log_prob(model.distribution(flat(batch.observation)), flat(batch.action))
+                    new_log_prob = model.log_prob(model.distribution(obs), flat(batch.action))
                     log_ratio = new_log_prob - old_log_prob
                     approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
                 logger.log(count.global_step, {

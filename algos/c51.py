@@ -1,5 +1,5 @@
-"""C51: categorical distributional DQN for vector observations, with n-step returns, prioritized replay, double
-Q-learning and dueling streams.
+"""C51: categorical distributional DQN for vector or Dict observations, with n-step returns, prioritized replay,
+double Q-learning and dueling streams.
 
 Bellemare et al. 2017, "A Distributional Perspective on Reinforcement Learning" (https://arxiv.org/abs/1707.06887).
 The network outputs, per action, a distribution over `--n-atoms` fixed returns in [v_min, v_max]; the target
@@ -24,10 +24,11 @@ import torch.nn as nn
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, require_discrete_actions
+from common.envs import make_env, observation_example, require_discrete_actions
 from common.kernels import categorical_projection, linear_schedule, polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
+from common.networks import observation_encoder
 from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 
 
@@ -92,25 +93,26 @@ class Args(CommonArgs, AsyncArgs):
 class CategoricalQNetwork(nn.Module):
     """MLP giving, per action, the logits of a distribution over the fixed `atoms` (dueling: from two streams)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, atoms: torch.Tensor, dueling: bool = False):
+    def __init__(self, example, n_actions: int, hidden: int, atoms: torch.Tensor, dueling: bool = False):
         super().__init__()
         self.n_actions, self.n_atoms, self.dueling = n_actions, atoms.numel(), dueling
         self.register_buffer("atoms", atoms)
+        self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
             nn.Linear(hidden, (n_actions + dueling) * self.n_atoms),
         )
 
-    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+    def logits(self, obs) -> torch.Tensor:
         """Logits [B, n_actions, n_atoms]; dueling: value + advantage - mean advantage, atom by atom."""
-        out = self.net(obs.float()).view(-1, self.n_actions + self.dueling, self.n_atoms)
+        out = self.net(self.encoder(obs)).view(-1, self.n_actions + self.dueling, self.n_atoms)
         if not self.dueling:
             return out
         value, advantage = out[:, :1], out[:, 1:]  # [B, 1, atoms], [B, n_actions, atoms]
         return value + advantage - advantage.mean(1, keepdim=True)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities [B, n_actions, n_atoms]."""
+    def forward(self, obs) -> torch.Tensor:
+        """Log-probabilities [B, n_actions, n_atoms] of observations [B, ...] (arrays or namedarraytuples)."""
         return self.logits(obs).log_softmax(-1)
 
     def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -133,8 +135,8 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = eval_env_fn(args.seed)
     atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
-    model = CategoricalQNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, atoms,
-                                args.dueling)
+    model = CategoricalQNetwork(observation_example(probe.observation_space), int(probe.action_space.n),
+                                args.hidden_size, atoms, args.dueling)
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
     return model.to(device), eval_env_fn
@@ -178,10 +180,10 @@ def main(args: Args) -> dict:
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/c51.py")
-    if len(probe.observation_space.shape) != 1:
-        raise UsageError(f"algos/c51.py needs vector observations, {args.env_id} has shape "
-                         f"{probe.observation_space.shape}: use c51_atari.py for images")
-    obs_dim = probe.observation_space.shape[0]
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim != 1:
+        raise UsageError(f"algos/c51.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
+                         f"{example.shape}: use c51_atari.py for images")
     probe.close()
     if args.n_step < 1:
         raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
@@ -189,8 +191,8 @@ def main(args: Args) -> dict:
         raise UsageError(f"need --n-atoms >= 2 and --v-min < --v-max, got {args.n_atoms}, {args.v_min}, {args.v_max}")
 
     atoms = torch.linspace(args.v_min, args.v_max, args.n_atoms)
-    q_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms, args.dueling).to(device)
-    target_net = CategoricalQNetwork(obs_dim, n_actions, args.hidden_size, atoms, args.dueling).to(device)
+    q_net = CategoricalQNetwork(example, n_actions, args.hidden_size, atoms, args.dueling).to(device)
+    target_net = CategoricalQNetwork(example, n_actions, args.hidden_size, atoms, args.dueling).to(device)
     target_net.load_state_dict(q_net.state_dict())
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
     loss_fn = torch.compile(categorical_loss) if args.compile else categorical_loss

@@ -1,4 +1,4 @@
-"""DQN for vector observations, with double Q-learning, dueling heads, n-step returns and prioritized replay.
+"""DQN for vector or Dict observations, with double Q-learning, dueling heads, n-step returns and prioritized replay.
 
 Mnih et al. 2015 (https://www.nature.com/articles/nature14236); double: van Hasselt et al. 2016;
 dueling: Wang et al. 2016; prioritized replay: Schaul et al. 2016.
@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, require_discrete_actions
+from common.envs import make_env, observation_example, require_discrete_actions
 from common.kernels import linear_schedule, polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
+from common.networks import observation_encoder
 from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 
 
@@ -84,14 +85,16 @@ class Args(CommonArgs, AsyncArgs):
 
 
 class QNetwork(nn.Module):
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, dueling: bool):
+    def __init__(self, example, n_actions: int, hidden: int, dueling: bool):
         super().__init__()
         self.n_actions, self.dueling = n_actions, dueling
+        self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
         self.torso = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, n_actions + (1 if dueling else 0))
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.torso(obs.float()))
+    def forward(self, obs) -> torch.Tensor:
+        """Q-values [..., n_actions] of observations (arrays or namedarraytuples) with any leading dims."""
+        out = self.head(self.torso(self.encoder(obs)))
         if not self.dueling:
             return out
         value, advantage = out[..., :1], out[..., 1:]
@@ -112,7 +115,8 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained Q-network and the evaluation env_fn (for common.evaluate)."""
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = eval_env_fn(args.seed)
-    model = QNetwork(probe.observation_space.shape[0], int(probe.action_space.n), args.hidden_size, args.dueling)
+    model = QNetwork(observation_example(probe.observation_space), int(probe.action_space.n), args.hidden_size,
+                     args.dueling)
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
     return model.to(device), eval_env_fn
@@ -154,16 +158,16 @@ def main(args: Args) -> dict:
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/dqn.py")
-    if len(probe.observation_space.shape) != 1:
-        raise UsageError(f"algos/dqn.py needs vector observations, {args.env_id} has shape "
-                         f"{probe.observation_space.shape}: use dqn_atari.py for images")
-    obs_dim = probe.observation_space.shape[0]
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim != 1:
+        raise UsageError(f"algos/dqn.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
+                         f"{example.shape}: use dqn_atari.py for images")
     probe.close()
     if args.n_step < 1:
         raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
 
-    q_net = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
-    target_net = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
+    q_net = QNetwork(example, n_actions, args.hidden_size, args.dueling).to(device)
+    target_net = QNetwork(example, n_actions, args.hidden_size, args.dueling).to(device)
     target_net.load_state_dict(q_net.state_dict())
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate, fused=True)
     loss_fn = torch.compile(td_loss) if args.compile else td_loss

@@ -1,4 +1,4 @@
-"""PPO: clipped proximal policy optimization with GAE, for vector observations.
+"""PPO: clipped proximal policy optimization with GAE, for vector or Dict observations.
 
 Schulman et al. 2017, https://arxiv.org/abs/1707.06347. Discrete actions get a categorical policy,
 continuous (Box) actions a diagonal Gaussian with a state-independent log-std.
@@ -26,12 +26,12 @@ from torch.distributions import Categorical, Normal
 
 from common import distributed
 from common.config import CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape
+from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
-from common.namedarraytuple import buffer_to, namedarraytuple
-from common.networks import layer_init
-from common.normalization import RewardScaler, RunningMeanStd
+from common.namedarraytuple import buffer_map, buffer_to, namedarraytuple
+from common.networks import layer_init, observation_encoder
+from common.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd
 from common.samplers import make_sampler
 
 
@@ -88,11 +88,17 @@ AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int, norm_obs: bool):
+    def __init__(self, example, action_space: gym.Space, hidden: int, norm_obs: bool):
         super().__init__()
         self.continuous = isinstance(action_space, gym.spaces.Box)
         n_out = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.obs_norm = RunningMeanStd((obs_dim,)) if norm_obs else nn.Identity()
+        if not norm_obs:
+            self.obs_norm = nn.Identity()
+        elif isinstance(example, tuple):  # a Dict observation: statistics per float leaf
+            self.obs_norm = ObservationNormalizer(example)
+        else:
+            self.obs_norm = RunningMeanStd(example.shape)
+        self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
 
         def mlp(out: int, std: float) -> nn.Sequential:
             return nn.Sequential(
@@ -106,11 +112,15 @@ class ActorCritic(nn.Module):
         if self.continuous:
             self.log_std = nn.Parameter(torch.zeros(n_out))
 
-    def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(self.obs_norm(obs.float())).squeeze(-1)
+    def features(self, obs) -> torch.Tensor:
+        """Observations (arrays or namedarraytuples, any leading dims) -> the MLPs' inputs [..., obs_dim]."""
+        return self.encoder(self.obs_norm(obs))
 
-    def distribution(self, obs: torch.Tensor):
-        out = self.actor(self.obs_norm(obs.float()))
+    def value(self, obs) -> torch.Tensor:
+        return self.critic(self.features(obs)).squeeze(-1)
+
+    def distribution(self, obs):
+        out = self.actor(self.features(obs))
         if self.continuous:
             return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
         return Categorical(logits=out, validate_args=False)
@@ -151,7 +161,8 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
     probe = eval_env_fn(args.seed)
     resolve_presets(args, probe.action_space)
-    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size, args.norm_obs)
+    model = ActorCritic(observation_example(probe.observation_space), probe.action_space, args.hidden_size,
+                        args.norm_obs)
     probe.close()
     model.load_state_dict(checkpoint["model"])
     return model.to(device), eval_env_fn
@@ -201,15 +212,15 @@ def main(args: Args) -> dict:
     probe = env_fn(args.seed)
     if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
         raise UsageError(f"algos/ppo.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")
-    if len(observation_shape(probe)) != 1:
-        raise UsageError(f"algos/ppo.py needs vector observations, {args.env_id} has shape "
-                         f"{probe.observation_space.shape}: use ppo_atari.py for images")
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim != 1:
+        raise UsageError(f"algos/ppo.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
+                         f"{example.shape}: use ppo_atari.py for images")
     resolve_presets(args, probe.action_space)
     if args.num_steps < 1 or args.num_minibatches < 1 or args.n_envs * args.num_steps % args.num_minibatches:
         raise UsageError(f"--num-minibatches {args.num_minibatches} must divide the batch of --n-envs x --num-steps "
                          f"= {args.n_envs * args.num_steps} steps")
-    model = ActorCritic(probe.observation_space.shape[0], probe.action_space, args.hidden_size, args.norm_obs)
-    model = model.to(device)
+    model = ActorCritic(example, probe.action_space, args.hidden_size, args.norm_obs).to(device)
     probe.close()
     reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -243,7 +254,7 @@ def main(args: Args) -> dict:
                                                     batch.truncated, args.gamma, args.gae_lambda)
 
             flat = lambda x: x.reshape((batch_size,) + x.shape[2:])  # noqa: E731
-            obs, action = flat(batch.observation), flat(batch.action)
+            obs, action = buffer_map(flat, batch.observation), flat(batch.action)
             old_log_prob, old_value = flat(batch.agent_info.log_prob), flat(value)
             advantage, returns = flat(advantage), flat(returns)
             for _epoch in range(args.update_epochs):

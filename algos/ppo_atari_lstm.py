@@ -2,7 +2,8 @@
 
 Schulman et al. 2017 (https://arxiv.org/abs/1707.06347) with a recurrent policy as in Mnih et al. 2016's
 A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] uint8, scaled by 1/255) and
-a small MLP for vector observations, chosen by the observation shape, so memory tasks run on a CPU.
+a small MLP for vector observations (and for the encoded, concatenated leaves of Dict observations), chosen
+by the observation shape, so memory tasks run on a CPU.
 Discrete actions take a categorical head (the previous action enters the LSTM one-hot); continuous (Box)
 actions a diagonal Gaussian with a state-independent log-std, as in ppo.py (the previous action enters as
 it was sampled; the env clips it to its bounds).
@@ -36,12 +37,12 @@ from torch.distributions import Categorical, Normal
 
 from common import distributed
 from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
-from common.envs import make_env, observation_shape
+from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
-from common.namedarraytuple import buffer_to, namedarraytuple
-from common.networks import NatureCNN, layer_init
-from common.normalization import RewardScaler, RunningMeanStd
+from common.namedarraytuple import buffer_map, buffer_to, namedarraytuple
+from common.networks import NatureCNN, layer_init, observation_encoder
+from common.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd
 from common.samplers import make_sampler
 
 
@@ -114,6 +115,11 @@ def resolve_presets(args: Args, kind: str, continuous: bool = False) -> None:
                          "actions; leave it at 0 for a continuous action space")
 
 
+def observation_kind(example) -> str:
+    """The preset of observations shaped like `example`: "image" for frame stacks, "vector" for vectors and Dicts."""
+    return "vector" if isinstance(example, tuple) or example.ndim == 1 else "image"
+
+
 def make_lstm_env(env_id: str, seed: int, training: bool = True, **options) -> gym.Env:
     """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
     env = make_env(env_id, seed, training=training, **options)
@@ -126,15 +132,22 @@ AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value", "rnn_state"])  # 
 
 
 class RecurrentActorCritic(nn.Module):
-    def __init__(self, obs_shape: tuple[int, ...], action_space: gym.Space, hidden_size: int, lstm_size: int,
-                 norm_obs: bool = False):
+    def __init__(self, example, action_space: gym.Space, hidden_size: int, lstm_size: int, norm_obs: bool = False):
         super().__init__()
-        self.image, self.continuous = len(obs_shape) == 3, isinstance(action_space, gym.spaces.Box)
+        self.image, self.continuous = observation_kind(example) == "image", isinstance(action_space, gym.spaces.Box)
         self.n_actions = n_actions = int(np.prod(action_space.shape)) if self.continuous else int(action_space.n)
-        self.obs_norm = RunningMeanStd(obs_shape) if norm_obs else nn.Identity()
+        if not norm_obs:
+            self.obs_norm = nn.Identity()
+        elif isinstance(example, tuple):  # a Dict observation: statistics per float leaf
+            self.obs_norm = ObservationNormalizer(example)
+        else:
+            self.obs_norm = RunningMeanStd(example.shape)
         n_features = 512 if self.image else hidden_size
-        self.torso = (NatureCNN(obs_shape[0]) if self.image
-                      else nn.Sequential(layer_init(nn.Linear(obs_shape[0], hidden_size)), nn.Tanh()))
+        if self.image:
+            self.torso = NatureCNN(example.shape[0])
+        else:  # a Dict observation: its leaves, encoded and concatenated
+            self.encoder, obs_dim = observation_encoder(example)
+            self.torso = nn.Sequential(layer_init(nn.Linear(obs_dim, hidden_size)), nn.Tanh())
         self.lstm = nn.LSTM(n_features + n_actions + 1, lstm_size)
         for name, param in self.lstm.named_parameters():
             nn.init.constant_(param, 0.0) if "bias" in name else nn.init.orthogonal_(param, 1.0)
@@ -158,7 +171,8 @@ class RecurrentActorCritic(nn.Module):
         last step).
         """
         T, B = prev_action.shape[:2]
-        features = self.torso(self.obs_norm(obs.flatten(0, 1))).view(T, B, -1)
+        obs = self.obs_norm(buffer_map(lambda leaf: leaf.flatten(0, 1), obs))
+        features = self.torso(obs if self.image else self.encoder(obs)).view(T, B, -1)
         # Atari trains on sign-clipped rewards and evaluates on raw scores: the network sees their sign.
         prev_reward = prev_reward.sign() if self.image else prev_reward
         prev_action = prev_action.float() if self.continuous else F.one_hot(prev_action.long(), self.n_actions).float()
@@ -192,7 +206,7 @@ def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_
     """One step for a batch of envs (discrete actions: uniform with probability `epsilon`); agent_info keeps
     the rnn state the step started from."""
     if rnn_state is None:
-        rnn_state = model.initial_state(obs.shape[0], obs.device)
+        rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     out, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
     dist = model.distribution(out[0])
     if deterministic:
@@ -214,9 +228,9 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
     eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
-    shape = observation_shape(probe)
-    resolve_presets(args, "image" if len(shape) == 3 else "vector", isinstance(probe.action_space, gym.spaces.Box))
-    model = RecurrentActorCritic(shape, probe.action_space, args.hidden_size, args.lstm_size, args.norm_obs)
+    example = observation_example(probe.observation_space)
+    resolve_presets(args, observation_kind(example), isinstance(probe.action_space, gym.spaces.Box))
+    model = RecurrentActorCritic(example, probe.action_space, args.hidden_size, args.lstm_size, args.norm_obs)
     probe.close()
     model.load_state_dict(checkpoint["model"])
     return model.to(device), eval_env_fn
@@ -270,20 +284,20 @@ def main(args: Args) -> dict:
     env_fn = partial(make_lstm_env, args.env_id, training=True, **env_options(args))
     eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
-    action_space, shape = probe.action_space, observation_shape(probe)
+    action_space, example = probe.action_space, observation_example(probe.observation_space)
     probe.close()
     continuous = isinstance(action_space, gym.spaces.Box)
     if not (isinstance(action_space, gym.spaces.Discrete) or (continuous and len(action_space.shape) == 1)):
         raise UsageError(f"algos/ppo_atari_lstm.py needs discrete actions or a 1-D Box of continuous ones, "
                          f"{args.env_id} has {action_space}")
-    if len(shape) not in (1, 3) or (len(shape) == 3 and shape[1:] != (84, 84)):
-        raise UsageError(f"algos/ppo_atari_lstm.py needs vector observations or [C, 84, 84] Atari frames, "
-                         f"{args.env_id} has shape {shape}")
-    resolve_presets(args, "image" if len(shape) == 3 else "vector", continuous)
+    if not isinstance(example, tuple) and example.shape[1:] != (84, 84) and example.ndim != 1:
+        raise UsageError(f"algos/ppo_atari_lstm.py needs vector observations or [C, 84, 84] Atari frames (or Dict / "
+                         f"Tuple observations), {args.env_id} has shape {example.shape}")
+    resolve_presets(args, observation_kind(example), continuous)
     if args.num_minibatches < 1 or args.n_envs % args.num_minibatches:
         raise UsageError(f"--num-minibatches {args.num_minibatches} must divide --n-envs {args.n_envs}: "
                          "a minibatch is a subset of whole environment sequences")
-    model = RecurrentActorCritic(shape, action_space, args.hidden_size, args.lstm_size, args.norm_obs).to(device)
+    model = RecurrentActorCritic(example, action_space, args.hidden_size, args.lstm_size, args.norm_obs).to(device)
     reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss

@@ -6,7 +6,8 @@ previous action (one-hot) and the previous reward; replay of fixed-length sequen
 recurrent state the actor had (stored with them) and first unroll `--burn-in` steps without training on
 them; double Q-learning on n-step targets under the value rescaling h(x) = sign(x)(sqrt(|x|+1)-1) + eps x;
 sequences prioritized by eta max|td| + (1 - eta) mean|td|; optional dueling Q heads. Image observations
-[stack, H, W] get the Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP.
+[stack, H, W] get the Nature CNN torso (and the frame-deduplicated buffer), vector observations an MLP (as do
+Dict observations, their leaves encoded and concatenated).
 
     python algos/r2d1.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 200000
     python algos/r2d1.py --env-id ALE/Pong-v5 --total-timesteps 10000000 --n-envs 16 --lstm-size 512 \\
@@ -28,10 +29,11 @@ import torch.nn.functional as F
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, AtariArgs, CommonArgs, UsageError, env_options, run, setup
-from common.envs import is_atari, make_env, require_discrete_actions
+from common.envs import is_atari, make_env, observation_example, require_discrete_actions
 from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
+from common.networks import observation_encoder
 from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSequenceReplayBuffer
 
 
@@ -100,26 +102,30 @@ AgentInfo = namedarraytuple("AgentInfo", ["rnn_state"])  # the state before the 
 class R2D1Network(nn.Module):
     """Torso (CNN for images, MLP for vectors) -> LSTM(features, one-hot previous action, previous reward) -> Q."""
 
-    def __init__(self, obs_shape: tuple, n_actions: int, hidden: int, lstm_size: int, sign_reward=False, dueling=False):
+    def __init__(self, example, n_actions: int, hidden: int, lstm_size: int, sign_reward=False, dueling=False):
         super().__init__()
         self.n_actions, self.lstm_size, self.sign_reward, self.dueling = n_actions, lstm_size, sign_reward, dueling
-        self.image = len(obs_shape) == 3
+        self.image = is_frame_stack(example)
         if self.image:
             self.torso = nn.Sequential(  # the Nature CNN
-                nn.Conv2d(obs_shape[0], 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                nn.Conv2d(example.shape[0], 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
                 nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
             )
-        else:
-            self.torso = nn.Sequential(nn.Linear(obs_shape[0], hidden), nn.ReLU())
+        else:  # a Dict observation: its leaves, encoded and concatenated
+            self.encoder, obs_dim = observation_encoder(example)
+            self.torso = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU())
         width = 512 if self.image else hidden  # of the torso's output and of the Q head's hidden layer
         self.lstm = nn.LSTMCell(width + n_actions + 1, lstm_size)
         self.head = nn.Sequential(nn.Linear(lstm_size, width), nn.ReLU(), nn.Linear(width, n_actions + dueling))
 
-    def inputs(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor) -> torch.Tensor:
+    def inputs(self, obs, prev_action: torch.Tensor, prev_reward: torch.Tensor) -> torch.Tensor:
         """LSTM inputs [..., F] for observations, previous actions / rewards [...] (signs only with `sign_reward`)."""
         lead = prev_reward.shape
-        obs = obs.reshape(-1, *obs.shape[len(lead):]).float()
-        features = self.torso(obs / 255.0 if self.image else obs)
+        if self.image:
+            obs = obs.reshape(-1, *obs.shape[len(lead):]).float() / 255.0
+        else:
+            obs = self.encoder(obs).reshape(-1, self.encoder.out_features)
+        features = self.torso(obs)
         features = features.view(*lead, features.shape[-1])
         one_hot = F.one_hot(prev_action.long(), self.n_actions).to(features.dtype)
         prev_reward = prev_reward.sign() if self.sign_reward else prev_reward
@@ -139,11 +145,16 @@ class R2D1Network(nn.Module):
         return out[..., :1] + out[..., 1:] - out[..., 1:].mean(-1, keepdim=True) if self.dueling else out
 
 
+def is_frame_stack(example) -> bool:
+    """Whether observations shaped like `example` are frame stacks [stack, H, W] (not vectors or Dicts)."""
+    return not isinstance(example, tuple) and example.ndim == 3
+
+
 def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
     """Epsilon-greedy action (greedy when deterministic); agent_info keeps the state the step started from."""
     if rnn_state is None:
-        rnn_state = model.initial_state(obs.shape[0], obs.device)
+        rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     q, next_state = model(obs, prev_action, prev_reward, rnn_state)
     action = q.argmax(-1)
     if not deterministic and epsilon > 0:
@@ -156,7 +167,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained network and the evaluation env_fn (for common.evaluate)."""
     eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = eval_env_fn(args.seed)
-    model = R2D1Network(tuple(probe.observation_space.shape), int(probe.action_space.n), args.hidden_size,
+    model = R2D1Network(observation_example(probe.observation_space), int(probe.action_space.n), args.hidden_size,
                         args.lstm_size, is_atari(args.env_id), args.dueling)
     probe.close()
     model.load_state_dict(checkpoint["q_net"])
@@ -228,7 +239,7 @@ def exploration(args: Args, step: int) -> dict:
 
 def make_replay(args: Args, example, share_memory: bool = False):
     """Prioritized sequence replay (frame-deduplicated for images) storing the actor's LSTM states."""
-    image = len(example.observation.shape) == 3
+    image = is_frame_stack(example.observation)
     replay_cls = PrioritizedFrameSequenceReplayBuffer if image else PrioritizedSequenceReplayBuffer
     try:
         return replay_cls(example, size=args.buffer_size, n_envs=args.n_envs, burn_in=args.burn_in,
@@ -251,14 +262,15 @@ def main(args: Args) -> dict:
     eval_env_fn = partial(make_env, args.env_id, training=False, **env_options(args))
     probe = env_fn(args.seed)
     n_actions = require_discrete_actions(probe, "algos/r2d1.py")
-    obs_shape = tuple(probe.observation_space.shape)
+    example = observation_example(probe.observation_space)
     probe.close()
-    if len(obs_shape) not in (1, 3):
-        raise UsageError(f"algos/r2d1.py needs vector or [stack, H, W] observations; {args.env_id} has {obs_shape}")
+    if not isinstance(example, tuple) and example.ndim not in (1, 3):
+        raise UsageError(f"algos/r2d1.py needs vector, Dict / Tuple or [stack, H, W] observations; {args.env_id} has "
+                         f"{example.shape}")
     if args.n_step < 1 or args.train_length < 1 or args.burn_in < 0 or args.sequence_period < 1:
         raise UsageError("need --n-step >= 1, --train-length >= 1, --burn-in >= 0 and --sequence-period >= 1")
 
-    network = partial(R2D1Network, obs_shape, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id),
+    network = partial(R2D1Network, example, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id),
                       args.dueling)
     q_net, target_net = network().to(device), network().to(device)
     target_net.load_state_dict(q_net.state_dict())

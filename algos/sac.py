@@ -1,7 +1,7 @@
 """SAC: soft actor-critic with twin Q-functions, a tanh-squashed Gaussian policy and automatic entropy tuning.
 
 Haarnoja et al. 2018, https://arxiv.org/abs/1801.01290; automatic temperature: https://arxiv.org/abs/1812.05905.
-Continuous (Box) actions and vector observations: classic control and MuJoCo. The two critics are one
+Continuous (Box) actions and vector (or Dict) observations: classic control and MuJoCo. The two critics are one
 module with stacked weights, evaluated in one batched matmul per layer (torch.baddbmm).
 
     python algos/sac.py --env-id Pendulum-v1 --total-timesteps 15000
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, require_continuous_actions
+from common.envs import make_env, observation_example, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
-from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size
+from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size, observation_encoder
 from common.replay import UniformReplayBuffer
 
 
@@ -78,19 +78,20 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 class Actor(ScaledActions):
     """Tanh-squashed diagonal Gaussian policy; actions are in [-1, 1] until `to_env` scales them to the bounds."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
+    def __init__(self, example, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
         super().__init__(low, high)
+        self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2 * act_dim),
         )
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std [B, act_dim] of the Gaussian before the tanh; log-std squashed into its range."""
-        mean, log_std = self.net(obs.float()).chunk(2, -1)
+        mean, log_std = self.net(self.encoder(obs)).chunk(2, -1)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1.0)
         return mean, log_std
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterized action in [-1, 1] [B, act_dim] and its log-probability [B]."""
         mean, log_std = self(obs)
         noise = torch.randn_like(mean)
@@ -106,7 +107,7 @@ def policy_step(model: Actor, obs, prev_action, prev_reward, rnn_state, determin
     if deterministic:
         action = torch.tanh(model(obs)[0])
     elif uniform:
-        action = model.uniform_action(obs.shape[0], obs.device)
+        action = model.uniform_action(obs)
     else:
         action = model.sample(obs)[0]
     return model.to_env(action), None, None
@@ -118,7 +119,8 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     probe = eval_env_fn(args.seed)
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     space = probe.action_space
-    actor = Actor(observation_shape(probe)[0], space.shape[0], args.hidden_size, space.low, space.high)
+    actor = Actor(observation_example(probe.observation_space), space.shape[0], args.hidden_size, space.low,
+                  space.high)
     probe.close()
     actor.load_state_dict(checkpoint["actor"])
     return actor.to(device), eval_env_fn
@@ -164,17 +166,19 @@ def main(args: Args) -> dict:
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = env_fn(args.seed)
     (act_dim,) = require_continuous_actions(probe, "algos/sac.py")
-    if len(observation_shape(probe)) != 1:
-        raise UsageError(f"algos/sac.py needs vector observations, {args.env_id} has shape {observation_shape(probe)}")
-    obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim != 1:
+        raise UsageError(f"algos/sac.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
+                         f"{example.shape}")
+    low, high = probe.action_space.low, probe.action_space.high
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     probe.close()
     if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
         raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
 
-    actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
-    critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
-    target_critics = Critics(obs_dim, act_dim, args.hidden_size).to(device).requires_grad_(False)
+    actor = Actor(example, act_dim, args.hidden_size, low, high).to(device)
+    critics = Critics(example, act_dim, args.hidden_size).to(device)
+    target_critics = Critics(example, act_dim, args.hidden_size).to(device).requires_grad_(False)
     target_critics.load_state_dict(critics.state_dict())
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
     if args.target_entropy is None:  # resolved here, so that config.json records the value the run used

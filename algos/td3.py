@@ -2,7 +2,7 @@
 
 Fujimoto et al. 2018, https://arxiv.org/abs/1802.09477: twin critics (the smaller target), target policy
 smoothing (clipped noise on the target action) and a delayed actor (and target) update. Continuous (Box)
-actions and vector observations: classic control and MuJoCo. The two critics are one module with stacked
+actions and vector (or Dict) observations: classic control and MuJoCo. The two critics are one module with stacked
 weights, evaluated in one batched matmul per layer (torch.baddbmm).
 
     python algos/td3.py --env-id Pendulum-v1 --total-timesteps 15000
@@ -24,11 +24,11 @@ import torch.nn as nn
 from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
-from common.envs import make_env, observation_shape, require_continuous_actions
+from common.envs import make_env, observation_example, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
-from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size
+from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size, observation_encoder
 from common.replay import UniformReplayBuffer
 
 
@@ -77,21 +77,22 @@ class Args(CommonArgs, AsyncArgs):
 class Actor(ScaledActions):
     """Deterministic policy; actions are in [-1, 1] until `to_env` scales them to the env's bounds."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
+    def __init__(self, example, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
         super().__init__(low, high)
+        self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim),
         )
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.net(obs.float()))
+    def forward(self, obs) -> torch.Tensor:
+        return torch.tanh(self.net(self.encoder(obs)))
 
 
 def policy_step(model: Actor, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 uniform: bool = False, exploration_noise: float = 0.0):
     """The actor's action plus clipped Gaussian noise (none when deterministic; uniform when `uniform`)."""
     if uniform and not deterministic:
-        action = model.uniform_action(obs.shape[0], obs.device)
+        action = model.uniform_action(obs)
     else:
         action = model(obs)
         if not deterministic and exploration_noise > 0:
@@ -105,7 +106,8 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     probe = eval_env_fn(args.seed)
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     space = probe.action_space
-    actor = Actor(observation_shape(probe)[0], space.shape[0], args.hidden_size, space.low, space.high)
+    actor = Actor(observation_example(probe.observation_space), space.shape[0], args.hidden_size, space.low,
+                  space.high)
     probe.close()
     actor.load_state_dict(checkpoint["actor"])
     return actor.to(device), eval_env_fn
@@ -149,17 +151,19 @@ def main(args: Args) -> dict:
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = env_fn(args.seed)
     (act_dim,) = require_continuous_actions(probe, "algos/td3.py")
-    if len(observation_shape(probe)) != 1:
-        raise UsageError(f"algos/td3.py needs vector observations, {args.env_id} has shape {observation_shape(probe)}")
-    obs_dim, low, high = observation_shape(probe)[0], probe.action_space.low, probe.action_space.high
+    example = observation_example(probe.observation_space)
+    if not isinstance(example, tuple) and example.ndim != 1:
+        raise UsageError(f"algos/td3.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
+                         f"{example.shape}")
+    low, high = probe.action_space.low, probe.action_space.high
     args.hidden_size = args.hidden_size or default_hidden_size(probe)
     probe.close()
     if min(args.replay_ratio, args.batch_size, args.num_steps, args.n_step, args.policy_frequency) <= 0:
         raise UsageError("--replay-ratio, --batch-size, --num-steps, --n-step and --policy-frequency must be "
                          "positive")
 
-    actor = Actor(obs_dim, act_dim, args.hidden_size, low, high).to(device)
-    critics = Critics(obs_dim, act_dim, args.hidden_size).to(device)
+    actor = Actor(example, act_dim, args.hidden_size, low, high).to(device)
+    critics = Critics(example, act_dim, args.hidden_size).to(device)
     target_actor = copy.deepcopy(actor).requires_grad_(False)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     actor_optimizer = adam(actor.parameters(), args.policy_lr, device)

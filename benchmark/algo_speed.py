@@ -215,8 +215,8 @@ class ReferenceTD3:
 
 def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool, cudagraphs: bool) -> Callable:
     low, high = -np.ones(args.act_dim, np.float32), np.ones(args.act_dim, np.float32)
-    actor = sac.Actor(args.obs_dim, args.act_dim, hidden, low, high).to(device)
-    critics = sac.Critics(args.obs_dim, args.act_dim, hidden).to(device)
+    actor = sac.Actor(np.zeros(args.obs_dim, np.float32), args.act_dim, hidden, low, high).to(device)
+    critics = sac.Critics(np.zeros(args.obs_dim, np.float32), args.act_dim, hidden).to(device)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     log_alpha = torch.zeros((), device=device, requires_grad=True)
     critic_optimizer = sac.adam(critics.parameters(), 1e-3, device)
@@ -242,8 +242,8 @@ def sac_update(sac, hidden: int, args: Args, device: torch.device, compile: bool
 
 def td3_update(td3, hidden: int, args: Args, device: torch.device, compile: bool, cudagraphs: bool) -> Callable:
     low, high = -np.ones(args.act_dim, np.float32), np.ones(args.act_dim, np.float32)
-    actor = td3.Actor(args.obs_dim, args.act_dim, hidden, low, high).to(device)
-    critics = td3.Critics(args.obs_dim, args.act_dim, hidden).to(device)
+    actor = td3.Actor(np.zeros(args.obs_dim, np.float32), args.act_dim, hidden, low, high).to(device)
+    critics = td3.Critics(np.zeros(args.obs_dim, np.float32), args.act_dim, hidden).to(device)
     target_actor, target_critics = copy.deepcopy(actor), copy.deepcopy(critics)
     target_actor.requires_grad_(False)
     target_critics.requires_grad_(False)
@@ -284,7 +284,7 @@ def critic_steps(sac, hidden: int, args: Args, device: torch.device) -> dict[str
     stacked_params, stacked_buffers = stack_module_state([qf1, qf2])
     stacked_params = {k: v.detach().requires_grad_() for k, v in stacked_params.items()}
     skeleton = copy.deepcopy(qf1).to("meta")
-    critics = sac.Critics(args.obs_dim, args.act_dim, hidden).to(device)
+    critics = sac.Critics(np.zeros(args.obs_dim, np.float32), args.act_dim, hidden).to(device)
 
     def separate(s) -> None:
         x = torch.cat([s.observation.float(), s.action], -1)

@@ -59,29 +59,31 @@ class ObservationEncoder(nn.Module):
     def __init__(self, example: Any, cnn_features: int = 512):
         super().__init__()
         self.cnns = nn.ModuleDict()
-        self.leaves: list[tuple[str, int]] = []  # (path, dims without leading dims) of each leaf, in field order
+        # (path, dims without leading dims, number of features) of each leaf, in field order
+        self.leaves: list[tuple[str, int, int]] = []
         self.out_features = 0
 
         def add(path: str, leaf: Any) -> None:
             leaf = torch.as_tensor(leaf)
-            self.leaves.append((path, leaf.dim()))
             if leaf.dtype == torch.uint8 and leaf.dim() == 3 and tuple(leaf.shape[1:]) == IMAGE_SHAPE:
                 self.cnns[path] = NatureCNN(leaf.shape[0], cnn_features)
-                self.out_features += cnn_features
+                size = cnn_features
             else:
-                self.out_features += leaf.numel()
+                size = leaf.numel()
+            self.leaves.append((path, leaf.dim(), size))
+            self.out_features += size
 
         buffer_map_named(add, example, "observation")
 
     def forward(self, observation: Any) -> torch.Tensor:
         features = []
-        for (path, n_dims), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
+        for (path, n_dims, size), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
             leading = leaf.shape[: leaf.dim() - n_dims]
             if path in self.cnns:
                 feature = self.cnns[path](leaf.reshape(-1, *leaf.shape[len(leading):]))
             else:
                 feature = leaf.float() / 255.0 if leaf.dtype == torch.uint8 else leaf.float()
-            features.append(feature.reshape(*leading, -1))
+            features.append(feature.reshape(*leading, size))  # (not -1: a leading dim may be 0)
         return torch.cat(features, dim=-1)
 
 
@@ -109,18 +111,23 @@ class EnsembleLinear(nn.Module):
 
 
 class Critics(nn.Module):
-    """`n` Q-functions Q(s, a), MLPs with stacked weights; `forward` returns [n, B] ([first, B] with `first`)."""
+    """`n` Q-functions Q(s, a), MLPs with stacked weights; `forward` returns [n, B] ([first, B] with `first`).
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, n: int = 2):
+    Observations are shaped like `example` (an array or a namedarraytuple: an `ObservationEncoder` shared by
+    the `n` MLPs concatenates its leaves).
+    """
+
+    def __init__(self, example: Any, act_dim: int, hidden: int, n: int = 2):
         super().__init__()
         self.n = n
+        self.encoder, obs_dim = observation_encoder(example)
         sizes = [obs_dim + act_dim, hidden, hidden, 1]
         self.layers = nn.ModuleList(EnsembleLinear(n, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
 
-    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach: bool = False,
-                first: int | None = None) -> torch.Tensor:
+    def forward(self, obs: Any, action: torch.Tensor, detach: bool = False, first: int | None = None) -> torch.Tensor:
         """`detach`: no gradient reaches the critics' parameters (it still reaches `action`)."""
-        x = torch.cat([obs.float(), action], -1).expand(first or self.n, -1, -1)
+        features = self.encoder(obs)
+        x = torch.cat([features.detach() if detach else features, action], -1).expand(first or self.n, -1, -1)
         for layer in self.layers[:-1]:
             x = F.relu(layer(x, detach, first))
         return self.layers[-1](x, detach, first).squeeze(-1)
@@ -140,9 +147,10 @@ class ScaledActions(nn.Module):
     def from_env(self, action: torch.Tensor) -> torch.Tensor:
         return (action - self.action_bias) / self.action_scale
 
-    def uniform_action(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Uniformly random actions in [-1, 1] [batch_size, act_dim] (the warm-up before learning starts)."""
-        return torch.rand((batch_size,) + self.action_scale.shape, device=device) * 2.0 - 1.0
+    def uniform_action(self, obs: Any) -> torch.Tensor:
+        """Uniformly random actions in [-1, 1] [B, act_dim] for observations [B, ...] (the warm-up before learning)."""
+        leaf = buffer_leaves(obs)[0]
+        return torch.rand((leaf.shape[0],) + self.action_scale.shape, device=leaf.device) * 2.0 - 1.0
 
 
 def default_hidden_size(env) -> int:

@@ -17,6 +17,12 @@ nested Dict: `pixels` (uint8 [1, 8, 8], the cart and pole drawn as one lit pixel
 `state` (Dict of `position` [x, theta] and `velocity` [x_dot, theta_dot]) and `steps` (a Tuple of one
 Discrete: the steps since the reset).
 
+`DictStateCartPole-v0`: CartPole-v1 (500-step limit, same reward) observing its state as a Dict of
+`position` [x, theta] and `velocity` [x_dot, theta_dot]: a learning task for Dict observations.
+
+`DictPendulum-v0`: Pendulum-v1 (continuous actions, 200-step limit) observing a Dict of `cos_sin`
+[cos theta, sin theta] and `velocity` [theta_dot].
+
 `InfoReport-v0`: 5-step episodes whose info reports `bonus` 1.0 every step, `is_success` 1.0 on the last
 step only and a string `label` every step (for `--info-keys`).
 """
@@ -24,6 +30,7 @@ step only and a string `label` every step (for `--info-keys`).
 import gymnasium as gym
 import numpy as np
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 VISIBLE = [0, 2]  # cart position, pole angle (CartPole observes [x, x_dot, theta, theta_dot])
 
@@ -205,3 +212,51 @@ class DictCartPoleEnv(CartPoleEnv):
 
 if "DictCartPole-v0" not in gym.registry:
     gym.register(id="DictCartPole-v0", entry_point=DictCartPoleEnv, max_episode_steps=25)
+
+
+class DictStateCartPoleEnv(CartPoleEnv):
+    """CartPole observing Dict(position=[x, theta], velocity=[x_dot, theta_dot])."""
+
+    def __init__(self, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        high = self.observation_space.high
+        self.observation_space = gym.spaces.Dict(
+            position=gym.spaces.Box(-high[[0, 2]], high[[0, 2]], dtype=np.float32),
+            velocity=gym.spaces.Box(-high[[1, 3]], high[[1, 3]], dtype=np.float32),
+        )
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        return {"position": obs[[0, 2]], "velocity": obs[[1, 3]]}, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return {"position": obs[[0, 2]], "velocity": obs[[1, 3]]}, reward, terminated, truncated, info
+
+
+if "DictStateCartPole-v0" not in gym.registry:
+    gym.register(id="DictStateCartPole-v0", entry_point=DictStateCartPoleEnv, max_episode_steps=500,
+                 reward_threshold=475.0)
+
+
+class DictPendulumEnv(PendulumEnv):
+    """Pendulum observing Dict(cos_sin=[cos theta, sin theta], velocity=[theta_dot])."""
+
+    def __init__(self, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        self.observation_space = gym.spaces.Dict(
+            cos_sin=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+            velocity=gym.spaces.Box(-self.max_speed, self.max_speed, (1,), np.float32),
+        )
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = super().reset(seed=seed, options=options)
+        return {"cos_sin": obs[:2], "velocity": obs[2:]}, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return {"cos_sin": obs[:2], "velocity": obs[2:]}, reward, terminated, truncated, info
+
+
+if "DictPendulum-v0" not in gym.registry:
+    gym.register(id="DictPendulum-v0", entry_point=DictPendulumEnv, max_episode_steps=200)

@@ -26,7 +26,7 @@ def ppo_family(seed: int) -> dict:
     ppo = load_script("ppo")
     torch.manual_seed(seed)
     space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    model = ppo.ActorCritic(3, space, 16, norm_obs=True)
+    model = ppo.ActorCritic(np.zeros(3, np.float32), space, 16, norm_obs=True)
     model.obs_norm.update(torch.randn(32, 3) * seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, eps=1e-5)
     step_once(optimizer)
@@ -38,7 +38,7 @@ def ppo_family(seed: int) -> dict:
 def dqn_family(seed: int) -> dict:
     dqn = load_script("dqn")
     torch.manual_seed(seed)
-    q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+    q_net, target_net = (dqn.QNetwork(np.zeros(4, np.float32), 2, 16, dueling=True) for _ in range(2))
     optimizer = torch.optim.Adam(q_net.parameters(), lr=1e-3)
     step_once(optimizer)
     return dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
@@ -47,8 +47,8 @@ def dqn_family(seed: int) -> dict:
 def sac_family(seed: int) -> dict:
     sac = load_script("sac")
     torch.manual_seed(seed)
-    actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
-    critics, target_critics = Critics(3, 1, 16), Critics(3, 1, 16)
+    actor = sac.Actor(np.zeros(3, np.float32), 1, 16, np.array([-2.0]), np.array([2.0]))
+    critics, target_critics = (Critics(np.zeros(3, np.float32), 1, 16) for _ in range(2))
     log_alpha = torch.tensor(math.log(0.2) * seed, requires_grad=True)
     critic_optimizer = torch.optim.Adam(critics.parameters(), lr=1e-3)
     actor_optimizer = torch.optim.Adam([{"params": actor.parameters()}, {"params": [log_alpha], "lr": 1e-3}], lr=3e-4)
@@ -154,7 +154,7 @@ def test_init_from_loads_networks_and_statistics_and_leaves_optimizers_and_count
 def test_init_from_a_network_of_another_shape_is_a_one_line_error(tmp_path):
     save_checkpoint(tmp_path, checkpoint_state(dqn_family(seed=1), Counters()))
     dqn = load_script("dqn")
-    wider = dict(q_net=dqn.QNetwork(4, 2, 32, dueling=True), target_net=dqn.QNetwork(4, 2, 32, dueling=True))
+    wider = {name: dqn.QNetwork(np.zeros(4, np.float32), 2, 32, dueling=True) for name in ("q_net", "target_net")}
     with pytest.raises(UsageError, match="its q_net does not fit") as error:
         restore_checkpoint(None, wider, Counters(), init_from=tmp_path)
     assert "\n" not in str(error.value) and "config.json" in str(error.value)

@@ -164,8 +164,8 @@ def td3_updates(compile: bool, cudagraphs: bool, n_updates: int = 12) -> tuple[t
     torch.manual_seed(0)
     obs_dim, act_dim, hidden, batch = 11, 3, 64, 128
     low, high = -np.ones(act_dim, np.float32), np.ones(act_dim, np.float32)
-    actor = td3.Actor(obs_dim, act_dim, hidden, low, high).to(CUDA)
-    critics = td3.Critics(obs_dim, act_dim, hidden).to(CUDA)
+    actor = td3.Actor(np.zeros(obs_dim, np.float32), act_dim, hidden, low, high).to(CUDA)
+    critics = td3.Critics(np.zeros(obs_dim, np.float32), act_dim, hidden).to(CUDA)
     target_actor = copy.deepcopy(actor).requires_grad_(False)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     actor_optimizer = td3.adam(actor.parameters(), 1e-3, CUDA)

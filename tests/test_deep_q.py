@@ -24,6 +24,7 @@ from common.samplers import make_sampler
 
 CARTPOLE = ["--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1"]
 MEMORY_TASK = ["--env-id", "tests.memory_envs:CartPoleNoVelocity-v0", "--total-timesteps", "100000", "--seed", "1"]
+DICT_CARTPOLE = "tests.memory_envs:DictStateCartPole-v0"  # CartPole-v1 observing Dict(position, velocity)
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 DEEP_Q_SCRIPTS = ["dqn", "dqn_atari", "c51", "c51_atari", "rainbow_atari", "r2d1"]
 EXPECTED_METRICS = {"losses/td_loss", "losses/q_values", "charts/epsilon", "charts/updates_per_second", "charts/SPS"}
@@ -46,6 +47,12 @@ def test_dqn_variants_cartpole_reach_400(run_in, flags):
     _, _, summary = run_in("dqn", *CARTPOLE, *flags)
     assert summary["global_step"] >= 100_000
     assert summary["final_eval_return"] >= 400, summary
+
+
+@pytest.mark.learning
+def test_dqn_learns_cartpole_from_dict_observations(run_in):
+    _, _, summary = run_in("dqn", "--env-id", DICT_CARTPOLE, "--total-timesteps", "100000", "--seed", "1")
+    assert summary["final_eval_return"] >= 400, summary  # seed 1: 500.0
 
 
 @pytest.mark.learning
@@ -145,7 +152,7 @@ def test_c51_dueling_logits_are_value_plus_mean_free_advantage():
     c51 = load_script("c51")
     torch.manual_seed(0)
     n_actions, atoms = 3, torch.linspace(-10, 10, 11)
-    model = c51.CategoricalQNetwork(4, n_actions, 16, atoms, dueling=True)
+    model = c51.CategoricalQNetwork(np.zeros(4, np.float32), n_actions, 16, atoms, dueling=True)
     obs = torch.randn(5, 4)
     with torch.no_grad():
         streams = model.net(obs).view(5, 1 + n_actions, 11)  # [value, advantage of each action], per atom
@@ -167,8 +174,8 @@ def test_c51_double_lets_the_online_network_pick_the_bootstrap_action():
     c51 = load_script("c51")
     atoms = torch.linspace(-10, 10, 11)
     torch.manual_seed(1)
-    q_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
-    target_net = c51.CategoricalQNetwork(4, 3, 16, atoms)
+    q_net = c51.CategoricalQNetwork(np.zeros(4, np.float32), 3, 16, atoms)
+    target_net = c51.CategoricalQNetwork(np.zeros(4, np.float32), 3, 16, atoms)
     n = 64
     s = SimpleNamespace(observation=torch.randn(n, 4), bootstrap_observation=torch.randn(n, 4),
                         action=torch.randint(0, 3, (n,)), n_step_return=torch.randn(n),
@@ -189,7 +196,7 @@ def test_c51_double_lets_the_online_network_pick_the_bootstrap_action():
 def test_r2d1_dueling_q_is_value_plus_mean_free_advantage():
     r2d1 = load_script("r2d1")
     torch.manual_seed(0)
-    model = r2d1.R2D1Network((2,), 3, hidden=16, lstm_size=8, dueling=True)
+    model = r2d1.R2D1Network(np.zeros(2, np.float32), 3, hidden=16, lstm_size=8, dueling=True)
     obs, prev_action, prev_reward = torch.randn(5, 2), torch.randint(0, 3, (5,)), torch.randn(5)
     with torch.no_grad():
         q, (h, _) = model(obs, prev_action, prev_reward, model.initial_state(5, torch.device("cpu")))
@@ -203,7 +210,7 @@ def test_r2d1_dueling_q_is_value_plus_mean_free_advantage():
 def test_r2d1_unroll_reproduces_the_actor_states_and_bootstraps_truncations():
     r2d1 = load_script("r2d1")
     torch.manual_seed(0)
-    model = r2d1.R2D1Network((2,), 2, hidden=16, lstm_size=8)
+    model = r2d1.R2D1Network(np.zeros(2, np.float32), 2, hidden=16, lstm_size=8)
     args = type("SamplerFlags", (), {"sampler": "serial", "n_envs": 3, "seed": 1})
     env_fn = partial(make_env, "tests.memory_envs:CartPoleNoVelocity-v0", max_episode_steps=15)
     sampler = make_sampler(args, env_fn, r2d1.policy_step, model, horizon=7)
@@ -248,8 +255,8 @@ def test_rainbow_noise_is_fresh_per_forward_and_off_when_deterministic():
 
 def test_r2d1_feeds_atari_previous_rewards_sign_clipped_in_evaluation_as_in_training():
     r2d1 = load_script("r2d1")
-    atari = r2d1.R2D1Network((4, 84, 84), 6, hidden=16, lstm_size=8, sign_reward=True)
-    vector = r2d1.R2D1Network((2,), 2, hidden=16, lstm_size=8)
+    atari = r2d1.R2D1Network(np.zeros((4, 84, 84), np.uint8), 6, hidden=16, lstm_size=8, sign_reward=True)
+    vector = r2d1.R2D1Network(np.zeros(2, np.float32), 2, hidden=16, lstm_size=8)
     raw = torch.tensor([[7.0, -3.0, 0.0]])  # evaluation envs report raw scores
     assert torch.equal(atari.inputs(torch.zeros(1, 3, 4, 84, 84), torch.zeros(1, 3), raw)[..., -1],
                        torch.tensor([[1.0, -1.0, 0.0]]))
@@ -261,7 +268,7 @@ def test_r2d1_feeds_atari_previous_rewards_sign_clipped_in_evaluation_as_in_trai
     env.close()
     assert rewards <= {-1.0, 0.0, 1.0} and rewards != {0.0}
     args = r2d1.Args(env_id="ALE/Pong-v5")  # evaluation rebuilds the network with the clipping on
-    saved = r2d1.R2D1Network((4, 84, 84), 6, args.hidden_size, args.lstm_size).state_dict()
+    saved = r2d1.R2D1Network(np.zeros((4, 84, 84), np.uint8), 6, args.hidden_size, args.lstm_size).state_dict()
     assert r2d1.load_policy(args, {"q_net": saved}, torch.device("cpu"))[0].sign_reward
 
 

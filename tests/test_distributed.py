@@ -311,21 +311,21 @@ def _update_sgd(family: str, rank: int | None) -> list[torch.Tensor]:
     torch.manual_seed(0)
     if family == "ppo":
         ppo = load_script("ppo")
-        model = ppo.ActorCritic(4, __import__("gymnasium").spaces.Discrete(2), 16, norm_obs=False)
+        model = ppo.ActorCritic(np.zeros(4, np.float32), __import__("gymnasium").spaces.Discrete(2), 16, norm_obs=False)
         args = SimpleNamespace(clip_coef=0.2, norm_adv=False, clip_vloss=True, ent_coef=0.01, vf_coef=0.5)
         optimizers = [(torch.optim.SGD(model.parameters(), lr=0.5), model.parameters,
                        lambda: ppo.ppo_loss(model, *batch.values(), args)[0])]
     elif family == "dqn":
         dqn = load_script("dqn")
-        q_net, target_net = dqn.QNetwork(4, 2, 16, dueling=True), dqn.QNetwork(4, 2, 16, dueling=True)
+        q_net, target_net = (dqn.QNetwork(np.zeros(4, np.float32), 2, 16, dueling=True) for _ in range(2))
         model, sample = q_net, SimpleNamespace(**batch)
         optimizers = [(torch.optim.SGD(q_net.parameters(), lr=0.5), q_net.parameters,
                        lambda: dqn.td_loss(q_net, target_net, sample, True)[0])]
     else:
         sac = load_script("sac")
         torch.randn_like = _deterministic_noise
-        actor = sac.Actor(3, 1, 16, np.array([-2.0]), np.array([2.0]))
-        critics, target_critics = sac.Critics(3, 1, 16), sac.Critics(3, 1, 16)
+        actor = sac.Actor(np.zeros(3, np.float32), 1, 16, np.array([-2.0]), np.array([2.0]))
+        critics, target_critics = (sac.Critics(np.zeros(3, np.float32), 1, 16) for _ in range(2))
         log_alpha = torch.tensor(-1.0, requires_grad=True)
         model, sample = torch.nn.ModuleList([actor, critics]), SimpleNamespace(**batch)
         optimizers = [

@@ -1,4 +1,5 @@
-"""Script behaviour: run directory contents, bad input, continuous actions, resume after SIGKILL."""
+"""Script behaviour: run directory contents, bad input, continuous actions, Dict observations, resume after
+SIGKILL."""
 
 import json
 import os
@@ -7,11 +8,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, read_progress, read_summary, run_script
 
+from common.evaluate import evaluate_run
+
 SCRIPTS = ["ppo", "dqn"]
+DICT_ENV = "tests.memory_envs:DictCartPole-v0"  # nested Dict: uint8 pixels, float vectors, a Tuple of a Discrete
+DICT_BOX_ENV = "tests.memory_envs:DictPendulum-v0"  # Dict of float vectors, continuous actions
+REPLAY_SMOKE = ["--total-timesteps", "1000", "--learning-starts", "200"]
+ON_POLICY_SMOKE = ["--total-timesteps", "512", "--num-steps", "32"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -58,6 +66,30 @@ def test_ppo_continuous_actions_run_a_gaussian_policy(run_in):
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert "log_std" in checkpoint["model"]  # the Gaussian head was built and trained
     assert -2000 < summary["final_eval_return"] < 0  # Pendulum returns are negative, 200 steps each
+
+
+@pytest.mark.parametrize(("script", "env_id", "flags"), [
+    ("dqn", DICT_ENV, REPLAY_SMOKE),
+    ("c51", DICT_ENV, REPLAY_SMOKE),
+    ("r2d1", DICT_ENV, ["--total-timesteps", "1600", "--learning-starts", "800"]),
+    ("ppo", DICT_ENV, ON_POLICY_SMOKE),
+    ("ppo", DICT_BOX_ENV, ON_POLICY_SMOKE),  # the continuous preset normalises observations, leaf by leaf
+    ("a2c", DICT_ENV, ON_POLICY_SMOKE),
+    ("ppo_atari_lstm", DICT_ENV, ON_POLICY_SMOKE),  # the vector preset normalises observations, leaf by leaf
+    ("ddpg", DICT_BOX_ENV, REPLAY_SMOKE),
+    ("td3", DICT_BOX_ENV, REPLAY_SMOKE),
+    ("sac", DICT_BOX_ENV, REPLAY_SMOKE),
+])
+def test_vector_scripts_take_dict_observations(run_in, script, env_id, flags):
+    _, run_dir, summary = run_in(script, "--env-id", env_id, *flags, "--eval-episodes", "1", "--seed", "1")
+    assert summary["global_step"] >= int(flags[1])
+    # load_policy rebuilds the network from the Dict space for common.evaluate: the same return.
+    episodes = evaluate_run(run_dir)
+    assert np.mean([e.ret for e in episodes]) == pytest.approx(summary["final_eval_return"])
+    if (script, env_id) in [("ppo", DICT_BOX_ENV), ("ppo_atari_lstm", DICT_ENV)]:  # presets that normalise
+        model = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+        counts = [value for key, value in model.items() if key.startswith("obs_norm.stats.") and key.endswith(".count")]
+        assert len(counts) == 2 and min(counts) >= 256, model.keys()  # statistics per float leaf, from every batch
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
