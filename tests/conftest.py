@@ -15,6 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
+# Seeded runs give the same numbers on every x86 CPU: MKL's matrix products take its AVX2 code in strict
+# reproducible mode and torch's own kernels their AVX2 versions, whatever the CPU would pick by itself
+# (learning tests assert the returns of seeded runs; left to choose, two Xeon generations differ in the last
+# bits of a matrix product, and a seeded run then learns differently). Set here, before torch is imported,
+# so every process a test starts inherits them.
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 
 def default_sigint() -> None:

@@ -17,8 +17,9 @@ nested Dict: `pixels` (uint8 [1, 8, 8], the cart and pole drawn as one lit pixel
 `state` (Dict of `position` [x, theta] and `velocity` [x_dot, theta_dot]) and `steps` (a Tuple of one
 Discrete: the steps since the reset).
 
-`DictStateCartPole-v0`: CartPole-v1 (500-step limit, same reward) observing its state as a Dict of
-`position` [x, theta] and `velocity` [x_dot, theta_dot]: a learning task for Dict observations.
+`DictStateCartPole-v0`: CartPole-v1 (500-step limit, same reward) observing its state as a Dict of `cart`
+[x, x_dot] and `pole` [theta, theta_dot]. The leaves, flattened and concatenated in key order, are CartPole's
+observation, so a seeded run on it must compute exactly the CartPole-v1 run.
 
 `DictPendulum-v0`: Pendulum-v1 (continuous actions, 200-step limit) observing a Dict of `cos_sin`
 [cos theta, sin theta] and `velocity` [theta_dot].
@@ -215,23 +216,23 @@ if "DictCartPole-v0" not in gym.registry:
 
 
 class DictStateCartPoleEnv(CartPoleEnv):
-    """CartPole observing Dict(position=[x, theta], velocity=[x_dot, theta_dot])."""
+    """CartPole observing Dict(cart=[x, x_dot], pole=[theta, theta_dot])."""
 
     def __init__(self, render_mode: str | None = None):
         super().__init__(render_mode=render_mode)
         high = self.observation_space.high
         self.observation_space = gym.spaces.Dict(
-            position=gym.spaces.Box(-high[[0, 2]], high[[0, 2]], dtype=np.float32),
-            velocity=gym.spaces.Box(-high[[1, 3]], high[[1, 3]], dtype=np.float32),
+            cart=gym.spaces.Box(-high[:2], high[:2], dtype=np.float32),
+            pole=gym.spaces.Box(-high[2:], high[2:], dtype=np.float32),
         )
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = super().reset(seed=seed, options=options)
-        return {"position": obs[[0, 2]], "velocity": obs[[1, 3]]}, info
+        return {"cart": obs[:2], "pole": obs[2:]}, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)
-        return {"position": obs[[0, 2]], "velocity": obs[[1, 3]]}, reward, terminated, truncated, info
+        return {"cart": obs[:2], "pole": obs[2:]}, reward, terminated, truncated, info
 
 
 if "DictStateCartPole-v0" not in gym.registry:

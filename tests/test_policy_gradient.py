@@ -30,7 +30,7 @@ CONSTANT_ENV = "tests.memory_envs:ConstantReward-v0"
 MEMORY_ENV = "tests.memory_envs:CartPoleNoVelocity-v0"
 LOSSES = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
           "losses/explained_variance", "charts/learning_rate"]
-DICT_CARTPOLE = "tests.memory_envs:DictStateCartPole-v0"  # CartPole-v1 observing Dict(position, velocity)
+DICT_CARTPOLE = "tests.memory_envs:DictStateCartPole-v0"  # CartPole-v1 observing Dict(cart, pole)
 SAMPLERS = ["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
 
@@ -63,11 +63,30 @@ def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
     assert checkpoint["reward_scaler"]["return_stats.count"] > 45_000
 
 
-@pytest.mark.learning
-def test_ppo_learns_cartpole_from_dict_observations(run_in):
-    # seed 1: 500.0 after 125k steps (398.5 after 100k, CartPole-v1's budget)
-    _, _, summary = run_in("ppo", "--env-id", DICT_CARTPOLE, "--total-timesteps", "125000", "--seed", "1")
-    assert summary["final_eval_return"] >= 475, summary
+@pytest.mark.parametrize("flags", [[], ["--norm-obs"]], ids=["plain", "norm-obs"])  # norm-obs: per-leaf statistics
+def test_ppo_on_dict_observations_computes_the_array_run(run_in, flags):
+    # DICT_CARTPOLE's leaves, flattened and concatenated in key order, are CartPole-v1's observation: a seeded
+    # run must act, learn and evaluate exactly as on CartPole-v1, so the CartPole learning tests hold for Dict
+    # observations too (seed 1 on the Dict env at 100k steps: 500.0, as on CartPole-v1).
+    common = ["--total-timesteps", "8192", "--seed", "1", "--eval-episodes", "2", *flags]
+    _, array_dir, array = run_in("ppo", "--env-id", "CartPole-v1", *common, run_name="array")
+    _, dict_dir, dicts = run_in("ppo", "--env-id", DICT_CARTPOLE, *common, run_name="dict")
+    assert (dict_dir / "episodes.csv").read_text() == (array_dir / "episodes.csv").read_text()
+    assert dicts["final_eval_return"] == array["final_eval_return"]
+    array_model = torch.load(array_dir / "checkpoint.pt", weights_only=True)["model"]
+    dict_model = torch.load(dict_dir / "checkpoint.pt", weights_only=True)["model"]
+    norm = "obs_norm.stats.observation."
+    for key, value in array_model.items():
+        if not key.startswith(norm):
+            assert torch.equal(value, dict_model[key]), key
+            continue
+        # The Dict run keeps the statistics per leaf: cart, then pole.
+        cart, pole = (dict_model[key.replace(norm, f"obs_norm.stats.observation/{leaf}.")] for leaf in ("cart", "pole"))
+        if value.dim():
+            assert torch.equal(value, torch.cat([cart, pole])), key
+        else:
+            assert torch.equal(value, cart) and torch.equal(value, pole), key
+    assert len(dict_model) == len(array_model) + (3 if flags else 0)
 
 
 @pytest.mark.learning
@@ -231,9 +250,9 @@ def test_recurrent_sequence_rerun_reproduces_the_collected_policy():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("script", ["ppo_atari", "ppo_atari_lstm"])
 def test_atari_scripts_run_pong_under_every_sampler(run_in, script, sampler):
-    # parallel-cpu pickles the script's model and policy to spawned workers; the env-only kinds (which only
-    # send env_fn) fork theirs, which is faster.
-    start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "spawn"
+    # parallel-cpu pickles the script's model and policy to its workers (the default forkserver start method);
+    # the env-only kinds (which only send env_fn) fork theirs, which is faster.
+    start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "forkserver"
     # Each script's default --n-envs (8), which every kind splits over the 2 workers.
     _, run_dir, summary = run_in(
         script, "--env-id", "ALE/Pong-v5", "--sampler", sampler, "--n-workers", "2",
@@ -247,7 +266,7 @@ def test_atari_scripts_run_pong_under_every_sampler(run_in, script, sampler):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_a2c_runs_pong_on_the_nature_cnn_under_every_sampler(run_in, sampler):
-    start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "spawn"
+    start_method = "fork" if sampler in ("parallel-gpu", "alternating-gpu") else "forkserver"
     _, run_dir, summary = run_in(
         "a2c", "--env-id", "ALE/Pong-v5", "--sampler", sampler, "--n-workers", "2", "--n-envs", "4",
         "--start-method", start_method, "--num-steps", "5", "--total-timesteps", "100", "--log-every-updates", "1",
