@@ -18,8 +18,10 @@ def sampler_flags(kind: str, n_envs: int) -> list[str]:
 
 
 def test_ppo_cartpole_reaches_475(run_in):
-    _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1")
-    assert summary["global_step"] >= 100_000
+    # Final evaluations of seeds 1, 2, 3 (the tests' pinned kernels): 500.0 each at 150k steps; at 100k,
+    # 347.4, 500.0 and 397.9: the policy is still settling there.
+    _, _, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "150000", "--seed", "1")
+    assert summary["global_step"] >= 150_000
     assert summary["final_eval_return"] >= 475, summary
 
 

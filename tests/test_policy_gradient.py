@@ -63,11 +63,11 @@ def test_ppo_inverted_pendulum_reaches_900_with_saved_normalisation(run_in):
     assert checkpoint["reward_scaler"]["return_stats.count"] > 45_000
 
 
-@pytest.mark.parametrize("flags", [[], ["--norm-obs"]], ids=["plain", "norm-obs"])  # norm-obs: per-leaf statistics
+@pytest.mark.parametrize("flags", [[], ["--norm-obs", "True"]], ids=["plain", "norm-obs"])
 def test_ppo_on_dict_observations_computes_the_array_run(run_in, flags):
     # DICT_CARTPOLE's leaves, flattened and concatenated in key order, are CartPole-v1's observation: a seeded
     # run must act, learn and evaluate exactly as on CartPole-v1, so the CartPole learning tests hold for Dict
-    # observations too (seed 1 on the Dict env at 100k steps: 500.0, as on CartPole-v1).
+    # observations too.
     common = ["--total-timesteps", "8192", "--seed", "1", "--eval-episodes", "2", *flags]
     _, array_dir, array = run_in("ppo", "--env-id", "CartPole-v1", *common, run_name="array")
     _, dict_dir, dicts = run_in("ppo", "--env-id", DICT_CARTPOLE, *common, run_name="dict")
@@ -75,18 +75,19 @@ def test_ppo_on_dict_observations_computes_the_array_run(run_in, flags):
     assert dicts["final_eval_return"] == array["final_eval_return"]
     array_model = torch.load(array_dir / "checkpoint.pt", weights_only=True)["model"]
     dict_model = torch.load(dict_dir / "checkpoint.pt", weights_only=True)["model"]
-    norm = "obs_norm.stats.observation."
     for key, value in array_model.items():
-        if not key.startswith(norm):
+        if not key.startswith("obs_norm."):
             assert torch.equal(value, dict_model[key]), key
             continue
         # The Dict run keeps the statistics per leaf: cart, then pole.
-        cart, pole = (dict_model[key.replace(norm, f"obs_norm.stats.observation/{leaf}.")] for leaf in ("cart", "pole"))
+        cart, pole = (dict_model[key.replace("obs_norm.", f"obs_norm.stats.observation/{leaf}.")]
+                      for leaf in ("cart", "pole"))
         if value.dim():
             assert torch.equal(value, torch.cat([cart, pole])), key
         else:
             assert torch.equal(value, cart) and torch.equal(value, pole), key
-    assert len(dict_model) == len(array_model) + (3 if flags else 0)
+    assert len(dict_model) == len(array_model) + (3 if flags else 0)  # mean, var, count: once per leaf
+    assert ("obs_norm.mean" in array_model) == bool(flags)
 
 
 @pytest.mark.learning
