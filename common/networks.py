@@ -76,6 +76,10 @@ class ObservationEncoder(nn.Module):
         buffer_map_named(add, example, "observation")
 
     def forward(self, observation: Any) -> torch.Tensor:
+        if not self.cnns and len(self.leaves) == 1 and self.leaves[0][1] == 1 and isinstance(observation, torch.Tensor):
+            # A plain vector observation (the common case, on every acting step and update): nothing to
+            # flatten or concatenate. The same values as below, without the copy.
+            return observation.float() / 255.0 if observation.dtype == torch.uint8 else observation.float()
         features = []
         for (path, n_dims, size), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
             leading = leaf.shape[: leaf.dim() - n_dims]
