@@ -94,7 +94,7 @@ def test_vector_scripts_take_dict_observations(run_in, script, env_id, flags):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigkill_then_resume_finishes_the_budget(tmp_path, script):
-    total = 30_000
+    total = 12_000
     cmd = [sys.executable, str(ROOT / "algos" / f"{script}.py"), "--total-timesteps", str(total),
            "--output-dir", str(tmp_path), "--run-name", "killed", "--checkpoint-every-s", "0.5",
            "--eval-episodes", "2", "--save-model"]
