@@ -9,9 +9,9 @@ Suites (`--list-suites` prints them): `smoke`; `classic` (ppo, a2c, dqn, c51, r2
 200k steps; sac, td3, ddpg on Pendulum-v1, 30k steps: about 25 minutes for 3 seeds on 2 cores); `mujoco`
 (sac, td3, ddpg, ppo on Hopper / HalfCheetah / Walker2d-v5, 1M steps); `mujoco-cpu` (ppo on Hopper /
 HalfCheetah / Walker2d-v5, 1M steps, seeds 1-3; td3 and sac on Hopper / HalfCheetah-v5, 300k steps, seeds 1-2:
-about 8 CPU-hours); `atari` (ppo_atari, a2c, dqn_atari,
-c51_atari, rainbow_atari, r2d1 on Pong / Breakout / BeamRider, 10M
-steps). Scripts not in algos/ yet are skipped with a message. The runs go to a launch directory
+about 14 CPU-hours, a ppo run about 20 minutes of one core and a td3 or sac run about 90); `atari` (ppo_atari,
+a2c, dqn_atari, c51_atari, rainbow_atari, r2d1 on Pong / Breakout / BeamRider, 10M steps). Scripts not in
+algos/ yet are skipped with a message. The runs go to a launch directory
 (runs/learning-<suite>-<time>, with summary.md); then benchmark/plot.py draws the learning curves into
 benchmark/results/learning/<suite>_<env>.png and writes the table into the Learning section of
 benchmark/README.md. Exits 1 if a run failed (what finished is still plotted). A launch that was stopped
@@ -60,7 +60,7 @@ SUITES: dict[str, tuple[Group, ...]] = {
         Group(("sac", "td3", "ddpg"), ("Pendulum-v1",), 30_000),
     ),
     "mujoco": (Group(("sac", "td3", "ddpg", "ppo"), ("Hopper-v5", "HalfCheetah-v5", "Walker2d-v5"), 1_000_000),),
-    # What 2 cores can finish (about 8 CPU-hours, resumable): each script on its defaults. The replay
+    # What 2 cores can finish (about 14 CPU-hours, resumable): each script on its defaults. The replay
     # capacity only has to hold the 300k steps (the buffer never wraps, so sampling is the same as with the
     # default 1M), which keeps the replay in the checkpoints small enough to save every 5 minutes.
     "mujoco-cpu": (
