@@ -15,13 +15,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
-# Seeded runs give the same numbers on every x86 CPU: MKL's matrix products take its AVX2 code in strict
-# reproducible mode and torch's own kernels their AVX2 versions, whatever the CPU would pick by itself
-# (learning tests assert the returns of seeded runs; left to choose, two Xeon generations differ in the last
-# bits of a matrix product, and a seeded run then learns differently). Set here, before torch is imported,
-# so every process a test starts inherits them.
-os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+# Seeded runs give the same numbers on every x86 CPU, Intel or AMD: MKL's matrix products take its
+# COMPATIBLE code path (the one branch MKL keeps bit-identical across vendors; its AVX2/AVX-512 branches,
+# strict or not, are honoured on Intel only and AMD gets its own kernels), torch's own kernels their AVX2
+# versions and oneDNN's at most AVX2, whatever the CPU would pick by itself. Learning tests assert the
+# returns of seeded runs; left to choose, two CPUs differ in the last bits of a matrix product, and a seeded
+# run then learns differently. Set here, before torch is imported, so every process a test starts inherits them.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 
 def default_sigint() -> None:
