@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
+from common.config import CommonArgs, QLearningArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_discrete_actions
 from common.kernels import categorical_projection, linear_schedule, polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -33,7 +33,7 @@ from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 
 
 @dataclass
-class Args(CommonArgs, AsyncArgs):
+class Args(CommonArgs, QLearningArgs):
     n_envs: int = 4
     """total number of training environments"""
     n_atoms: int = 51
@@ -54,40 +54,15 @@ class Args(CommonArgs, AsyncArgs):
     """prioritization exponent"""
     priority_beta: float = 0.4
     """initial importance-sampling exponent, annealed to 1 over training"""
-    learning_rate: float = 1e-3
-    """Adam learning rate"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero over training"""
-    adam_eps: float = 1e-8
-    """Adam epsilon"""
     buffer_size: int = 100_000
-    """replay capacity in transitions"""
-    gamma: float = 0.99
-    """discount factor"""
     batch_size: int = 128
-    """transitions per gradient update"""
     replay_ratio: float = 0.25
-    """gradient updates per sampled environment step (whatever the number of environments)"""
     target_network_period: int = 100
-    """gradient updates between target-network updates"""
-    tau: float = 1.0
-    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
-    start_epsilon: float = 1.0
-    """initial exploration rate"""
     end_epsilon: float = 0.05
-    """final exploration rate"""
-    exploration_fraction: float = 0.1
-    """fraction of --total-timesteps over which epsilon decays linearly"""
-    learning_starts: int = 1_000
-    """environment steps before the first update"""
-    num_steps: int = 1
-    """environment steps per environment per collect"""
-    max_grad_norm: float = 10.0
-    """gradient clipping norm"""
     hidden_size: int = 128
     """width of the MLP"""
-    checkpoint_replay: bool = False
-    """also save the replay buffer in checkpoints, so --resume continues with it"""
 
 
 class CategoricalQNetwork(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, AtariArgs, CommonArgs, UsageError, env_options, run, setup
+from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import make_env, require_discrete_actions
 from common.kernels import linear_schedule, polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -30,7 +30,7 @@ from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
 
 
 @dataclass
-class Args(CommonArgs, AtariArgs, AsyncArgs):
+class Args(CommonArgs, AtariArgs, QLearningArgs):
     env_id: str = "ALE/Pong-v5"
     """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
@@ -48,35 +48,12 @@ class Args(CommonArgs, AtariArgs, AsyncArgs):
     priority_beta: float = 0.4
     """initial importance-sampling exponent, annealed to 1 over training"""
     learning_rate: float = 1e-4
-    """Adam learning rate"""
     adam_eps: float = 1.5e-4
-    """Adam epsilon"""
     buffer_size: int = 1_000_000
     """replay capacity in transitions (frames are stored once: about 7 KB each)"""
-    gamma: float = 0.99
-    """discount factor"""
     batch_size: int = 32
-    """transitions per gradient update"""
     replay_ratio: float = 0.25
-    """gradient updates per sampled environment step (whatever the number of environments)"""
-    target_network_period: int = 2_000
-    """gradient updates between target-network updates"""
-    tau: float = 1.0
-    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
-    start_epsilon: float = 1.0
-    """initial exploration rate"""
-    end_epsilon: float = 0.01
-    """final exploration rate"""
-    exploration_fraction: float = 0.1
-    """fraction of --total-timesteps over which epsilon decays linearly"""
     learning_starts: int = 80_000
-    """environment steps before the first update"""
-    num_steps: int = 1
-    """environment steps per environment per collect"""
-    max_grad_norm: float = 10.0
-    """gradient clipping norm"""
-    checkpoint_replay: bool = False
-    """also save the replay buffer in checkpoints, so --resume continues with it"""
     eval_epsilon: float = 0.001
     """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
     lost life would otherwise idle until the time limit)"""

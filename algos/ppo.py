@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, Normal
 
 from common import distributed
-from common.config import CommonArgs, UsageError, run, setup
+from common.config import CommonArgs, PPOArgs, UsageError, run, setup
 from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -36,37 +36,20 @@ from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(CommonArgs, PPOArgs):
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int | None = None
     """environment steps per environment per rollout (auto: 64 discrete, 256 continuous)"""
     learning_rate: float | None = None
     """Adam learning rate (auto: 1e-3 discrete, 3e-4 continuous)"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to zero"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
     num_minibatches: int | None = None
     """minibatches per epoch (auto: 4 discrete, 32 continuous)"""
     update_epochs: int | None = None
     """optimization epochs per rollout (auto: 4 discrete, 10 continuous)"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
     clip_coef: float = 0.2
-    """policy ratio clipping"""
-    clip_vloss: bool = True
-    """clip the value loss around the old values"""
     ent_coef: float | None = None
     """entropy bonus coefficient (auto: 0.01 discrete, 0 continuous)"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient clipping norm"""
-    target_kl: float | None = None
-    """stop the epochs of an update early when the approximate KL exceeds this"""
     norm_obs: bool | None = None
     """normalise observations by running statistics kept in the model (auto: on for continuous actions)"""
     norm_reward: bool | None = None

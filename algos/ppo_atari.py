@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 from common import distributed
-from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
+from common.config import AtariArgs, CommonArgs, PPOArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_shape, require_discrete_actions
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -30,41 +30,13 @@ from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs, AtariArgs):
+class Args(CommonArgs, AtariArgs, PPOArgs):
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
     """environment steps (agent steps, 4 frames each) to train for, summed over all environments"""
     n_envs: int = 8
     """total number of training environments"""
-    num_steps: int = 128
-    """environment steps per environment per rollout"""
-    learning_rate: float = 2.5e-4
-    """Adam learning rate"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to zero"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
-    num_minibatches: int = 4
-    """minibatches per epoch"""
-    update_epochs: int = 4
-    """optimization epochs per rollout"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
-    clip_coef: float = 0.1
-    """policy ratio clipping"""
-    clip_vloss: bool = True
-    """clip the value loss around the old values"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient clipping norm"""
-    target_kl: float | None = None
-    """stop the epochs of an update early when the approximate KL exceeds this"""
     eval_epsilon: float = 0.001
     """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
     lost life would otherwise idle until the time limit)"""

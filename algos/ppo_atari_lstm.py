@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.distributions import Categorical, Normal
 
 from common import distributed
-from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
+from common.config import AtariArgs, CommonArgs, PPOArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -47,7 +47,7 @@ from common.samplers import make_sampler
 
 
 @dataclass
-class Args(CommonArgs, AtariArgs):
+class Args(CommonArgs, AtariArgs, PPOArgs):
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env (discrete or Box actions)"""
     total_timesteps: int = 10_000_000
@@ -58,30 +58,12 @@ class Args(CommonArgs, AtariArgs):
     """environment steps per environment per rollout (the length of the training sequences)"""
     learning_rate: float | None = None
     """Adam learning rate (auto: 2.5e-4 images, 1e-3 vectors)"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to zero"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
     num_minibatches: int = 4
     """minibatches per epoch, each a subset of the environments"""
-    update_epochs: int = 4
-    """optimization epochs per rollout"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
     clip_coef: float | None = None
     """policy ratio clipping (auto: 0.1 images, 0.2 vectors)"""
-    clip_vloss: bool = True
-    """clip the value loss around the old values"""
     ent_coef: float | None = None
     """entropy bonus coefficient (auto: 0.01 discrete actions, 0 continuous)"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient clipping norm"""
-    target_kl: float | None = None
-    """stop the epochs of an update early when the approximate KL exceeds this"""
     lstm_size: int | None = None
     """LSTM hidden units (auto: 128 images, 64 vectors)"""
     norm_obs: bool | None = None

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, AtariArgs, CommonArgs, UsageError, env_options, run, setup
+from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import is_atari, make_env, observation_example, require_discrete_actions
 from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -38,11 +38,10 @@ from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSeque
 
 
 @dataclass
-class Args(CommonArgs, AtariArgs, AsyncArgs):
+class Args(CommonArgs, AtariArgs, QLearningArgs):
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int = 20
-    """environment steps per environment per collect"""
     hidden_size: int = 64
     """width of the MLP torso and of the Q head (vector observations)"""
     lstm_size: int = 64
@@ -57,8 +56,6 @@ class Args(CommonArgs, AtariArgs, AsyncArgs):
     """steps between the starts of consecutive sequences (they overlap when < --train-length)"""
     n_step: int = 3
     """n-step returns"""
-    gamma: float = 0.99
-    """discount factor"""
     value_rescale_eps: float = 1e-3
     """eps of the value rescaling h (in the targets); 0 for the plain square-root rescaling"""
     priority_alpha: float = 0.9
@@ -67,32 +64,17 @@ class Args(CommonArgs, AtariArgs, AsyncArgs):
     """importance-sampling exponent"""
     priority_eta: float = 0.9
     """sequence priority: eta * max|td| + (1 - eta) * mean|td|"""
-    learning_rate: float = 1e-3
-    """Adam learning rate"""
     adam_eps: float = 1e-3
-    """Adam epsilon"""
     buffer_size: int = 100_000
     """replay capacity in environment steps"""
     batch_size: int = 32
     """sequences per gradient update"""
     replay_ratio: float = 0.0125
-    """gradient updates per sampled environment step (whatever the number of environments)"""
     target_network_period: int = 50
-    """gradient updates between target-network updates"""
-    tau: float = 1.0
-    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
-    start_epsilon: float = 1.0
-    """initial exploration rate"""
     end_epsilon: float = 0.02
-    """final exploration rate"""
     exploration_fraction: float = 0.2
-    """fraction of --total-timesteps over which epsilon decays linearly"""
     learning_starts: int = 5_000
-    """environment steps before the first update"""
     max_grad_norm: float = 40.0
-    """gradient clipping norm"""
-    checkpoint_replay: bool = False
-    """also save the replay buffer in checkpoints, so --resume continues with it"""
 
 
 RnnState = namedarraytuple("RnnState", ["h", "c"])

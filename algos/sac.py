@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import AsyncArgs, CommonArgs, UsageError, run, setup
+from common.config import CommonArgs, QPGArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
@@ -33,25 +33,10 @@ from common.replay import UniformReplayBuffer
 
 
 @dataclass
-class Args(CommonArgs, AsyncArgs):
+class Args(CommonArgs, QPGArgs):
     env_id: str = "Pendulum-v1"
     """environment id (continuous actions, vector observations): Pendulum-v1, Hopper-v5, HalfCheetah-v5 ..."""
-    buffer_size: int = 1_000_000
-    """replay capacity in transitions"""
-    gamma: float = 0.99
-    """discount factor"""
-    n_step: int = 1
-    """n-step returns: the target sums n discounted rewards, then bootstraps (cut at an episode's end)"""
-    tau: float = 0.005
-    """target-network Polyak rate"""
-    batch_size: int = 256
-    """transitions per gradient update"""
-    learning_starts: int = 1_000
-    """environment steps of uniformly random actions before the first update"""
-    replay_ratio: float = 1.0
-    """gradient updates per sampled environment step (whatever the number of environments)"""
     policy_lr: float = 3e-4
-    """Adam learning rate of the actor"""
     q_lr: float = 1e-3
     """Adam learning rate of the critics and the temperature"""
     alpha: float = 0.2
@@ -60,16 +45,6 @@ class Args(CommonArgs, AsyncArgs):
     """tune the temperature so that the policy entropy stays near --target-entropy"""
     target_entropy: float | None = None
     """the entropy the temperature is tuned towards (None: -(action dimensions))"""
-    hidden_size: int | None = None
-    """width of the actor and critic MLPs (default: 256 for MuJoCo envs, 64 for the others)"""
-    num_steps: int = 1
-    """environment steps per environment per collect"""
-    log_every_updates: int = 100
-    """gradient updates between loss logs (each log is one host sync)"""
-    checkpoint_replay: bool = False
-    """also save the replay buffer in checkpoints, so --resume continues with it"""
-    cudagraphs: bool = False
-    """CUDA only: capture the compiled losses in CUDA graphs (torch.compile mode 'reduce-overhead')"""
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0

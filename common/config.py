@@ -36,8 +36,8 @@ from common import distributed
 from common.envs import UsageError
 from common.samplers import check_split, parse_info_keys
 
-__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "run",
-           "resolve_device", "setup"]
+__all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "ReplayArgs",
+           "QLearningArgs", "QPGArgs", "PPOArgs", "AtariArgs", "run", "resolve_device", "setup"]
 
 SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
 
@@ -126,6 +126,108 @@ class AsyncArgs:
     """sample in a separate process into a shared-memory replay buffer while the main process optimizes"""
     async_max_lag: int | None = None
     """environment steps the sampling process may run ahead of the optimizer (default: 4 collects)"""
+
+
+@dataclass
+class ReplayArgs(AsyncArgs):
+    """The replay flags of the deep-Q and Q-function policy gradient scripts (each script sets its defaults)."""
+
+    buffer_size: int = 1_000_000
+    """replay capacity in transitions"""
+    batch_size: int = 256
+    """transitions per gradient update"""
+    gamma: float = 0.99
+    """discount factor"""
+    n_step: int = 1
+    """n-step returns: the target sums n discounted rewards, then bootstraps (cut at an episode's end)"""
+    replay_ratio: float = 1.0
+    """gradient updates per sampled environment step (whatever the number of environments)"""
+    learning_starts: int = 1_000
+    """environment steps before the first update"""
+    tau: float = 1.0
+    """target update rate: 1 copies the online network, < 1 is a Polyak average"""
+    num_steps: int = 1
+    """environment steps per environment per collect"""
+    checkpoint_replay: bool = False
+    """also save the replay buffer in checkpoints, so --resume continues with it"""
+
+
+@dataclass
+class QLearningArgs(ReplayArgs):
+    """The deep-Q flags: Adam, a periodically updated target network, epsilon-greedy exploration, priorities."""
+
+    learning_rate: float = 1e-3
+    """Adam learning rate"""
+    adam_eps: float = 1e-8
+    """Adam epsilon"""
+    max_grad_norm: float = 10.0
+    """gradient clipping norm"""
+    target_network_period: int = 2_000
+    """gradient updates between target-network updates"""
+    start_epsilon: float = 1.0
+    """initial exploration rate"""
+    end_epsilon: float = 0.01
+    """final exploration rate"""
+    exploration_fraction: float = 0.1
+    """fraction of --total-timesteps over which epsilon decays linearly"""
+    priority_alpha: float = 0.5
+    """prioritization exponent (with prioritized replay)"""
+    priority_beta: float = 0.4
+    """initial importance-sampling exponent, annealed to 1 over training (with prioritized replay)"""
+
+
+@dataclass
+class QPGArgs(ReplayArgs):
+    """The Q-function policy gradient flags (ddpg, td3, sac): an actor, critics and Polyak-averaged targets."""
+
+    tau: float = 0.005
+    """target-network Polyak rate"""
+    learning_starts: int = 1_000
+    """environment steps of uniformly random actions before the first update"""
+    policy_lr: float = 1e-3
+    """Adam learning rate of the actor"""
+    q_lr: float = 1e-3
+    """Adam learning rate of the critics"""
+    hidden_size: int | None = None
+    """width of the actor and critic MLPs (default: 256 for MuJoCo envs, 64 for the others)"""
+    log_every_updates: int = 100
+    """gradient updates between loss logs (each log is one host sync)"""
+    cudagraphs: bool = False
+    """CUDA only: capture the compiled losses in CUDA graphs (torch.compile mode 'reduce-overhead')"""
+
+
+@dataclass
+class PPOArgs:
+    """The PPO flags (ppo, ppo_atari, ppo_atari_lstm): a clipped surrogate on GAE advantages, epochs of minibatches."""
+
+    num_steps: int = 128
+    """environment steps per environment per rollout"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to zero"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """optimization epochs per rollout"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.1
+    """policy ratio clipping"""
+    clip_vloss: bool = True
+    """clip the value loss around the old values"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient clipping norm"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the approximate KL exceeds this"""
 
 
 @dataclass
