@@ -34,6 +34,7 @@ from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 
 @dataclass
 class Args(CommonArgs, QLearningArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 4
     """total number of training environments"""
     n_atoms: int = 51
@@ -43,7 +44,6 @@ class Args(CommonArgs, QLearningArgs):
     v_max: float = 200.0
     """largest return the distribution can represent (keep it clear of the best value: no mass piles up there)"""
     n_step: int = 1
-    """n-step returns"""
     double: bool = False
     """double Q-learning: the online network picks the bootstrap action, the target network gives its distribution"""
     dueling: bool = False
@@ -51,9 +51,6 @@ class Args(CommonArgs, QLearningArgs):
     prioritized: bool = False
     """prioritized experience replay (priority: the cross-entropy loss of the transition)"""
     priority_alpha: float = 0.6
-    """prioritization exponent"""
-    priority_beta: float = 0.4
-    """initial importance-sampling exponent, annealed to 1 over training"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero over training"""
     buffer_size: int = 100_000

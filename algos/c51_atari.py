@@ -31,6 +31,7 @@ from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
 
 @dataclass
 class Args(CommonArgs, AtariArgs, QLearningArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "ALE/Pong-v5"
     """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
@@ -42,13 +43,8 @@ class Args(CommonArgs, AtariArgs, QLearningArgs):
     v_max: float = 10.0
     """largest return the distribution can represent"""
     n_step: int = 1
-    """n-step returns"""
     prioritized: bool = False
     """prioritized experience replay (priority: the cross-entropy loss of the transition)"""
-    priority_alpha: float = 0.5
-    """prioritization exponent"""
-    priority_beta: float = 0.4
-    """initial importance-sampling exponent, annealed to 1 over training"""
     learning_rate: float = 2.5e-4
     adam_eps: float = 3.125e-4
     buffer_size: int = 1_000_000

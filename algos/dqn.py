@@ -36,6 +36,7 @@ from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 
 @dataclass
 class Args(CommonArgs, QLearningArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 4
     """total number of training environments"""
     double: bool = True
@@ -47,9 +48,6 @@ class Args(CommonArgs, QLearningArgs):
     prioritized: bool = False
     """prioritized experience replay"""
     priority_alpha: float = 0.6
-    """prioritization exponent"""
-    priority_beta: float = 0.4
-    """initial importance-sampling exponent, annealed to 1 over training"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to zero over training"""
     buffer_size: int = 100_000

@@ -37,6 +37,7 @@ from common.samplers import make_sampler
 
 @dataclass
 class Args(CommonArgs, PPOArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int | None = None

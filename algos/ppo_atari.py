@@ -31,6 +31,7 @@ from common.samplers import make_sampler
 
 @dataclass
 class Args(CommonArgs, AtariArgs, PPOArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000

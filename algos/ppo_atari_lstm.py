@@ -48,6 +48,7 @@ from common.samplers import make_sampler
 
 @dataclass
 class Args(CommonArgs, AtariArgs, PPOArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "ALE/Breakout-v5"
     """Atari id (ALE/<Game>-v5, <Game>NoFrameskip-v4) or a vector-observation env (discrete or Box actions)"""
     total_timesteps: int = 10_000_000

@@ -39,6 +39,7 @@ from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSeque
 
 @dataclass
 class Args(CommonArgs, AtariArgs, QLearningArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 8
     """total number of training environments"""
     num_steps: int = 20
@@ -55,7 +56,6 @@ class Args(CommonArgs, AtariArgs, QLearningArgs):
     sequence_period: int = 10
     """steps between the starts of consecutive sequences (they overlap when < --train-length)"""
     n_step: int = 3
-    """n-step returns"""
     value_rescale_eps: float = 1e-3
     """eps of the value rescaling h (in the targets); 0 for the plain square-root rescaling"""
     priority_alpha: float = 0.9

@@ -33,6 +33,7 @@ from common.replay import PrioritizedFrameReplayBuffer
 
 @dataclass
 class Args(CommonArgs, AtariArgs, QLearningArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "ALE/Pong-v5"
     """Atari environment id (ALE/<Game>-v5 or <Game>NoFrameskip-v4)"""
     total_timesteps: int = 10_000_000
@@ -46,11 +47,6 @@ class Args(CommonArgs, AtariArgs, QLearningArgs):
     noisy_std: float = 0.5
     """initial noise scale sigma_0 of the noisy layers (0: no noise, epsilon-greedy exploration instead)"""
     n_step: int = 3
-    """n-step returns"""
-    priority_alpha: float = 0.5
-    """prioritization exponent"""
-    priority_beta: float = 0.4
-    """initial importance-sampling exponent, annealed to 1 over training"""
     learning_rate: float = 6.25e-5
     adam_eps: float = 1.5e-4
     buffer_size: int = 1_000_000

@@ -34,6 +34,7 @@ from common.replay import UniformReplayBuffer
 
 @dataclass
 class Args(CommonArgs, QPGArgs):
+    # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "Pendulum-v1"
     """environment id (continuous actions, vector observations): Pendulum-v1, Hopper-v5, HalfCheetah-v5 ..."""
     policy_lr: float = 3e-4
