@@ -14,7 +14,6 @@ stacked-weights ensemble) with one member.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -147,9 +146,8 @@ def main(args: Args) -> dict:
     if args.checkpoint_replay:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
-    logger = RunLogger(args, "ddpg", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "ddpg", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
-    update_timer, updates_timed = time.time(), 0
     try:
         while count.global_step < args.total_timesteps:
             previous_step = count.global_step
@@ -177,13 +175,9 @@ def main(args: Args) -> dict:
                 polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
                 polyak_update(target_critic.parameters(), critic.parameters(), args.tau)
                 count.n_updates += 1
-                updates_timed += 1
                 if count.n_updates % args.log_every_updates == 0:
-                    now = time.time()
-                    logger.log(count.global_step, {
-                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
-                        "charts/updates_per_second": updates_timed / (now - update_timer)})
-                    update_timer, updates_timed = now, 0
+                    logger.log_updates(count, {
+                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss})
             feeder.sync(actor)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)

@@ -11,7 +11,6 @@ the replay buffer stores each 84x84 frame once and rebuilds the 4-frame stacks w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -166,10 +165,9 @@ def main(args: Args) -> dict:
     if args.checkpoint_replay:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
-    logger = RunLogger(args, "dqn_atari", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "dqn_atari", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step,
                             **eval_policy_kwargs(args))
-    update_timer, updates_timed = time.time(), 0
     try:
         while count.global_step < args.total_timesteps:
             previous_step = count.global_step
@@ -198,15 +196,11 @@ def main(args: Args) -> dict:
                 if args.prioritized:
                     replay.update_priorities(sample.index, td_abs)
                 count.n_updates += 1
-                updates_timed += 1
                 if count.n_updates % args.target_network_period == 0:
                     polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
                 if count.n_updates % 100 == 0:
-                    now = time.time()
-                    logger.log(count.global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
-                                                   "charts/epsilon": epsilon,
-                                                   "charts/updates_per_second": updates_timed / (now - update_timer)})
-                    update_timer, updates_timed = now, 0
+                    logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                               "charts/epsilon": epsilon})
             feeder.sync(q_net)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)

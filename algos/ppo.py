@@ -216,7 +216,7 @@ def main(args: Args) -> dict:
     restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps,
                            seed=args.seed + count.global_step)
-    logger = RunLogger(args, "ppo", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "ppo", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
     batch_size = args.n_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches

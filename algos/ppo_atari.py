@@ -151,7 +151,7 @@ def main(args: Args) -> dict:
     count = Counters()
     restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
-    logger = RunLogger(args, "ppo_atari", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "ppo_atari", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step,
                             **eval_policy_kwargs(args))
     batch_size = args.n_envs * args.num_steps

@@ -18,7 +18,6 @@ Dict observations, their leaves encoded and concatenated).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -270,9 +269,8 @@ def main(args: Args) -> dict:
     if args.checkpoint_replay:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
-    logger = RunLogger(args, "r2d1", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "r2d1", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step)
-    update_timer, updates_timed = time.time(), 0
     try:
         while count.global_step < args.total_timesteps:
             epsilon = exploration(args, count.global_step)["epsilon"]
@@ -296,15 +294,11 @@ def main(args: Args) -> dict:
                 optimizer.step()
                 replay.update_priorities(sample.index, td_abs)
                 count.n_updates += 1
-                updates_timed += 1
                 if count.n_updates % args.target_network_period == 0:
                     polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
                 if count.n_updates % 10 == 0:
-                    now = time.time()
-                    logger.log(count.global_step, {"losses/td_loss": loss, "losses/q_values": q_mean,
-                                                   "charts/epsilon": epsilon,
-                                                   "charts/updates_per_second": updates_timed / (now - update_timer)})
-                    update_timer, updates_timed = now, 0
+                    logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                               "charts/epsilon": epsilon})
             feeder.sync(q_net)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)

@@ -12,7 +12,6 @@ module with stacked weights, evaluated in one batched matmul per layer (torch.ba
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -177,9 +176,8 @@ def main(args: Args) -> dict:
     if args.checkpoint_replay:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
-    logger = RunLogger(args, "sac", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "sac", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
-    update_timer, updates_timed = time.time(), 0
     try:
         while count.global_step < args.total_timesteps:
             previous_step = count.global_step
@@ -207,14 +205,10 @@ def main(args: Args) -> dict:
                 actor_optimizer.step()
                 polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
                 count.n_updates += 1
-                updates_timed += 1
                 if count.n_updates % args.log_every_updates == 0:
-                    now = time.time()
-                    logger.log(count.global_step, {
+                    logger.log_updates(count, {
                         "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
-                        "losses/alpha_loss": alpha_loss, "losses/alpha": alpha, "losses/entropy": entropy,
-                        "charts/updates_per_second": updates_timed / (now - update_timer)})
-                    update_timer, updates_timed = now, 0
+                        "losses/alpha_loss": alpha_loss, "losses/alpha": alpha, "losses/entropy": entropy})
             feeder.sync(actor)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)

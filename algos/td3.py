@@ -13,7 +13,6 @@ weights, evaluated in one batched matmul per layer (torch.baddbmm).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -155,9 +154,8 @@ def main(args: Args) -> dict:
     if args.checkpoint_replay:
         trained["replay"] = replay
     learning_starts = feeder.first_update_step(args.learning_starts)
-    logger = RunLogger(args, "td3", args.total_timesteps, start_step=count.global_step)
+    logger = RunLogger(args, "td3", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
-    update_timer, updates_timed = time.time(), 0
     actor_loss = torch.zeros((), device=device)
     try:
         while count.global_step < args.total_timesteps:
@@ -180,7 +178,6 @@ def main(args: Args) -> dict:
                 distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
                 critic_optimizer.step()
                 count.n_updates += 1
-                updates_timed += 1
                 if count.n_updates % args.policy_frequency == 0:
                     actor_loss = actor_loss_fn(actor, critics, sample.observation)
                     actor_optimizer.zero_grad(set_to_none=True)
@@ -190,11 +187,8 @@ def main(args: Args) -> dict:
                     polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
                     polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
                 if count.n_updates % args.log_every_updates == 0:
-                    now = time.time()
-                    logger.log(count.global_step, {
-                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
-                        "charts/updates_per_second": updates_timed / (now - update_timer)})
-                    update_timer, updates_timed = now, 0
+                    logger.log_updates(count, {
+                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss})
             feeder.sync(actor)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)

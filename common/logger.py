@@ -195,13 +195,17 @@ def format_duration(seconds: float) -> str:
 class RunLogger:
     """Console progress, progress.csv and (with --track) W&B for one run; only the main process logs."""
 
-    def __init__(self, args: Any, script: str, total_steps: int, start_step: int = 0):
+    def __init__(self, args: Any, script: str, counters: Counters | None = None):
+        """The run of `script` (its name, for config.json) with `args`, over --total-timesteps; `counters`:
+        the run's counters as restored on --resume (where this process starts)."""
+        counters = counters or Counters()
         self.args = args
         self.enabled = distributed.is_main()  # under data-parallel training, other ranks write nothing
         self.run_dir = Path(args.output_dir) / args.run_name
-        self.total_steps = total_steps
-        self.start_step = start_step
+        self.total_steps = args.total_timesteps
+        self.start_step = start_step = counters.global_step
         self.start_time = time.time()
+        self.update_clock = (self.start_time, counters.n_updates)  # for charts/updates_per_second
         self.last_print = 0.0
         self.last_checkpoint = self.start_time
         self.last_sps_time, self.last_sps_step = self.start_time, start_step
@@ -259,6 +263,15 @@ class RunLogger:
         self._write_csv(row)
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
+
+    def log_updates(self, counters: Counters, metrics: Mapping[str, Any]) -> None:
+        """`log` the metrics of the latest gradient update with charts/updates_per_second, the rate of gradient
+        updates since the previous call (or the start of this process)."""
+        now = time.time()
+        last_time, last_updates = self.update_clock
+        self.update_clock = (now, counters.n_updates)
+        rate = (counters.n_updates - last_updates) / max(now - last_time, 1e-9)
+        self.log(counters.global_step, {**metrics, "charts/updates_per_second": rate})
 
     def log_episodes(self, step: int, episodes: Iterable[tuple]) -> None:
         """Log finished training episodes (raw return, length) as charts/episodic_return and _length (means).

@@ -20,7 +20,7 @@ class RecordingRun:
 
 
 def test_episode_returns_are_logged_as_mean_std_min_and_max_of_their_window(tmp_path):
-    logger = RunLogger(CommonArgs(output_dir=str(tmp_path), run_name="run"), "test", total_steps=1000)
+    logger = RunLogger(CommonArgs(output_dir=str(tmp_path), run_name="run", total_timesteps=1000), "test")
     logger.wandb_run = wandb_run = RecordingRun()
     windows = {100: [(10.0, 5), (20.0, 7), (60.0, 9)], 200: [], 300: [(-4.5, 3)]}
     for step, episodes in windows.items():
