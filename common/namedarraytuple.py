@@ -90,10 +90,12 @@ def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     """Apply `fn` to every leaf (array / tensor / scalar) of a (nested) namedtuple; None stays None."""
     if buffer is None:
         return None
-    if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
-        return type(buffer)(*(buffer_map(fn, field) for field in buffer))
-    if isinstance(buffer, tuple | list):
-        return type(buffer)(buffer_map(fn, field) for field in buffer)
+    if isinstance(buffer, tuple):
+        if hasattr(buffer, "_fields"):
+            return type(buffer)(*[buffer_map(fn, field) for field in buffer])
+        return type(buffer)([buffer_map(fn, field) for field in buffer])
+    if isinstance(buffer, list):
+        return type(buffer)([buffer_map(fn, field) for field in buffer])
     return fn(buffer)
 
 
@@ -150,7 +152,15 @@ def torchify_buffer(buffer: Any) -> Any:
 
 def numpify_buffer(buffer: Any) -> Any:
     """torch leaves (on CPU) → numpy arrays sharing their memory (zero copy); arrays pass through."""
-    return buffer_map(lambda leaf: leaf.detach().cpu().numpy() if isinstance(leaf, torch.Tensor) else leaf, buffer)
+    return buffer_map(_numpy, buffer)
+
+
+def _numpy(leaf: Any) -> Any:
+    if not isinstance(leaf, torch.Tensor):
+        return leaf
+    if leaf.is_cpu and not leaf.requires_grad:
+        return leaf.numpy()  # the common case in one call: a view of the tensor's memory
+    return leaf.detach().cpu().numpy()
 
 
 def buffer_to(buffer: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> Any:

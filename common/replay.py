@@ -333,7 +333,8 @@ class UniformReplayBuffer:
         steps_before = int(self.counters[_STEPS])
         units_before = self._unit_range()
         skip = max(0, n_steps - self.n_rows)  # a batch longer than the ring: only its tail survives
-        samples = samples[skip:]
+        if skip:
+            samples = samples[skip:]
         first_step = steps_before + skip
         rows = (first_step + np.arange(n_steps - skip)) % self.n_rows
         self.observation[rows] = self._compress(samples.observation)

@@ -243,16 +243,19 @@ class EnvGroup:
             env.close()
 
 
-def zero_rnn_state(rnn_state: Any, done: torch.Tensor) -> Any:
+def zero_rnn_state(rnn_state: Any, done: torch.Tensor | np.ndarray) -> Any:
     """Zero the recurrent state of environments whose episode ended (done: [B] bool)."""
     if rnn_state is None or not bool(done.any()):
         return rnn_state
+    done = torch.as_tensor(done)
     keep = (~done).to(torch.float32)
     return buffer_map(lambda x: x * keep.to(x.device, x.dtype).view((-1,) + (1,) * (x.dim() - 1)), rnn_state)
 
 
 def to_device(buffer: Any, device: torch.device) -> Any:
     """numpy leaves [B, ...] as tensors on `device` (an array, or a namedarraytuple observation)."""
+    if device.type == "cpu":
+        return buffer_map(torch.from_numpy, buffer)
     return buffer_map(lambda array: torch.from_numpy(array).to(device, non_blocking=True), buffer)
 
 
@@ -338,7 +341,7 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
             for b, episode in zip(group.finished_envs, episodes):
                 if len(per_env[b]) < quotas[b]:
                     per_env[b].append(episode)
-            rnn_state = zero_rnn_state(rnn_state, torch.from_numpy(done))
+            rnn_state = zero_rnn_state(rnn_state, done)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -376,19 +379,19 @@ class SerialSampler:
         self.group = EnvGroup(env_fn, [seed + i for i in range(n_envs)], info_keys)
         self.example = samples_example(self.group, policy_step, model, device)
         self.samples_np = buffer_from_example(self.example, (horizon, n_envs))
+        self.steps = [self.samples_np[t] for t in range(horizon)]  # views of each step, made once
         self.samples = torchify_buffer(self.samples_np)
         self.rnn_state = None
 
     def collect(self, **policy_kwargs: Any) -> tuple[Samples, list[Episode]]:
         """Step every environment `horizon` times; returns the [T, B] batch and finished episodes."""
         episodes: list[Episode] = []
-        for t in range(self.horizon):
-            step = self.samples_np[t]
+        for step in self.steps:
             self.group.write_inputs(step)
             self.rnn_state = act(step, self.policy_step, self.model, self.rnn_state, self.device, **policy_kwargs)
             finished, done = self.group.step(step.action, step)
             episodes += finished
-            self.rnn_state = zero_rnn_state(self.rnn_state, torch.from_numpy(done))
+            self.rnn_state = zero_rnn_state(self.rnn_state, done)
         return self.samples, episodes
 
     def sync(self, model: Any) -> None:
@@ -509,7 +512,7 @@ def collect_with_policy(spec: WorkerSpec, slices: list[EnvSlice], watch: MainWat
             envs.write_inputs(t)
             envs.rnn_state = act(envs.samples[t], spec.policy_step, spec.model, envs.rnn_state, cpu, **policy_kwargs)
             done = envs.step(t)
-            envs.rnn_state = zero_rnn_state(envs.rnn_state, torch.from_numpy(done))
+            envs.rnn_state = zero_rnn_state(envs.rnn_state, done)
 
 
 def step_envs_only(slices: list[EnvSlice], horizon: int, watch: MainWatch) -> None:
