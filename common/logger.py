@@ -216,6 +216,7 @@ class RunLogger:
         self.columns: list[str] = []
         self.csv_path = self.run_dir / "progress.csv"
         self.episodes_path = self.run_dir / EPISODES
+        self.files: dict[str, Any] = {}  # progress.csv and episodes.csv, open for appending, flushed per write
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,21 +294,25 @@ class RunLogger:
             for key, value in (episode[2] if len(episode) > 2 else {}).items():
                 info.setdefault(f"charts/info/{key}", []).append(value)
         self.recent_returns = (self.recent_returns + returns)[-100:]
-        new_file = not self.episodes_path.exists()
-        with open(self.episodes_path, "a", newline="") as f:
+        if "episodes" not in self.files:
+            new_file = not self.episodes_path.exists()
+            self.files["episodes"] = open(self.episodes_path, "a", newline="")
             if new_file:
-                f.write("global_step,return,length\n")
-            f.writelines(f"{step},{r!r},{n}\n" for r, n in zip(returns, lengths))
-        self.log(step, {"charts/episodic_return": float(np.mean(returns)),
-                        "charts/episodic_return_std": float(np.std(returns)),
-                        "charts/episodic_return_min": float(np.min(returns)),
-                        "charts/episodic_return_max": float(np.max(returns)),
-                        "charts/episodic_length": float(np.mean(lengths)),
-                        **{name: float(np.mean(values)) for name, values in info.items()}})
+                self.files["episodes"].write("global_step,return,length\n")
+        self.files["episodes"].writelines(f"{step},{r!r},{n}\n" for r, n in zip(returns, lengths))
+        self.files["episodes"].flush()
+        mean = sum(returns) / len(returns)
+        self.log(step, {"charts/episodic_return": mean,
+                        "charts/episodic_return_std": math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns)),
+                        "charts/episodic_return_min": min(returns),
+                        "charts/episodic_return_max": max(returns),
+                        "charts/episodic_length": sum(lengths) / len(lengths),
+                        **{name: sum(values) / len(values) for name, values in info.items()}})
 
     def _write_csv(self, row: dict) -> None:
         new = [k for k in row if k not in self.columns]
-        if new:
+        if new:  # a new column: progress.csv is rewritten with the wider header
+            self._close_file("progress")
             old_rows = []
             if self.csv_path.exists() and self.columns:
                 with open(self.csv_path, newline="") as f:
@@ -317,8 +322,16 @@ class RunLogger:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 writer.writeheader()
                 writer.writerows(old_rows)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        if "progress" not in self.files:
+            self.files["progress"] = open(self.csv_path, "a", newline="")
+            self.csv_writer = csv.DictWriter(self.files["progress"], fieldnames=self.columns)
+        self.csv_writer.writerow(row)
+        self.files["progress"].flush()
+
+    def _close_file(self, name: str) -> None:
+        file = self.files.pop(name, None)
+        if file is not None:
+            file.close()
 
     # ---------------------------------------------------------------- console
     def sps(self, step: int) -> float:
@@ -373,6 +386,8 @@ class RunLogger:
         }
         if not self.enabled:
             return result
+        for name in list(self.files):
+            self._close_file(name)
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         if self.wandb_run is not None:
             upload_videos(self.wandb_run, self.video_dir, step)
@@ -384,7 +399,9 @@ class RunLogger:
         return result
 
     def close(self) -> None:
-        """Close W&B if the run ends early (error, Ctrl-C)."""
+        """Close the csv files, and W&B if the run ends early (error, Ctrl-C)."""
+        for name in list(self.files):
+            self._close_file(name)
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None
