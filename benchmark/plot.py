@@ -256,8 +256,9 @@ if __name__ == "__main__":
     args = tyro.cli(PlotArgs)
     launch_dirs = [Path(d) for d in args.launch_dirs] or [newest_learning_dir()]
     name = args.name or suite_of(launch_dirs[0]) or "results"
-    note_file = launch_dirs[0] / "benchmark_note.md"  # written by benchmark/learning.py
-    note = note_file.read_text().strip() if len(launch_dirs) == 1 and note_file.is_file() else \
-        f"Runs: {', '.join(f'`{d}`' for d in launch_dirs)}."
+    # benchmark/learning.py writes each launch directory's note; a directory without one is named.
+    notes = [(d / "benchmark_note.md").read_text().strip() if (d / "benchmark_note.md").is_file()
+             else f"Runs: `{d}`." for d in launch_dirs]
+    note = "\n\n".join(notes)
     body = report(launch_dirs, name, Path(args.plot_dir), Path(args.readme), note=note)
     print(body)
