@@ -108,6 +108,36 @@ def torchrun(*args, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+SHUTDOWN_SCRIPT = """
+import os, sys, torch
+from common import distributed
+distributed.init("cpu")
+model = torch.nn.Linear(3, 1)
+optimizer = torch.optim.Adam(model.parameters())  # the first optimizer imports torch._dynamo
+model(torch.randn(4, 3)).sum().backward()
+distributed.all_reduce_gradients(model.parameters())
+optimizer.step()
+distributed.shutdown()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join(sys.argv[1], "threads-" + os.environ["RANK"]), "w") as f:
+    f.write(" ".join(sorted(n for n in names if "gloo" in n)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_shutdown_stops_gloo_threads_after_an_optimizer_was_built(tmp_path):
+    # A gloo group that outlives shutdown leaves its worker threads running into interpreter exit, where one
+    # still releasing the last collective's tensors aborts the rank ("terminate called without an active
+    # exception"), now and then.
+    script = tmp_path / "shutdown.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    proc = torchrun("--nproc-per-node", "2", "--master-port", str(distributed.free_port()), str(script),
+                    str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Before the fix: "gloo_tcp_loop pt_gloo_runloop pt_gloo_runloop" on both ranks.
+    assert [(tmp_path / f"threads-{r}").read_text() for r in range(2)] == ["", ""]
+
+
 @pytest.mark.learning
 def test_torchrun_two_ranks_ppo_learns_cartpole(tmp_path):
     proc = torchrun("--nproc-per-node", "2", "--master-port", str(distributed.free_port()), "algos/ppo.py",
