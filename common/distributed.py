@@ -34,6 +34,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists: torch.distributed.nn.functional (which torch._dynamo imports with
+# the first optimizer) binds the default group as a default argument of its functions when first imported.
+# Imported after init, it keeps the group alive past `shutdown`, and gloo's worker threads run into interpreter
+# exit, where one still releasing a collective's tensors aborts the process.
+import torch.distributed.nn  # noqa: F401
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -66,11 +72,6 @@ def init(device_type: str, timeout_s: float = 300.0) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
-    # Before the group exists: torch.distributed.nn.functional (imported by torch._dynamo, which the first
-    # optimizer imports) binds the default group as the default argument of its functions when it is first
-    # imported. Imported after init_process_group, it keeps the group alive past `shutdown`, and gloo's worker
-    # threads then meet interpreter shutdown, where one still releasing a collective's tensors aborts the process.
-    import torch.distributed.nn  # noqa: F401
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
