@@ -229,6 +229,7 @@ class UniformReplayBuffer:
         self._tensors["counters"] = self._zeros((3,), torch.int64)
         self._tensors["counters"][_EVICTED] = -1
         self._lock = ReadWriteLock() if share_memory else None
+        self._views_of = self._views = None  # the last appended batch and its numpy views
         self._bind()
 
     # ---- layout hooks (frame and sequence buffers override these) ----
@@ -282,6 +283,7 @@ class UniformReplayBuffer:
 
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self._tensors}
+        state["_views_of"] = state["_views"] = None  # a batch of the appending process, not part of the buffer
         # Shared tensors pickle by reference; private ones are cloned so pickling never moves the
         # originals into shared memory behind this object's numpy views.
         clone = (lambda x: x) if self.share_memory else torch.clone
@@ -326,7 +328,7 @@ class UniformReplayBuffer:
 
     def _append(self, samples: Any) -> tuple[int, int]:
         """Write `samples` [T, B]; returns (global step of its first stored row, rows stored)."""
-        samples = numpify_buffer(samples)
+        samples = self._numpy_views(samples)
         n_steps, n_envs = samples.reward.shape[:2]
         if n_envs != self.n_envs:
             raise ValueError(f"replay was built for {self.n_envs} envs, got a batch with {n_envs}")
@@ -344,6 +346,13 @@ class UniformReplayBuffer:
         self.counters[_STEPS] = first_step + len(rows)
         self._after_append(units_before, steps_before)
         return first_step, len(rows)
+
+    def _numpy_views(self, samples: Any) -> Any:
+        """numpy views of a batch's leaves. A sampler hands over the same buffer at every collect, so its views
+        are made once (they share its memory) instead of walking the batch at every append."""
+        if samples is not self._views_of:
+            self._views_of, self._views = samples, numpify_buffer(samples)
+        return self._views
 
     def _store_finals(self, samples: Any, rows: np.ndarray, first_step: int) -> None:
         """Put the final observation of every episode end into the FIFO pool; note what it evicts."""

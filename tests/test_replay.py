@@ -214,6 +214,23 @@ def test_n_step_transitions_match_reference_across_wraparound(buffer_class, n_st
             assert (samples.weight == 1).all()
 
 
+@pytest.mark.parametrize("buffer_class", [UniformReplayBuffer, PrioritizedReplayBuffer])
+def test_a_batch_buffer_rewritten_in_place_is_stored_as_it_is_at_each_append(buffer_class):
+    # A sampler hands the replay the same [T, B] tensors at every collect, rewritten in place.
+    n_envs, n_steps = 2, 90
+    stream = make_stream(n_steps, n_envs, seed=11, dict_observation=True)
+    torch_stream = to_torch(stream)
+    batch = buffer_map(lambda x: x[:1].clone(), torch_stream)
+    buffer = buffer_class(torch_stream[0, 0], size=40 * n_envs, n_envs=n_envs, n_step=3, gamma=GAMMA)
+    torch.manual_seed(0)
+    for t in range(n_steps):
+        batch[0] = torch_stream[t]
+        buffer.append(batch)
+        if len(buffer):
+            check_transitions(buffer, stream, buffer.sample(32), t + 1, history=0)
+    assert int(buffer.counters[0]) == n_steps
+
+
 @pytest.mark.parametrize("buffer_class", [FrameReplayBuffer, PrioritizedFrameReplayBuffer])
 @pytest.mark.parametrize("n_step", [1, 3])
 @pytest.mark.parametrize("frame_stack", [4, 1])
