@@ -10,6 +10,12 @@ them alike. Per run: the CPU time (user + sys) of the child, from `getrusage(RUS
 and its wall time; per case, the median over repeats and the ratio rlsolo / plain, printed as a markdown
 table with the targets (at most: dqn 0.67, ppo 0.5, sac 0.75, td3 0.75).
 
+Each repeat also runs both sides with a budget of one sampler batch (`n_envs x num_steps` steps): the
+CPU time of starting the process (imports, environments, networks, the first optimizer) plus one batch.
+The table gives these start-up times and the ratio of what is left, the loop's CPU time
+(whole run - start-up), because at these budgets a start-up that both sides pay is a third or more of the
+plain loop's whole process.
+
 Both sides report how much work they did: the script's final checkpoint holds its update count and
 summary.json its environment steps; a plain loop prints both. The benchmark stops with an error if they
 differ, or if a script's config.json disagrees with the hyper-parameters the plain loop uses.
@@ -62,6 +68,8 @@ class Args:
     plain: str | None = None
     """run the plain loop of this case in this process and print its step and update counts (what the
     benchmark's plain children run)"""
+    total_timesteps: int | None = None
+    """with --plain: the step budget (default: the case's)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +441,11 @@ class Case:
         h = {**self.hyper, **(self.quick if quick else {})}
         return SimpleNamespace(**h), self.quick_total_timesteps if quick else self.total_timesteps
 
+    @property
+    def startup_timesteps(self) -> int:
+        """The budget of a start-up run: one sampler batch."""
+        return self.hyper["n_envs"] * self.hyper["num_steps"]
+
 
 CASES = {
     "dqn": Case(
@@ -504,8 +517,9 @@ def timed(command: list[str]) -> tuple[float, float, str]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall, proc.stdout
 
 
-def run_rlsolo(case: Case, args: Args, output_dir: Path, name: str) -> Run:
-    h, total = case.settings(args.quick)
+def run_rlsolo(case: Case, args: Args, output_dir: Path, name: str, total: int | None = None) -> Run:
+    h, case_total = case.settings(args.quick)
+    total = total or case_total
     command = [sys.executable, str(ROOT / "algos" / f"{case.script}.py"), "--env-id", case.env_id,
                "--total-timesteps", str(total), "--seed", str(args.seed), "--eval-episodes", "0",
                "--torch-threads", "1", "--checkpoint-every-s", "1e9", "--output-dir", str(output_dir),
@@ -526,8 +540,10 @@ def run_rlsolo(case: Case, args: Args, output_dir: Path, name: str) -> Run:
     return Run(cpu, wall, steps, updates)
 
 
-def run_plain(case_name: str, args: Args) -> Run:
+def run_plain(case_name: str, args: Args, total: int | None = None) -> Run:
     command = [sys.executable, str(Path(__file__).resolve()), "--plain", case_name, "--seed", str(args.seed)]
+    if total is not None:
+        command += ["--total-timesteps", str(total)]
     cpu, wall, stdout = timed(command + (["--quick"] if args.quick else []))
     report = json.loads(stdout.strip().splitlines()[-1])
     return Run(cpu, wall, report["steps"], report["updates"])
@@ -538,7 +554,7 @@ def plain_main(args: Args) -> None:
     case = CASES[args.plain]
     torch.set_num_threads(1)
     h, total = case.settings(args.quick)
-    steps, updates = case.plain(h, case.env_id, total, args.seed)
+    steps, updates = case.plain(h, case.env_id, args.total_timesteps or total, args.seed)
     print(json.dumps({"steps": steps, "updates": updates}))
 
 
@@ -556,23 +572,31 @@ def main(args: Args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             case = CASES[name]
-            runs = results[name] = {"rlsolo": [], "plain": []}
+            runs = results[name] = {"rlsolo": [], "plain": [], "rlsolo start-up": [], "plain start-up": []}
             for repeat in range(args.repeats):
                 runs["rlsolo"].append(run_rlsolo(case, args, Path(tmp), f"{name}-{repeat}"))
                 runs["plain"].append(run_plain(name, args))
+                runs["rlsolo start-up"].append(run_rlsolo(case, args, Path(tmp), f"{name}-{repeat}-startup",
+                                                          total=case.startup_timesteps))
+                runs["plain start-up"].append(run_plain(name, args, total=case.startup_timesteps))
                 r, p = runs["rlsolo"][-1], runs["plain"][-1]
+                rs, ps = runs["rlsolo start-up"][-1], runs["plain start-up"][-1]
                 print(f"# {name} repeat {repeat + 1}: rlsolo {r.cpu_s:.2f} s CPU / {r.wall_s:.2f} s wall, "
-                      f"plain {p.cpu_s:.2f} / {p.wall_s:.2f}", flush=True)
+                      f"plain {p.cpu_s:.2f} / {p.wall_s:.2f}; start-up CPU rlsolo {rs.cpu_s:.2f}, plain {ps.cpu_s:.2f}",
+                      flush=True)
 
     print("\n| case | settings | rlsolo CPU s | plain CPU s | CPU ratio | target | rlsolo wall s | plain wall s "
-          "| wall ratio | env steps | updates (rlsolo / plain) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| wall ratio | start-up CPU s (rlsolo / plain) | loop CPU ratio | env steps | updates (rlsolo / plain) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mismatches = []
     for name, runs in results.items():
         case = CASES[name]
         h, total = case.settings(args.quick)
         r_cpu, p_cpu = (statistics.median(run.cpu_s for run in runs[side]) for side in ("rlsolo", "plain"))
         r_wall, p_wall = (statistics.median(run.wall_s for run in runs[side]) for side in ("rlsolo", "plain"))
+        r_start, p_start = (statistics.median(run.cpu_s for run in runs[side])
+                            for side in ("rlsolo start-up", "plain start-up"))
+        loop_ratio = f"{(r_cpu - r_start) / (p_cpu - p_start):.2f}" if p_cpu > p_start and r_cpu > r_start else "-"
         r, p = runs["rlsolo"][-1], runs["plain"][-1]
         settings = f"{case.env_id}, {total} steps, " + " ".join(
             " ".join(as_flag(flag, getattr(h, flag))) for flag in case.flags)
@@ -580,8 +604,13 @@ def main(args: Args) -> int:
         verdict = "met" if ratio <= case.target else "not met"
         rlsolo_updates = "-" if r.updates is None else str(r.updates)
         print(f"| {name} | {settings} | {r_cpu:.2f} | {p_cpu:.2f} | {ratio:.2f} | <= {case.target} ({verdict}) "
-              f"| {r_wall:.2f} | {p_wall:.2f} | {r_wall / p_wall:.2f} | {r.steps} / {p.steps} "
+              f"| {r_wall:.2f} | {p_wall:.2f} | {r_wall / p_wall:.2f} | {r_start:.2f} / {p_start:.2f} | {loop_ratio} "
+              f"| {r.steps} / {p.steps} "
               f"| {rlsolo_updates} / {p.updates} |")
+        start_steps = {run.steps for side in ("rlsolo start-up", "plain start-up") for run in runs[side]}
+        if start_steps != {case.startup_timesteps}:
+            mismatches.append(f"{name}: env steps of the start-up runs: {sorted(start_steps)}, "
+                              f"not {case.startup_timesteps}")
         work = {(run.steps, run.updates) for run in runs["plain"]}
         work |= {(run.steps, p.updates if run.updates is None else run.updates) for run in runs["rlsolo"]}
         if len(work) > 1:

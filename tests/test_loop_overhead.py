@@ -29,6 +29,8 @@ def test_quick_run_reports_every_case_and_the_plain_dqn_loop_does_the_scripts_up
         for column in ["rlsolo CPU s", "plain CPU s", "CPU ratio", "rlsolo wall s", "plain wall s", "wall ratio"]:
             value = float(row[column])
             assert math.isfinite(value) and value > 0, (case, column, output)
+        start_ups = [float(value) for value in row["start-up CPU s (rlsolo / plain)"].split(" / ")]
+        assert len(start_ups) == 2 and all(math.isfinite(v) and v > 0 for v in start_ups), (case, output)
         rlsolo_steps, plain_steps = row["env steps"].split(" / ")
         assert int(rlsolo_steps) == int(plain_steps) > 0, (case, output)
     rlsolo_updates, plain_updates = (int(n) for n in rows["dqn"]["updates (rlsolo / plain)"].split(" / "))
