@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import ale_py
-import cv2
 import gymnasium as gym
 import numpy as np
 from gymnasium import error as gym_error
@@ -154,12 +153,14 @@ class WarpFrame(gym.ObservationWrapper):
     """Resize a grayscale frame to `size`x`size` (uint8)."""
 
     def __init__(self, env: gym.Env, size: int = 84):
+        import cv2  # here, not at the top: only Atari runs pay its import (0.1 s of CPU)
+
         super().__init__(env)
-        self.size = size
+        self.size, self.resize, self.interpolation = size, cv2.resize, cv2.INTER_AREA
         self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
 
     def observation(self, observation):
-        return cv2.resize(observation, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return self.resize(observation, (self.size, self.size), interpolation=self.interpolation)
 
 
 class SignReward(gym.RewardWrapper):
