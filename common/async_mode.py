@@ -15,12 +15,13 @@ replay buffer. Asynchronous: a sampling process runs its own sampler of any kind
 batch to a shared-memory replay buffer; a copier thread in that process appends batch k while batch
 k+1 is being sampled (two batch buffers), so sampling never waits for the copy. `collect` in the main
 process only waits until new steps exist and returns the step count, so `--replay-ratio` is an upper
-bound enforced by throttling the optimizer; sampling pauses while it is more than `max_lag_steps`
-(`--async-max-lag`, default 4 collects) ahead of the optimizer (the step of its previous `collect`), so a
-slow optimizer does not fall ever further behind and the sampler's policy is never more than that many
-steps' updates old. `sync` copies the parameters into shared memory under a lock; the sampling process
-picks up a new version before each batch. `exploration(step) -> dict` gives
-the policy keyword arguments (an epsilon, say) for the sampler's current step, in either process.
+bound enforced by throttling the optimizer; sampling pauses once it is `max_lag_steps`
+(`--async-max-lag`, default 4 collects; batches still being copied count) ahead of the optimizer (the
+step of its previous `collect`), so a slow optimizer does not fall ever further behind and the
+sampler's policy is never more than that many steps' updates old. `sync` copies the parameters into
+shared memory under a lock; the sampling process picks up a new version before each batch.
+`exploration(step) -> dict` gives the policy keyword arguments (an epsilon, say) for the sampler's
+current step, in either process.
 
 With several data-parallel ranks (`--n-gpus N` or torchrun) every rank has its own sampling process and
 shared replay buffer (env seeds offset by rank, as in synchronous mode), and `collect` returns the
@@ -257,7 +258,8 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
         while not counters[STOP]:
             if main_gone():
                 return
-            if int(counters[STEP]) - int(counters[CONSUMED]) >= max_lag_steps:
+            # `step` counts the batches in the copier's hands too, so no sampled step is further ahead than this.
+            if step - int(counters[CONSUMED]) >= max_lag_steps:
                 time.sleep(POLL_S)  # the optimizer is behind: let it catch up
                 continue
             if int(counters[VERSION]) != version:
