@@ -25,7 +25,7 @@ from common.async_mode import ReplayFeeder
 from common.config import CommonArgs, QLearningArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_discrete_actions
 from common.kernels import categorical_projection, linear_schedule, polyak_update
-from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
+from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.networks import observation_encoder
 from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
@@ -170,15 +170,10 @@ def main(args: Args) -> dict:
 
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
     trained = dict(q_net=q_net, target_net=target_net, optimizer=optimizer)
-    count = Counters()
-    checkpoint = restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
+    count, checkpoint = restore_checkpoint(args.resume, trained, device, init_from=args.init_from)
     feeder = ReplayFeeder(args, env_fn, policy_step, q_net, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=count.global_step,
-                          replay_state=checkpoint.get("replay") if checkpoint else None)
-    replay = feeder.replay
-    if args.checkpoint_replay:
-        trained["replay"] = replay
-    learning_starts = feeder.first_update_step(args.learning_starts)
+                          exploration=partial(exploration, args), checkpoint=checkpoint, trained=trained)
+    replay, learning_starts = feeder.replay, feeder.learning_starts
     logger = RunLogger(args, "c51", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step)
     try:

@@ -26,7 +26,7 @@ from common.async_mode import ReplayFeeder
 from common.config import CommonArgs, QPGArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_continuous_actions
 from common.kernels import polyak_update
-from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
+from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size, observation_encoder
 from common.replay import UniformReplayBuffer
@@ -137,15 +137,10 @@ def main(args: Args) -> dict:
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
     trained = dict(actor=actor, critic=critic, target_actor=target_actor, target_critic=target_critic,
                    actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer)
-    count = Counters()
-    checkpoint = restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
+    count, checkpoint = restore_checkpoint(args.resume, trained, device, init_from=args.init_from)
     feeder = ReplayFeeder(args, env_fn, policy_step, actor, partial(make_replay, args), horizon=args.num_steps,
-                          exploration=partial(exploration, args), start_step=count.global_step,
-                          replay_state=checkpoint.get("replay") if checkpoint else None)
-    replay = feeder.replay
-    if args.checkpoint_replay:
-        trained["replay"] = replay
-    learning_starts = feeder.first_update_step(args.learning_starts)
+                          exploration=partial(exploration, args), checkpoint=checkpoint, trained=trained)
+    replay, learning_starts = feeder.replay, feeder.learning_starts
     logger = RunLogger(args, "ddpg", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
     try:

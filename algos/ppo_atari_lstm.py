@@ -39,7 +39,7 @@ from common import distributed
 from common.config import AtariArgs, CommonArgs, PPOArgs, UsageError, env_options, run, setup
 from common.envs import make_env, observation_example
 from common.kernels import explained_variance, gae_advantages
-from common.logger import Counters, Evaluation, RunLogger, restore_checkpoint
+from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_map, buffer_to, namedarraytuple
 from common.networks import NatureCNN, layer_init, observation_encoder
 from common.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd
@@ -287,8 +287,7 @@ def main(args: Args) -> dict:
 
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
     trained = dict(model=model, optimizer=optimizer, reward_scaler=reward_scaler)
-    count = Counters()
-    restore_checkpoint(args.resume, trained, count, device, init_from=args.init_from)
+    count, _ = restore_checkpoint(args.resume, trained, device, init_from=args.init_from)
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, seed=args.seed + count.global_step)
     logger = RunLogger(args, "ppo_atari_lstm", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step,

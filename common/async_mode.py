@@ -79,15 +79,20 @@ class ReplayFeeder:
 
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: torch.nn.Module,
                  replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
-                 start_step: int = 0, seed: int | None = None, max_lag_steps: int | None = None,
-                 append: Callable[[Any, Any], None] | None = None, replay_state: dict | None = None):
-        """`append(replay, batch)` stores a batch (default `replay.append(batch)`; r2d1 adds the rnn state);
-        `replay_state` (a replay `state_dict()` from a checkpoint) is loaded before any sampling starts."""
+                 checkpoint: dict | None = None, trained: dict | None = None, seed: int | None = None,
+                 max_lag_steps: int | None = None, append: Callable[[Any, Any], None] | None = None):
+        """`checkpoint` (from restore_checkpoint on --resume) sets the first step and, where it saved one, the
+        replay buffer, loaded before any sampling starts. With --checkpoint-replay the buffer joins `trained`,
+        the objects every checkpoint saves. `append(replay, batch)` stores a batch (default `replay.append(batch)`;
+        r2d1 adds the rnn state). `learning_starts` is the step of the first update: --learning-starts steps
+        after the start, and again after a resume without the replay, which must be refilled first."""
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
-        self.step = self.start_step = start_step
-        self.replay_restored = replay_state is not None
+        start_step = checkpoint["global_step"] if checkpoint else 0
+        replay_state = checkpoint.get("replay") if checkpoint else None
+        self.step = start_step
+        self.learning_starts = getattr(args, "learning_starts", 0) + (0 if replay_state is not None else start_step)
         self.steps_per_batch = horizon * args.n_envs
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
         # The sampler's policy is at most this many steps (x --replay-ratio updates) behind the optimizer's.
@@ -103,6 +108,7 @@ class ReplayFeeder:
             except BaseException:
                 self.sampler.close()
                 raise
+            self._declare(args, trained)
             return
         seed = distributed.replica_seed(seed)  # here: the sampling process has no rank for make_sampler to add
         if distributed.rank() > 0:  # as make_sampler does: the replay minibatches of each rank are its own
@@ -134,10 +140,11 @@ class ReplayFeeder:
                   self.inference_device),
         )
         self.process.start()
+        self._declare(args, trained)
 
-    def first_update_step(self, learning_starts: int) -> int:
-        """The step of the first update: a run resumed without its replay refills it for `learning_starts` steps."""
-        return learning_starts if self.replay_restored else self.start_step + learning_starts
+    def _declare(self, args: Any, trained: dict | None) -> None:
+        if trained is not None and getattr(args, "checkpoint_replay", False):
+            trained["replay"] = self.replay
 
     def collect(self, timeout_s: float = 600.0) -> tuple[int, list[Episode]]:
         """Sync: sample one batch into replay. Async: wait for new sampled steps. Returns (step, episodes)."""

@@ -92,19 +92,20 @@ def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
     return {**state, **dataclasses.asdict(counters), "rng": capture_rng_state()}
 
 
-def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], counters: Counters,
-                       device: torch.device | str = "cpu", init_from: str | Path | None = None) -> dict | None:
-    """Load <run_dir>/checkpoint.pt into every declared object, the counters and the RNG states.
+def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], device: torch.device | str = "cpu",
+                       init_from: str | Path | None = None) -> tuple[Counters, dict | None]:
+    """Load <run_dir>/checkpoint.pt into every declared object and the RNG states; returns (counters, checkpoint).
 
-    Returns the checkpoint, or None for a new run (`run_dir` None). Saved entries that `trained` does not
+    A new run (`run_dir` None) gets fresh counters and no checkpoint. Saved entries that `trained` does not
     declare stay in the returned dict for the caller (a replay buffer that a sampling process loads).
     A new run with `init_from` (--init-from) starts from that run's networks and normalisation statistics
     (every declared module and tensor), with fresh optimizers, counters and RNG streams.
     """
+    counters = Counters()
     if run_dir is None:
         if init_from is not None:
             warm_start(init_from, trained, device)
-        return None
+        return counters, None
     checkpoint = load_checkpoint(run_dir, device)
     if checkpoint is None:
         raise UsageError(f"--resume {run_dir}: no {CHECKPOINT} there yet; start the run afresh")
@@ -121,7 +122,7 @@ def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], c
     for counter in dataclasses.fields(counters):
         setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
     restore_rng_state(checkpoint["rng"])
-    return checkpoint
+    return counters, checkpoint
 
 
 def warm_start(run_dir: str | Path, trained: Mapping[str, Any], device: torch.device | str = "cpu") -> None:

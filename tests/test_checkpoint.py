@@ -87,13 +87,13 @@ def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, fam
     save_checkpoint(tmp_path, checkpoint_state(saved, counters))
     draws = (torch.rand(4), np.random.rand(4), random.random())
 
-    restored, restored_counters = family(seed=2), Counters()
+    restored = family(seed=2)
     for name in saved:  # the two builds differ before the restore, so the comparison below can fail
         assert not same(flat_state(saved[name]), flat_state(restored[name])), name
     torch.manual_seed(99)
     np.random.seed(99)
     random.seed(99)
-    checkpoint = restore_checkpoint(tmp_path, restored, restored_counters)
+    restored_counters, checkpoint = restore_checkpoint(tmp_path, restored)
 
     for name in saved:
         assert same(flat_state(saved[name]), flat_state(restored[name])), name
@@ -112,10 +112,10 @@ def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, fam
 def test_restore_names_what_the_checkpoint_lacks(tmp_path):
     save_checkpoint(tmp_path, checkpoint_state(dqn_family(seed=1), Counters()))
     with pytest.raises(UsageError, match="has no actor"):
-        restore_checkpoint(tmp_path, {"actor": torch.nn.Linear(2, 2)}, Counters())
+        restore_checkpoint(tmp_path, {"actor": torch.nn.Linear(2, 2)})
     with pytest.raises(UsageError, match="no checkpoint.pt"):
-        restore_checkpoint(tmp_path / "missing", {}, Counters())
-    assert restore_checkpoint(None, {}, Counters()) is None
+        restore_checkpoint(tmp_path / "missing", {})
+    assert restore_checkpoint(None, {}) == (Counters(), None)
 
 
 @pytest.mark.parametrize("script, flags, declared", [
@@ -140,9 +140,10 @@ def test_a_run_checkpoints_what_its_script_declares(run_in, script, flags, decla
 def test_init_from_loads_networks_and_statistics_and_leaves_optimizers_and_counters_fresh(tmp_path, family):
     saved = family(seed=2)
     save_checkpoint(tmp_path, checkpoint_state(saved, Counters(global_step=500, n_updates=40)))
-    fresh, count = family(seed=5), Counters()
+    fresh = family(seed=5)
     fresh_optimizers = {name: flat_state(obj) for name, obj in fresh.items() if isinstance(obj, torch.optim.Optimizer)}
-    assert restore_checkpoint(None, fresh, count, init_from=tmp_path) is None
+    count, checkpoint = restore_checkpoint(None, fresh, init_from=tmp_path)
+    assert checkpoint is None
     for name, obj in fresh.items():
         if isinstance(obj, torch.optim.Optimizer):
             assert same(flat_state(obj), fresh_optimizers[name]), name  # untouched
@@ -156,10 +157,10 @@ def test_init_from_a_network_of_another_shape_is_a_one_line_error(tmp_path):
     dqn = load_script("dqn")
     wider = {name: dqn.QNetwork(np.zeros(4, np.float32), 2, 32, dueling=True) for name in ("q_net", "target_net")}
     with pytest.raises(UsageError, match="its q_net does not fit") as error:
-        restore_checkpoint(None, wider, Counters(), init_from=tmp_path)
+        restore_checkpoint(None, wider, init_from=tmp_path)
     assert "\n" not in str(error.value) and "config.json" in str(error.value)
     with pytest.raises(UsageError, match="no checkpoint.pt"):
-        restore_checkpoint(None, wider, Counters(), init_from=tmp_path / "missing")
+        restore_checkpoint(None, wider, init_from=tmp_path / "missing")
 
 
 def test_a_run_started_from_another_evaluates_as_that_run_before_it_trains(run_in, tmp_path):
