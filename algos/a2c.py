@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 from common import distributed
 from common.config import AtariArgs, CommonArgs, UsageError, env_options, run, setup
@@ -113,14 +113,10 @@ class ActorCritic(nn.Module):
 
     def head(self, out: torch.Tensor):
         if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+            # One distribution over the action vector: log_prob and entropy sum over its dimensions.
+            return Independent(Normal(out, self.log_std.exp().expand_as(out), validate_args=False), 1,
+                               validate_args=False)
         return Categorical(logits=out, validate_args=False)
-
-    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
-        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
-
-    def entropy(self, dist) -> torch.Tensor:
-        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
 
 
 def is_frame_stack(example) -> bool:
@@ -135,7 +131,7 @@ def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, de
         action = dist.mean if model.continuous else dist.probs.argmax(-1)
     else:
         action = dist.sample()
-    return action, AgentInfo(model.log_prob(dist, action), value), None
+    return action, AgentInfo(dist.log_prob(action), value), None
 
 
 def make_a2c_env(env_id: str, seed: int, training: bool = True, **options) -> gym.Env:
@@ -175,8 +171,8 @@ def a2c_loss(model: ActorCritic, obs, action, advantage, returns, args: Args):
     obs, action, advantage, returns: [N, ...] (the flattened batch); the advantages are constants.
     """
     dist, value = model(obs)
-    log_prob = model.log_prob(dist, action)
-    entropy = model.entropy(dist).mean()
+    log_prob = dist.log_prob(action)
+    entropy = dist.entropy().mean()
     if args.norm_adv:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
     policy_loss = -(advantage * log_prob).mean()
@@ -241,7 +237,7 @@ def main(args: Args) -> dict:
             if count.n_updates % args.log_every_updates == 0:
                 policy_loss, value_loss, entropy, old_log_prob = stats
                 with torch.no_grad():  # how far this update moved the policy on its own batch
-                    new_log_prob = model.log_prob(model.distribution(obs), flat(batch.action))
+                    new_log_prob = model.distribution(obs).log_prob(flat(batch.action))
                     log_ratio = new_log_prob - old_log_prob
                     approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
                 logger.log(count.global_step, {

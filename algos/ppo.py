@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 from common import distributed
 from common.config import CommonArgs, PPOArgs, UsageError, run, setup
@@ -106,14 +106,10 @@ class ActorCritic(nn.Module):
     def distribution(self, obs):
         out = self.actor(self.features(obs))
         if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+            # One distribution over the action vector: log_prob and entropy sum over its dimensions.
+            return Independent(Normal(out, self.log_std.exp().expand_as(out), validate_args=False), 1,
+                               validate_args=False)
         return Categorical(logits=out, validate_args=False)
-
-    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
-        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
-
-    def entropy(self, dist) -> torch.Tensor:
-        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
 
 
 def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False):
@@ -123,13 +119,7 @@ def policy_step(model: ActorCritic, obs, prev_action, prev_reward, rnn_state, de
         action = dist.mean if model.continuous else dist.probs.argmax(-1)
     else:
         action = dist.sample()
-    return action, AgentInfo(model.log_prob(dist, action), model.value(obs)), None
-
-
-def make_ppo_env(env_id: str, seed: int, training: bool = True, **video) -> gym.Env:
-    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
-    env = make_env(env_id, seed, training=training, **video)
-    return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
+    return action, AgentInfo(dist.log_prob(action), model.value(obs)), None
 
 
 def resolve_presets(args: Args, action_space: gym.Space) -> None:
@@ -142,7 +132,7 @@ def resolve_presets(args: Args, action_space: gym.Space) -> None:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
+    eval_env_fn = partial(make_env, args.env_id, training=False, clip_actions=True)
     probe = eval_env_fn(args.seed)
     resolve_presets(args, probe.action_space)
     model = ActorCritic(observation_example(probe.observation_space), probe.action_space, args.hidden_size,
@@ -169,8 +159,8 @@ def next_values(model: ActorCritic, batch) -> torch.Tensor:
 def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, old_value, args: Args):
     """Clipped surrogate + (clipped) value loss - entropy bonus; returns (loss, stats)."""
     dist = model.distribution(obs)
-    log_prob = model.log_prob(dist, action)
-    entropy = model.entropy(dist).mean()
+    log_prob = dist.log_prob(action)
+    entropy = dist.entropy().mean()
     log_ratio = log_prob - old_log_prob
     ratio = log_ratio.exp()
     with torch.no_grad():
@@ -191,8 +181,8 @@ def ppo_loss(model: ActorCritic, obs, action, old_log_prob, advantage, returns, 
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_ppo_env, args.env_id, training=True)
-    eval_env_fn = partial(make_ppo_env, args.env_id, training=False)
+    env_fn = partial(make_env, args.env_id, training=True, clip_actions=True)
+    eval_env_fn = partial(make_env, args.env_id, training=False, clip_actions=True)
     probe = env_fn(args.seed)
     if not isinstance(probe.action_space, gym.spaces.Discrete | gym.spaces.Box):
         raise UsageError(f"algos/ppo.py needs a Discrete or Box action space, {args.env_id} has {probe.action_space}")

@@ -1,26 +1,21 @@
 """Recurrent PPO: clipped PPO with GAE and an LSTM fed torso features, the previous action and reward.
 
 Schulman et al. 2017 (https://arxiv.org/abs/1707.06347) with a recurrent policy as in Mnih et al. 2016's
-A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] uint8, scaled by 1/255) and
-a small MLP for vector observations (and for the encoded, concatenated leaves of Dict observations), chosen
-by the observation shape, so memory tasks run on a CPU.
-Discrete actions take a categorical head (the previous action enters the LSTM one-hot); continuous (Box)
-actions a diagonal Gaussian with a state-independent log-std, as in ppo.py (the previous action enters as
-it was sampled; the env clips it to its bounds).
+A3C-LSTM. The torso is the Nature-DQN CNN for Atari frame stacks ([4, 84, 84] uint8, scaled by 1/255) and a
+small MLP for vector observations (and the encoded, concatenated leaves of Dict ones), so memory tasks run on
+a CPU. Discrete actions take a categorical head (the previous action enters the LSTM one-hot); Box actions a
+diagonal Gaussian with a state-independent log-std, as in ppo.py (the previous action enters as sampled).
 
 Training re-runs whole environment sequences: a minibatch is a subset of the environments (all T steps of
 each), started from the rnn state stored at the start of the batch, with the state zeroed at every step
 where an episode ended inside the sequence, exactly as the sampler did while collecting.
 
-Hyper-parameters left at `None` ("auto") take the preset of the observation kind, printed resolved in
-config.json: image observations the Atari preset (lr 2.5e-4, clip 0.1, LSTM 128), vector observations a
-small one with observation and reward normalisation. The entropy bonus is 0.01 for discrete actions and 0
-for continuous ones. Any flag overrides its preset value.
+Flags left at `None` ("auto") take the preset of the observation kind, resolved in config.json: images the
+Atari one (lr 2.5e-4, clip 0.1, LSTM 128), vectors a small one with observation and reward normalisation.
+The entropy bonus is 0.01 for discrete actions and 0 for continuous ones. Any flag overrides its preset.
 
-    python algos/ppo_atari_lstm.py --env-id ALE/Breakout-v5
-    python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 300000
     python algos/ppo_atari_lstm.py --env-id ALE/Pong-v5 --sampler parallel-cpu --n-workers 8 --n-envs 16
-    python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CueRecall-v0 --total-timesteps 50000
+    python algos/ppo_atari_lstm.py --env-id tests.memory_envs:CartPoleNoVelocity-v0 --total-timesteps 300000
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributions import Categorical, Normal
+from torch.distributions import Categorical, Independent, Normal
 
 from common import distributed
 from common.config import AtariArgs, CommonArgs, PPOArgs, UsageError, env_options, run, setup
@@ -88,8 +83,7 @@ PRESETS = {
 
 
 def resolve_presets(args: Args, kind: str, continuous: bool = False) -> None:
-    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector") and the
-    action kind."""
+    """Fill the "auto" (None) fields from the preset of the observation kind ("image" or "vector") and actions."""
     for name, value in {**PRESETS[kind], "ent_coef": 0.0 if continuous else 0.01}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -103,15 +97,8 @@ def observation_kind(example) -> str:
     return "vector" if isinstance(example, tuple) or example.ndim == 1 else "image"
 
 
-def make_lstm_env(env_id: str, seed: int, training: bool = True, **options) -> gym.Env:
-    """make_env, with continuous actions clipped to the action bounds (the policy samples unbounded)."""
-    env = make_env(env_id, seed, training=training, **options)
-    return gym.wrappers.ClipAction(env) if isinstance(env.action_space, gym.spaces.Box) else env
-
-
 RnnState = namedarraytuple("RnnState", ["h", "c"])
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value", "rnn_state"])  # rnn_state: before the step
-
 
 
 class RecurrentActorCritic(nn.Module):
@@ -145,13 +132,10 @@ class RecurrentActorCritic(nn.Module):
 
     def forward(self, obs, prev_action, prev_reward, state: RnnState, reset: torch.Tensor | None = None,
                 reset_steps: list[int] = ()):
-        """Unroll over a sequence: obs [T, B, ...], prev_action, prev_reward [T, B], state [B, H] before step 0.
-
-        `reset[t]` ([T, B] bool) zeroes the state before step t (an episode ended at step t - 1); `reset_steps`
-        lists, on the host, the steps t where `reset[t]` may be true for some env. Between two of them the
-        LSTM runs over the whole segment in one call (an order of magnitude faster than a Python loop over
-        steps). Returns (the actor's output [T, B, A]: logits or Gaussian means, value [T, B], state after the
-        last step).
+        """Unroll obs [T, B, ...], prev_action, prev_reward [T, B] from state [B, H]; returns (the actor's output
+        [T, B, A]: logits or Gaussian means, value [T, B], the state after the last step). `reset[t]` ([T, B] bool)
+        zeroes the state before step t; `reset_steps` lists, on the host, the steps where some env may reset.
+        Between two of them the LSTM runs the whole segment in one call (10x faster than a loop over steps).
         """
         T, B = prev_action.shape[:2]
         obs = self.obs_norm(buffer_map(lambda leaf: leaf.flatten(0, 1), obs))
@@ -174,20 +158,15 @@ class RecurrentActorCritic(nn.Module):
 
     def distribution(self, out: torch.Tensor):
         if self.continuous:
-            return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
+            # One distribution over the action vector: log_prob and entropy sum over its dimensions.
+            return Independent(Normal(out, self.log_std.exp().expand_as(out), validate_args=False), 1,
+                               validate_args=False)
         return Categorical(logits=out, validate_args=False)
-
-    def log_prob(self, dist, action: torch.Tensor) -> torch.Tensor:
-        return dist.log_prob(action).sum(-1) if self.continuous else dist.log_prob(action)
-
-    def entropy(self, dist) -> torch.Tensor:
-        return dist.entropy().sum(-1) if self.continuous else dist.entropy()
 
 
 def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
-    """One step for a batch of envs (discrete actions: uniform with probability `epsilon`); agent_info keeps
-    the rnn state the step started from."""
+    """One step of a batch of envs (`epsilon`: uniform random discrete actions); agent_info keeps the state before."""
     if rnn_state is None:
         rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     out, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
@@ -199,7 +178,7 @@ def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_
     if epsilon > 0:
         explore = torch.rand(action.shape, device=action.device) < epsilon
         action = torch.where(explore, torch.randint_like(action, out.shape[-1]), action)
-    return action, AgentInfo(model.log_prob(dist, action), value[0], rnn_state), next_state
+    return action, AgentInfo(dist.log_prob(action), value[0], rnn_state), next_state
 
 
 def eval_policy_kwargs(args: Args) -> dict:
@@ -209,7 +188,7 @@ def eval_policy_kwargs(args: Args) -> dict:
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained model (with its observation statistics) and the evaluation env_fn, for common.evaluate."""
-    eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, clip_actions=True, **env_options(args))
     probe = eval_env_fn(args.seed)
     example = observation_example(probe.observation_space)
     resolve_presets(args, observation_kind(example), isinstance(probe.action_space, gym.spaces.Box))
@@ -220,13 +199,10 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
 
 
 def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
-    """Value [T, B] of each step's true next observation, what GAE bootstraps from.
-
-    Inside an episode it is the next step's value. At the batch end and where an episode was truncated it
-    is evaluated afresh on `next_observation` (the final observation, not the reset one): the stored
-    pre-step rnn state is advanced through the step, then fed the next observation, with the step's
-    action and reward as the previous ones, as the episode would have continued.
-    """
+    """Value [T, B] of each step's true next observation, what GAE bootstraps from: inside an episode the next
+    step's value; at the batch end and where an episode was truncated, the value of `next_observation` (the
+    final observation, not the reset one) after the stored pre-step rnn state is advanced through the step,
+    with the step's action and reward as the previous ones, as the episode would have continued."""
     value = batch.agent_info.value
     needs_bootstrap = batch.truncated.clone()
     needs_bootstrap[-1] = True
@@ -241,9 +217,8 @@ def next_values(model: RecurrentActorCritic, batch) -> torch.Tensor:
 
 
 def ppo_loss(log_prob, entropy, value, old_log_prob, advantage, returns, old_value, args: Args):
-    """Clipped surrogate + (clipped) value loss - entropy bonus on the log-probs, entropies and values of re-run
-    [T, b] sequences; returns (loss, stats). `--compile` compiles this, not the model, whose segments vary by
-    batch."""
+    """Clipped surrogate + (clipped) value loss - entropy bonus of re-run [T, b] sequences; returns (loss, stats).
+    `--compile` compiles this, not the model, whose segments vary by batch."""
     entropy = entropy.mean()
     log_ratio = log_prob - old_log_prob
     ratio = log_ratio.exp()
@@ -264,8 +239,8 @@ def ppo_loss(log_prob, entropy, value, old_log_prob, advantage, returns, old_val
 
 def main(args: Args) -> dict:
     device = setup(args)
-    env_fn = partial(make_lstm_env, args.env_id, training=True, **env_options(args))
-    eval_env_fn = partial(make_lstm_env, args.env_id, training=False, **env_options(args))
+    env_fn = partial(make_env, args.env_id, training=True, clip_actions=True, **env_options(args))
+    eval_env_fn = partial(make_env, args.env_id, training=False, clip_actions=True, **env_options(args))
     probe = env_fn(args.seed)
     action_space, example = probe.action_space, observation_example(probe.observation_space)
     probe.close()
@@ -292,13 +267,12 @@ def main(args: Args) -> dict:
     logger = RunLogger(args, "ppo_atari_lstm", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step,
                             **eval_policy_kwargs(args))
-    batch_size = args.n_envs * args.num_steps
     try:
         while count.global_step < args.total_timesteps:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - count.global_step / args.total_timesteps)
             batch, episodes = sampler.collect()
-            count.global_step += batch_size
+            count.global_step += args.n_envs * args.num_steps
             logger.log_episodes(count.global_step, episodes)
 
             batch = buffer_to(batch, device)
@@ -310,8 +284,7 @@ def main(args: Args) -> dict:
                 advantage, returns = gae_advantages(reward, value, next_values(model, batch), batch.terminated,
                                                     batch.truncated, args.gamma, args.gae_lambda)
 
-            # The minibatches (env subsets) of every epoch, drawn up front so that the steps where each one
-            # resets a state reach the host in one transfer, not with a sync per minibatch.
+            # Every epoch's minibatches (env subsets), drawn up front: where each resets reaches the host in one sync.
             permutations = [torch.randperm(args.n_envs, device=device) for _ in range(args.update_epochs)]
             minibatch_envs = torch.stack(permutations).view(args.update_epochs, args.num_minibatches, -1)
             minibatch_resets = reset[:, minibatch_envs].any(-1).permute(1, 2, 0).cpu()  # [epochs, minibatches, T]
@@ -323,7 +296,7 @@ def main(args: Args) -> dict:
                                               sequences.agent_info.rnn_state[0], reset[:, envs],
                                               minibatch_resets[epoch, k].nonzero().flatten().tolist())
                     dist = model.distribution(out)
-                    loss, stats = loss_fn(model.log_prob(dist, sequences.action), model.entropy(dist), new_value,
+                    loss, stats = loss_fn(dist.log_prob(sequences.action), dist.entropy(), new_value,
                                           sequences.agent_info.log_prob, advantage[:, envs], returns[:, envs],
                                           value[:, envs], args)
                     optimizer.zero_grad(set_to_none=True)

@@ -354,6 +354,7 @@ def make_env(
     clip_rewards: bool = True,
     sticky_actions: float | None = None,
     full_action_space: bool = False,
+    clip_actions: bool = False,
 ) -> gym.Env:
     """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics.
 
@@ -365,7 +366,8 @@ def make_env(
     `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. `frame_skip` frames).
     The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
     With `video_dir` (`record_video` passes it to the first env), its first `video_episodes` episodes are
-    written to `<video_dir>/seed<seed>-episode<k>.mp4`.
+    written to `<video_dir>/seed<seed>-episode<k>.mp4`. `clip_actions` clips Box actions to their bounds (for
+    policies that sample unbounded, like a Gaussian).
     """
     if video_dir is not None:
         render_mode = "rgb_array"
@@ -400,6 +402,8 @@ def make_env(
         fps = _ATARI_VIDEO_FPS if _is_atari_spec(spec) else env.metadata.get("render_fps") or 30
         env = RecordEpisodes(env, video_dir, f"seed{seed}", video_episodes, fps)
     env.action_space.seed(seed)
+    if clip_actions and isinstance(env.action_space, gym.spaces.Box):
+        env = gym.wrappers.ClipAction(env)
     return env
 
 

@@ -232,6 +232,19 @@ def test_max_episode_steps_override_truncates_and_emits_statistic():
     assert info["episode"]["l"] == 25 and info["episode"]["r"] == pytest.approx(total)
 
 
+
+def test_clip_actions_steps_as_the_action_at_its_bound():
+    # CueRecall does not clip (its reward is minus the squared distance of the action to the cue): with
+    # clip_actions an action of 5 earns what the bound 1 earns, without it less.
+    rewards = {}
+    for name, action in (("clipped", 5.0), ("plain", 5.0), ("bound", 1.0)):
+        env = make_env("tests.memory_envs:CueRecall-v0", seed=0, clip_actions=(name == "clipped"))
+        env.reset(seed=0)
+        rewards[name] = env.step(np.array([action], np.float32))[1]
+    assert rewards["clipped"] == rewards["bound"] > rewards["plain"]
+    assert isinstance(make_env("CartPole-v1", clip_actions=True).action_space, gym.spaces.Discrete)
+
+
 @pytest.mark.parametrize("env_id, action_shape", [("InvertedPendulum-v5", (1,)), ("Hopper-v5", (3,))])
 def test_mujoco(env_id, action_shape):
     env = make_env(env_id, seed=0)

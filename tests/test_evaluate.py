@@ -235,9 +235,6 @@ class RecurrentAlwaysNoop(torch.nn.Module):
     def distribution(self, out):
         return torch.distributions.Categorical(logits=out)
 
-    def log_prob(self, dist, action):
-        return dist.log_prob(action)
-
 
 def test_recurrent_ppo_evaluates_epsilon_greedy_on_images_and_greedy_on_vectors():
     from conftest import load_script
