@@ -28,7 +28,7 @@ from common.envs import make_env, observation_example, require_continuous_action
 from common.kernels import polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
-from common.networks import Critics, ScaledActions, adam, compile_fn, default_hidden_size, observation_encoder
+from common.networks import Critics, ScaledActions, adam, compile_fn, observation_encoder, qpg_defaults
 from common.replay import UniformReplayBuffer
 
 
@@ -72,7 +72,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     """The trained actor and the evaluation env_fn (for common.evaluate)."""
     eval_env_fn = partial(make_env, args.env_id, training=False)
     probe = eval_env_fn(args.seed)
-    args.hidden_size = args.hidden_size or default_hidden_size(probe)
+    qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     space = probe.action_space
     actor = Actor(observation_example(probe.observation_space), space.shape[0], args.hidden_size, space.low,
                   space.high)
@@ -120,7 +120,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"algos/ddpg.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
                          f"{example.shape}")
     low, high = probe.action_space.low, probe.action_space.high
-    args.hidden_size = args.hidden_size or default_hidden_size(probe)
+    qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     probe.close()
     if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
         raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")

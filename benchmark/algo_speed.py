@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from common.envs import make_env
 from common.kernels import polyak_update
 from common.namedarraytuple import buffer_to
+from common.networks import qpg_defaults
 from common.replay import ReplaySamples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +360,9 @@ def main(args: Args) -> None:
     torch.manual_seed(0)
     sac, td3 = load_script("sac"), load_script("td3")
     probe = make_env("Hopper-v5")
-    hidden = args.hidden_size or sac.default_hidden_size(probe)
+    flags = SimpleNamespace(hidden_size=args.hidden_size, learning_starts=None)
+    qpg_defaults(flags, probe)  # the scripts' width on Hopper-v5 unless --hidden-size says otherwise
+    hidden = flags.hidden_size
     probe.close()
     batches = fake_batches(args, device)
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "

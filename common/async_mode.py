@@ -89,7 +89,7 @@ class ReplayFeeder:
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
-        start_step = checkpoint["global_step"] if checkpoint else 0
+        start_step = checkpoint.get("global_step", 0) if checkpoint else 0
         replay_state = checkpoint.get("replay") if checkpoint else None
         self.step = start_step
         self.learning_starts = getattr(args, "learning_starts", 0) + (0 if replay_state is not None else start_step)

@@ -182,8 +182,9 @@ class QPGArgs(ReplayArgs):
 
     tau: float = 0.005
     """target-network Polyak rate"""
-    learning_starts: int = 1_000
-    """environment steps of uniformly random actions before the first update"""
+    learning_starts: int | None = None
+    """environment steps of uniformly random actions before the first update (default: 10000 for MuJoCo envs,
+    1000 for the others)"""
     policy_lr: float = 1e-3
     """Adam learning rate of the actor"""
     q_lr: float = 1e-3

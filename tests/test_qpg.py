@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script, read_progress, read_summary, run_script
 
+from common.envs import make_env
 from common.evaluate import evaluate_run
 from common.samplers import Samples
 
@@ -25,6 +26,19 @@ def test_pendulum_reaches_minus_250(run_in, script):
     _, _, summary = run_in(script, "--env-id", "Pendulum-v1", "--total-timesteps", "10000", "--seed", "1")
     assert summary["global_step"] >= 10_000
     assert summary["final_eval_return"] >= -250, summary
+
+
+@pytest.mark.parametrize("env_id, hidden, starts", [("Hopper-v5", 256, 10_000), ("Pendulum-v1", 64, 1_000)])
+def test_flags_left_at_none_take_the_defaults_of_the_env_kind(env_id, hidden, starts):
+    sac = load_script("sac")
+    env = make_env(env_id)
+    args = sac.Args(env_id=env_id)
+    assert args.hidden_size is None and args.learning_starts is None
+    sac.qpg_defaults(args, env)
+    assert (args.hidden_size, args.learning_starts) == (hidden, starts)
+    args = sac.Args(env_id=env_id, hidden_size=32, learning_starts=500)
+    sac.qpg_defaults(args, env)
+    assert (args.hidden_size, args.learning_starts) == (32, 500)
 
 
 @pytest.mark.parametrize("script", ["sac", "td3"])
