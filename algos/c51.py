@@ -24,7 +24,7 @@ from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import CommonArgs, QLearningArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_discrete_actions
-from common.kernels import categorical_projection, linear_schedule, polyak_update
+from common.kernels import categorical_projection, epsilon_greedy, linear_schedule, polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.networks import observation_encoder
@@ -94,11 +94,9 @@ class CategoricalQNetwork(nn.Module):
 def policy_step(model: CategoricalQNetwork, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
     """Epsilon-greedy on the expected returns (greedy when deterministic)."""
-    action = model.q_values(model(obs)).argmax(-1)
-    if not deterministic and epsilon > 0:
-        explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
-    return action, None, None
+    def greedy():
+        return model.q_values(model(obs)).argmax(-1)
+    return epsilon_greedy(greedy, obs, model.n_actions, 0.0 if deterministic else epsilon), None, None
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):

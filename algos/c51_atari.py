@@ -22,7 +22,7 @@ from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import make_env, require_discrete_actions
-from common.kernels import categorical_projection, linear_schedule, polyak_update
+from common.kernels import categorical_projection, epsilon_greedy, linear_schedule, polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
@@ -84,11 +84,9 @@ class CategoricalAtariNetwork(nn.Module):
 def policy_step(model: CategoricalAtariNetwork, obs, prev_action, prev_reward, rnn_state,
                 deterministic: bool = False, epsilon: float = 0.0):
     """Epsilon-greedy on the expected returns (evaluation, deterministic, passes its small --eval-epsilon)."""
-    action = model.q_values(model(obs)).argmax(-1)
-    if epsilon > 0:
-        explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
-    return action, None, None
+    def greedy():
+        return model.q_values(model(obs)).argmax(-1)
+    return epsilon_greedy(greedy, obs, model.n_actions, epsilon), None, None
 
 
 def eval_policy_kwargs(args: Args) -> dict:

@@ -22,7 +22,7 @@ from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import make_env, require_discrete_actions
-from common.kernels import linear_schedule, polyak_update
+from common.kernels import epsilon_greedy, linear_schedule, polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.replay import FrameReplayBuffer, PrioritizedFrameReplayBuffer
@@ -83,11 +83,9 @@ class AtariQNetwork(nn.Module):
 def policy_step(model: AtariQNetwork, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
     """Epsilon-greedy action (evaluation, deterministic, passes its small --eval-epsilon)."""
-    action = model(obs).argmax(-1)
-    if epsilon > 0:
-        explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
-    return action, None, None
+    def greedy():
+        return model(obs).argmax(-1)
+    return epsilon_greedy(greedy, obs, model.n_actions, epsilon), None, None
 
 
 def eval_policy_kwargs(args: Args) -> dict:

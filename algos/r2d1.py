@@ -29,7 +29,14 @@ from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import is_atari, make_env, observation_example, require_discrete_actions
-from common.kernels import inverse_value_rescale, linear_schedule, n_step_returns, polyak_update, value_rescale
+from common.kernels import (
+    epsilon_greedy,
+    inverse_value_rescale,
+    linear_schedule,
+    n_step_returns,
+    polyak_update,
+    value_rescale,
+)
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to, namedarraytuple
 from common.networks import observation_encoder
@@ -137,10 +144,7 @@ def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, de
     if rnn_state is None:
         rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     q, next_state = model(obs, prev_action, prev_reward, rnn_state)
-    action = q.argmax(-1)
-    if not deterministic and epsilon > 0:
-        explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
+    action = epsilon_greedy(lambda: q.argmax(-1), obs, model.n_actions, 0.0 if deterministic else epsilon)
     return action, AgentInfo(rnn_state), next_state
 
 

@@ -24,7 +24,7 @@ from common import distributed
 from common.async_mode import ReplayFeeder
 from common.config import AtariArgs, CommonArgs, QLearningArgs, UsageError, env_options, run, setup
 from common.envs import make_env, require_discrete_actions
-from common.kernels import categorical_projection, linear_schedule, polyak_update
+from common.kernels import categorical_projection, epsilon_greedy, linear_schedule, polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
 from common.namedarraytuple import buffer_to
 from common.replay import PrioritizedFrameReplayBuffer
@@ -123,11 +123,8 @@ class RainbowNetwork(nn.Module):
 def policy_step(model: RainbowNetwork, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
     """Greedy action of a fresh noise sample (of the mean weights when deterministic); epsilon-greedy if asked."""
-    action = model.q_values(model(obs, noise=not deterministic)).argmax(-1)
-    if epsilon > 0:
-        explore = torch.rand(action.shape, device=action.device) < epsilon
-        action = torch.where(explore, torch.randint_like(action, model.n_actions), action)
-    return action, None, None
+    q = model.q_values(model(obs, noise=not deterministic))  # the noise is drawn before the exploration coins
+    return epsilon_greedy(lambda: q.argmax(-1), obs, model.n_actions, epsilon), None, None
 
 
 def eval_policy_kwargs(args: Args) -> dict:

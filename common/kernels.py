@@ -5,10 +5,14 @@ step does not bootstrap, a truncated step bootstraps from `next_value`, the valu
 final observation (not the observation after the reset).
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from common.namedarraytuple import buffer_leaves
 
 
 def gae_advantages(
@@ -121,6 +125,28 @@ def linear_schedule(start: float, end: float, duration: float, step: float) -> f
     """`start` at step 0, moving linearly to `end` at step `duration`, `end` after (a duration < 1 counts as 1)."""
     duration = max(duration, 1)
     return end if step >= duration else start + (end - start) * (step / duration)
+
+
+def epsilon_greedy(greedy: Callable[[], Tensor], observation: Any, n_actions: int, epsilon: float) -> Tensor:
+    """Epsilon-greedy actions [B] for observations [B, ...] (a tensor or a namedarraytuple of them): each env's
+    action is uniform over n_actions with probability `epsilon`, else the one `greedy()` returns.
+
+    The coins, then the uniform actions, come from torch's CPU generator at every call whatever they turn out
+    to be, so the random streams neither depend on the network nor on the device, and `greedy()` (the forward
+    pass) runs only when some env exploits. With `epsilon` <= 0 it is `greedy()`, drawing nothing.
+    """
+    if epsilon <= 0:
+        return greedy()
+    leaf = buffer_leaves(observation)[0]
+    threshold = float(np.float32(epsilon))  # the coins are float32: compare them with epsilon in float32
+    explore = [coin < threshold for coin in torch.rand(leaf.shape[0]).tolist()]  # host-side: no device sync
+    uniform = torch.randint(n_actions, (leaf.shape[0],))
+    if all(explore):
+        return uniform.to(leaf.device)
+    action = greedy()
+    if any(explore):
+        action = torch.where(torch.tensor(explore, device=action.device), uniform.to(action.device), action)
+    return action
 
 
 def explained_variance(y_pred: Tensor, y_true: Tensor) -> float:

@@ -337,15 +337,18 @@ class UniformReplayBuffer:
         skip = max(0, n_steps - self.n_rows)  # a batch longer than the ring: only its tail survives
         if skip:
             samples = samples[skip:]
-        first_step = steps_before + skip
-        rows = (first_step + np.arange(n_steps - skip)) % self.n_rows
+        first_step, n_stored = steps_before + skip, n_steps - skip
+        start = first_step % self.n_rows
+        # A slice when the batch does not wrap around the ring's end (a cheaper write than an index array).
+        rows = slice(start, start + n_stored) if start + n_stored <= self.n_rows \
+            else (first_step + np.arange(n_stored)) % self.n_rows
         self.observation[rows] = self._compress(samples.observation)
         for name in _STEP_FIELDS:
             getattr(self, name)[rows] = getattr(samples, name)
-        self._store_finals(samples, rows, first_step)
-        self.counters[_STEPS] = first_step + len(rows)
+        self._store_finals(samples, first_step)
+        self.counters[_STEPS] = first_step + n_stored
         self._after_append(units_before, steps_before)
-        return first_step, len(rows)
+        return first_step, n_stored
 
     def _numpy_views(self, samples: Any) -> Any:
         """numpy views of a batch's leaves. A sampler hands over the same buffer at every collect, so its views
@@ -354,7 +357,7 @@ class UniformReplayBuffer:
             self._views_of, self._views = samples, numpify_buffer(samples)
         return self._views
 
-    def _store_finals(self, samples: Any, rows: np.ndarray, first_step: int) -> None:
+    def _store_finals(self, samples: Any, first_step: int) -> None:
         """Put the final observation of every episode end into the FIFO pool; note what it evicts."""
         time, env = np.nonzero(samples.terminated | samples.truncated)
         n_new = len(time)
@@ -372,7 +375,7 @@ class UniformReplayBuffer:
         slots = (written + np.arange(n_new)[keep]) % capacity
         self.final_observation[slots] = self._compress(samples.next_observation[time[keep], env[keep]])
         self.final_step[slots] = steps[keep]
-        self.final_index[rows[time[keep]], env[keep]] = slots
+        self.final_index[steps[keep] % self.n_rows, env[keep]] = slots
         self.counters[_FINALS] = written + n_new
 
     def _after_append(self, units_before: tuple[int, int], steps_before: int) -> None:

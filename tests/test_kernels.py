@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 from common.kernels import (
     categorical_projection,
+    epsilon_greedy,
     explained_variance,
     gae_advantages,
     inverse_value_rescale,
@@ -253,3 +254,34 @@ def test_explained_variance():
     assert explained_variance(y_pred, y_true) == pytest.approx(1.0 - variance(residual) / variance(true))
     assert explained_variance(y_true, y_true) == pytest.approx(1.0)
     assert math.isnan(explained_variance(torch.randn(5), torch.full((5,), 2.0)))
+
+
+def test_epsilon_greedy_draws_the_coins_and_uniform_actions_then_runs_the_network_only_if_some_env_exploits():
+    from common.namedarraytuple import namedarraytuple
+
+    Obs = namedarraytuple("Obs", ["position", "velocity"])
+    obs = Obs(torch.zeros(64, 2), torch.zeros(64, 3))  # a Dict observation: B from its first leaf
+    greedy_action = torch.arange(64) % 3 + 10  # outside [0, 5): a greedy action is never a uniform one
+    calls = []
+
+    def greedy():
+        calls.append(1)
+        return greedy_action
+
+    for epsilon in (0.3, 0.7, 1.0):  # 0.7 rounds down in float32
+        torch.manual_seed(5)
+        explore = torch.rand(64) < epsilon
+        uniform = torch.randint(5, (64,))
+        after = torch.rand(1)
+        torch.manual_seed(5)
+        calls.clear()
+        action = epsilon_greedy(greedy, obs, 5, epsilon)
+        assert torch.equal(action, torch.where(explore, uniform, greedy_action))
+        assert torch.equal(torch.rand(1), after)  # exactly those two draws, whatever the coins
+        assert len(calls) == (0 if epsilon == 1.0 else 1)
+        assert 0 < int(explore.sum()) < 64 or epsilon == 1.0
+    torch.manual_seed(5)
+    first = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(epsilon_greedy(greedy, obs, 5, 0.0), greedy_action)
+    assert torch.equal(torch.rand(1), first)  # epsilon 0 draws nothing
