@@ -410,18 +410,22 @@ class UniformReplayBuffer:
     def _gather(self, index: np.ndarray, weight: np.ndarray) -> Any:
         """n-step transitions starting at flat indices `index` [N]."""
         row, env = index // self.n_envs, index % self.n_envs
-        window = (row[:, None] + np.arange(self.n_step)) % self.n_rows  # [N, n_step]
-        terminated = self.terminated[window, env[:, None]]
-        ended = terminated | self.truncated[window, env[:, None]]
-        # Step j of the window counts while no episode ended at steps 0..j-1 of it.
-        in_window = np.ones_like(ended)
-        in_window[:, 1:] = ~np.logical_or.accumulate(ended[:, :-1], axis=1)
-        n_step_return = (self.reward[window, env[:, None]] * in_window) @ (self.gamma ** np.arange(self.n_step))
-        window_length = in_window.sum(axis=1)
-        last = window_length - 1
-        discount = self.gamma**window_length * ~terminated[np.arange(len(index)), last]
+        if self.n_step == 1:  # a one-step window never needs cutting
+            last, n_step_return = row, self.reward[row, env]
+            discount = self.gamma * ~self.terminated[row, env]
+        else:
+            window = (row[:, None] + np.arange(self.n_step)) % self.n_rows  # [N, n_step]
+            terminated = self.terminated[window, env[:, None]]
+            ended = terminated | self.truncated[window, env[:, None]]
+            # Step j of the window counts while no episode ended at steps 0..j-1 of it.
+            in_window = np.ones_like(ended)
+            in_window[:, 1:] = ~np.logical_or.accumulate(ended[:, :-1], axis=1)
+            n_step_return = (self.reward[window, env[:, None]] * in_window) @ (self.gamma ** np.arange(self.n_step))
+            length = in_window.sum(axis=1)
+            discount = self.gamma**length * ~terminated[np.arange(len(index)), length - 1]
+            last = window[np.arange(len(index)), length - 1]
         observation = self._observation(row, env)
-        bootstrap = self._next_observation(window[np.arange(len(index)), last], env)
+        bootstrap = self._next_observation(last, env)
         return ReplaySamples(
             observation=torchify_buffer(observation),
             action=torch.from_numpy(self.action[row, env]),
