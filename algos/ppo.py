@@ -197,7 +197,7 @@ def main(args: Args) -> dict:
     model = ActorCritic(example, probe.action_space, args.hidden_size, args.norm_obs).to(device)
     probe.close()
     reward_scaler = RewardScaler(args.n_envs, args.gamma).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.

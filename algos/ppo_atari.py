@@ -143,7 +143,7 @@ def main(args: Args) -> dict:
         raise UsageError(f"--num-minibatches {args.num_minibatches} must divide the batch of --n-envs x --num-steps "
                          f"= {args.n_envs * args.num_steps} steps")
     model = ActorCritic(shape[0], n_actions).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, eps=1e-5, foreach=True)
     loss_fn = torch.compile(ppo_loss) if args.compile else ppo_loss
 
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
