@@ -2,6 +2,7 @@
 
     python -m common.launch --scripts ppo dqn --env-ids CartPole-v1 --seeds 1 2 --total-timesteps 20000 \\
         --max-parallel 2 -- --eval-episodes 5          # flags after `--` go to every run
+    python -m common.launch ... --output-dir runs/sweep --resume   # the same command, continued after a stop
 
 Each run gets a slot: a share of the CPU cores (its CPU affinity and OMP_NUM_THREADS) and, where there are
 GPUs, one GPU (CUDA_VISIBLE_DEVICES), round-robin. Runs wait in grid order, seed-major (every script and
@@ -429,6 +430,9 @@ class LaunchArgs:
     """W&B group of every run (default: the launch directory's name)"""
     grace_s: float = 10.0
     """on Ctrl-C, seconds the runs get to stop before they are killed"""
+    resume: bool = False
+    """continue the launch in --output-dir (give the same command line): runs that wrote summary.json are
+    kept, interrupted ones continue from their checkpoints, the others start"""
     dry_run: bool = False
     """print the commands and exit"""
 
@@ -452,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = (["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps is not None else []) + passed
         variants = [variant_flags(v) for v in args.variants] or [[]]
         experiments = grid(args.scripts, args.env_ids, args.seeds, variants, common)
+        if args.resume and (args.output_dir is None or not Path(args.output_dir).is_dir()):
+            raise UsageError(f"--resume continues the launch in --output-dir: pass the directory of an earlier launch "
+                             f"(got {args.output_dir})")
         output_dir = Path(args.output_dir or Path("runs") / time.strftime("launch-%Y%m%d-%H%M%S"))
         if args.dry_run:
             for e in experiments:
@@ -459,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            results = launch(experiments, args.max_parallel, output_dir, group=args.wandb_group, grace_s=args.grace_s)
+            results = launch(experiments, args.max_parallel, output_dir, group=args.wandb_group, grace_s=args.grace_s,
+                             resume=args.resume)
         except KeyboardInterrupt:
             print(f"interrupted; partial results in {output_dir / 'summary.md'}", file=sys.stderr)
             return 130

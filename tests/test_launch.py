@@ -42,7 +42,12 @@ parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--fail-seed", type=int)
 parser.add_argument("--ignore-sigint", action="store_true")
 parser.add_argument("--grandchild", action="store_true")
+parser.add_argument("--resume")
 args = parser.parse_args()
+if args.resume:  # a launch resumed: the run continues in its directory and says so in its summary
+    summary = {"global_step": 10, "wall_time_s": 0.0, "sps": 100.0, "final_eval_return": -1.0}
+    (Path(args.resume) / "summary.json").write_text(json.dumps(summary))
+    sys.exit(0)
 run_dir = Path(args.output_dir) / args.run_name
 if args.ignore_sigint:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -214,6 +219,30 @@ def test_unknown_script_is_a_one_line_error(tmp_path):
     proc = launcher("--scripts", "no_such_algo", "--output-dir", str(tmp_path / "x"))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "no_such_algo" in stderr
+
+
+def test_cli_resume_keeps_finished_runs_continues_interrupted_ones_and_starts_the_rest(tmp_path, fake_script):
+    out = tmp_path / "launch"
+    finished, interrupted = out / "fake__CartPole-v1__1", out / "fake__CartPole-v1__2"
+    finished.mkdir(parents=True)
+    interrupted.mkdir()
+    (finished / "summary.json").write_text(json.dumps({"global_step": 10, "wall_time_s": 1.0, "sps": 10.0,
+                                                       "final_eval_return": 7.0, "final_eval_return_std": 0.0}))
+    (interrupted / "checkpoint.pt").write_bytes(b"")
+    proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "3", "--max-parallel", "2", "--output-dir",
+                    str(out), "--resume")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    said = [line.split()[1:3] for line in stdout.splitlines() if line.split()[1:2] in (["start"], ["resume"])]
+    assert sorted(said) == [["resume", "2/3"], ["start", "3/3"]], stdout
+    assert "--resume" in (interrupted / "command.txt").read_text()
+    rows = {int(row["seed"]): row for row in read_csv(out / "summary.csv")}
+    assert {seed: float(row["final_eval_return"]) for seed, row in rows.items()} == {1: 7.0, 2: -1.0, 3: 3.0}
+    assert {row["exit_code"] for row in rows.values()} == {"0"}
+
+    proc = launcher("--scripts", fake_script, "--output-dir", str(tmp_path / "never-launched"), "--resume")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "--output-dir" in stderr
 
 
 def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
