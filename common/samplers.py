@@ -259,22 +259,31 @@ def to_device(buffer: Any, device: torch.device) -> Any:
     return buffer_map(lambda array: torch.from_numpy(array).to(device, non_blocking=True), buffer)
 
 
-def call_policy(policy_step: PolicyStep, model: Any, observation: Any, prev_action: np.ndarray,
-                prev_reward: np.ndarray, rnn_state: Any, device: torch.device, **kwargs: Any):
-    """Run the policy on numpy inputs [B, ...]; returns (action numpy, agent_info numpy, rnn_state)."""
-    with torch.no_grad():
-        action, agent_info, rnn_state = policy_step(
-            model, to_device(observation, device), to_device(prev_action, device),
-            to_device(prev_reward, device), rnn_state, **kwargs,
-        )
-    return action.cpu().numpy(), numpify_buffer(buffer_map(lambda x: x.cpu(), agent_info)), rnn_state
+def call_policy(policy_step: PolicyStep, model: Any, observation: Any, prev_action: np.ndarray | torch.Tensor,
+                prev_reward: np.ndarray | torch.Tensor, rnn_state: Any, device: torch.device, **kwargs: Any):
+    """Run the policy without autograd on inputs [B, ...]: numpy arrays, or tensors already on `device`;
+    returns (action numpy, agent_info numpy, rnn_state). Collect loops hold `torch.no_grad` across all their
+    steps, so that no step pays for entering it."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return call_policy(policy_step, model, observation, prev_action, prev_reward, rnn_state, device, **kwargs)
+    if not isinstance(prev_reward, torch.Tensor):
+        observation, prev_action, prev_reward = (to_device(x, device) for x in (observation, prev_action, prev_reward))
+    action, agent_info, rnn_state = policy_step(model, observation, prev_action, prev_reward, rnn_state, **kwargs)
+    if agent_info is not None:
+        agent_info = numpify_buffer(buffer_map(lambda x: x.cpu(), agent_info))
+    return action.cpu().numpy(), agent_info, rnn_state
 
 
 def act(step: Samples, policy_step: PolicyStep, model: Any, rnn_state: Any, device: torch.device,
-        **kwargs: Any) -> Any:
-    """Run the policy on a step's inputs [B, ...] and write its action and agent_info into it; returns the rnn state."""
-    action, agent_info, rnn_state = call_policy(policy_step, model, step.observation, step.prev_action,
-                                                step.prev_reward, rnn_state, device, **kwargs)
+        inputs: Samples | None = None, **kwargs: Any) -> Any:
+    """Run the policy on a step's inputs [B, ...] and write its action and agent_info into it; returns the rnn state.
+
+    `inputs`: the same step as CPU tensors viewing its arrays, to run a CPU policy on without a conversion.
+    """
+    source = step if inputs is None else inputs
+    action, agent_info, rnn_state = call_policy(policy_step, model, source.observation, source.prev_action,
+                                                source.prev_reward, rnn_state, device, **kwargs)
     step.action[:] = action
     if agent_info is not None:
         step.agent_info[:] = agent_info
@@ -379,16 +388,20 @@ class SerialSampler:
         self.group = EnvGroup(env_fn, [seed + i for i in range(n_envs)], info_keys)
         self.example = samples_example(self.group, policy_step, model, device)
         self.samples_np = buffer_from_example(self.example, (horizon, n_envs))
-        self.steps = [self.samples_np[t] for t in range(horizon)]  # views of each step, made once
         self.samples = torchify_buffer(self.samples_np)
+        # Views of each step, made once: numpy for the envs and, for a CPU policy, torch for its inputs.
+        self.steps = [self.samples_np[t] for t in range(horizon)]
+        self.inputs = [self.samples[t] if device.type == "cpu" else None for t in range(horizon)]
         self.rnn_state = None
 
+    @torch.no_grad()
     def collect(self, **policy_kwargs: Any) -> tuple[Samples, list[Episode]]:
         """Step every environment `horizon` times; returns the [T, B] batch and finished episodes."""
         episodes: list[Episode] = []
-        for step in self.steps:
+        for step, inputs in zip(self.steps, self.inputs):
             self.group.write_inputs(step)
-            self.rnn_state = act(step, self.policy_step, self.model, self.rnn_state, self.device, **policy_kwargs)
+            self.rnn_state = act(step, self.policy_step, self.model, self.rnn_state, self.device, inputs,
+                                 **policy_kwargs)
             finished, done = self.group.step(step.action, step)
             episodes += finished
             self.rnn_state = zero_rnn_state(self.rnn_state, done)
@@ -499,6 +512,7 @@ class EnvSlice:
         return done
 
 
+@torch.no_grad()
 def collect_with_policy(spec: WorkerSpec, slices: list[EnvSlice], watch: MainWatch, training: bool,
                         policy_kwargs: dict) -> None:
     """parallel-cpu: run the policy and step the envs for a whole batch, without the main process."""
@@ -716,6 +730,7 @@ class ParallelSampler:
             raise
         return self.samples, self._finished_episodes()
 
+    @torch.no_grad()
     def _serve_policy(self, policy_kwargs: dict) -> None:
         """Env-only kinds: per step, for each half, wait for its inputs, run the policy, hand out the actions."""
         for t in range(self.horizon):
