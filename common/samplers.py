@@ -208,8 +208,10 @@ class EnvGroup:
             write_observation(self.observation, b, obs)
         done = np.logical_or(terminated, truncated)
         self.prev_action[:] = action
-        self.prev_action[done] = 0
-        self.prev_reward[:] = np.where(done, 0.0, step.reward)
+        self.prev_reward[:] = step.reward
+        if done.any():  # a new episode starts with no previous action or reward
+            self.prev_action[done] = 0
+            self.prev_reward[done] = 0.0
         return episodes, done
 
     def _aggregate_info(self, b: int, info: dict) -> None:
