@@ -11,10 +11,14 @@ Three measurements, all with the networks and batch size of the scripts' default
    the Polyak average.
 2. Twin-critic evaluation alone (critic loss, forward and backward): two separate networks, torch.func
    (`functional_call` + `vmap` over stacked parameters) and the stacked-weights baddbmm layer of the scripts.
-3. End to end: environment steps per second of `python algos/{sac,td3}.py --env-id Hopper-v5` after learning
+3. The matmul floor: every matrix product one eager update of each script makes, forward and backward
+   (`mm`, `addmm`, `bmm`, `baddbmm`, recorded with a dispatch mode over two updates, td3's actor update
+   coming every second one), replayed alone on tensors of the same shapes and strides. Its share of the
+   eager update is the part of the update that any implementation of the same networks pays.
+4. End to end: environment steps per second of `python algos/{sac,td3}.py --env-id Hopper-v5` after learning
    starts (replay ratio 1: one update per step), eager and --compile.
 
-Configurations of 1 and 2 are timed in interleaved rounds, so that load from other processes hits them
+Configurations of 1, 2 and 3 are timed in interleaved rounds, so that load from other processes hits them
 alike; each reports its median round, by wall clock and by process CPU time (the steadier of the two on a
 shared machine). The last lines print the ratios against the reference (taken on CPU time, on wall clock
 with --device cuda).
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 import tyro
 from torch.distributions import Normal
 from torch.func import functional_call, stack_module_state, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.envs import make_env
 from common.kernels import polyak_update
@@ -305,6 +310,56 @@ def critic_steps(sac, hidden: int, args: Args, device: torch.device) -> dict[str
 
 
 # --------------------------------------------------------------------------------------------------
+# The matmul floor
+# --------------------------------------------------------------------------------------------------
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default)
+
+
+class RecordMatmuls(TorchDispatchMode):
+    """Records every matrix product dispatched while active (autograd's backward included): op, arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in MATMULS:
+            layout = lambda a: (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+            self.calls.append((func, [layout(a) for a in args], dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+def record_matmuls(update: Callable, batches: list, n_updates: int = 2) -> list[list[tuple]]:
+    """The matrix products of each of `n_updates` successive calls of `update`, one list per call."""
+    per_update = []
+    for i in range(n_updates):
+        with RecordMatmuls() as recorder:
+            update(batches[i % len(batches)])
+        per_update.append(recorder.calls)
+    return per_update
+
+
+def matmul_floor(per_update: list[list[tuple]]) -> Callable:
+    """A step that runs one recorded update's matrix products (in turn) on random tensors of their layout."""
+    def tensor(shape, stride, dtype, device) -> torch.Tensor:
+        size = 1 + sum((n - 1) * step for n, step in zip(shape, stride))  # expanded (stride-0) layouts too
+        return torch.empty(size, dtype=dtype, device=device).normal_().as_strided(shape, stride)
+    replays = [[(func, [tensor(*a) if isinstance(a, tuple) and len(a) == 4 and isinstance(a[0], tuple) else a
+                        for a in args], kwargs) for func, args, kwargs in calls] for calls in per_update]
+    n = [0]
+
+    def step(_s) -> None:
+        for func, args, kwargs in replays[n[0] % len(replays)]:
+            func(*args, **kwargs)
+        n[0] += 1
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
 
@@ -388,6 +443,19 @@ def main(args: Args) -> None:
         for name, times in rows.items():
             ratio = times[by] / rows["reference"][by]
             print(f"| {algo} {name} | {times[0]:.0f} | {times[1]:.0f} | {ratio:.2f}x |")
+
+    floors = {}
+    for algo, ours in [("sac", partial_update(sac_update, sac)), ("td3", partial_update(td3_update, td3))]:
+        per_update = record_matmuls(ours(hidden, args, device, False, False), batches)
+        floors[algo] = (sum(map(len, per_update)) / len(per_update),
+                        time_rounds({"matmuls alone": matmul_floor(per_update),
+                                     "rlsolo eager": ours(hidden, args, device, False, False)}, batches, args, device))
+    print(f"\n| matmul floor, per update | matrix products | matmuls alone (updates/s, {by_name}) | "
+          f"rlsolo eager (updates/s, {by_name}) | share of the eager update |")
+    print("|---|---|---|---|---|")
+    for algo, (n_matmuls, rows) in floors.items():
+        alone, eager = rows["matmuls alone"][by], rows["rlsolo eager"][by]
+        print(f"| {algo} | {n_matmuls:g} | {alone:.0f} | {eager:.0f} | {100 * eager / alone:.0f}% |")
 
     critic = time_rounds(critic_steps(sac, hidden, args, device), batches, args, device)
     print("\n| twin critics, loss forward + backward (calls/s) | wall clock | CPU time |")
