@@ -67,6 +67,14 @@ def assert_modules_equal(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def soft_update(targets: list[nn.Module], sources: list[nn.Module]) -> None:
+    """target <- (1 - tau) target + tau source, parameter by parameter."""
+    with torch.no_grad():
+        for target, source in zip(targets, sources, strict=True):
+            for t, p in zip(target.parameters(), source.parameters(), strict=True):
+                t.mul_(1.0 - TAU).add_(TAU * p)
+
+
 def q_of(members: list[nn.Sequential], obs: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
     return [member(torch.cat([obs, action], -1)).squeeze(-1) for member in members]
 
@@ -133,10 +141,7 @@ def test_sac_update_is_the_textbook_update():
         ref_alpha_optimizer.zero_grad()
         ref_alpha_loss.backward()
         ref_alpha_optimizer.step()
-        with torch.no_grad():
-            for target, member in zip(ref_targets, ref_critics):
-                for t, p in zip(target.parameters(), member.parameters()):
-                    t.mul_(1.0 - TAU).add_(TAU * p)
+        soft_update(ref_targets, ref_critics)
 
         torch.testing.assert_close(q_loss, ref_q_loss, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(actor_loss, ref_actor_loss, rtol=1e-4, atol=1e-6)
@@ -168,12 +173,6 @@ def test_td3_update_is_the_textbook_update(policy_frequency):
     ref_critic_optimizer = torch.optim.Adam([p for m in ref_critics for p in m.parameters()], lr=Q_LR)
     ref_actor_optimizer = torch.optim.Adam(ref_actor.parameters(), lr=POLICY_LR)
     scale, bias = torch.as_tensor((HIGH - LOW) / 2), torch.as_tensor((HIGH + LOW) / 2)
-
-    def soft_update(targets, sources):
-        with torch.no_grad():
-            for target, source in zip(targets, sources):
-                for t, p in zip(target.parameters(), source.parameters()):
-                    t.mul_(1.0 - TAU).add_(TAU * p)
 
     for n_updates, s in enumerate(batches(6), start=1):
         rng = torch.get_rng_state()
