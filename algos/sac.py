@@ -45,24 +45,31 @@ class Args(CommonArgs, QPGArgs):
     """tune the temperature so that the policy entropy stays near --target-entropy"""
     target_entropy: float | None = None
     """the entropy the temperature is tuned towards (None: -(action dimensions))"""
+    clip_log_std: bool = False
+    """clip the actor's log-std to [-20, 2] (the SAC authors', Tianshou's and SB3's actor) instead of mapping it
+    into [-5, 2] with a rescaled tanh (CleanRL's)"""
 
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the tanh-rescaled range; with --clip-log-std: clipped to [-20, 2]
 
 
 class Actor(ScaledActions):
     """Tanh-squashed diagonal Gaussian policy; actions are in [-1, 1] until `to_env` scales them to the bounds."""
 
-    def __init__(self, example, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray):
+    def __init__(self, example, act_dim: int, hidden: int, low: np.ndarray, high: np.ndarray,
+                 clip_log_std: bool = False):
         super().__init__(low, high)
+        self.clip_log_std = clip_log_std
         self.encoder, obs_dim = observation_encoder(example)  # a Dict observation: its leaves, concatenated
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2 * act_dim),
         )
 
     def forward(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-std [B, act_dim] of the Gaussian before the tanh; log-std squashed into its range."""
+        """Mean and log-std [B, act_dim] of the Gaussian before the tanh; log-std clipped or squashed into its range."""
         mean, log_std = self.net(self.encoder(obs)).chunk(2, -1)
+        if self.clip_log_std:
+            return mean, log_std.clamp(-20.0, LOG_STD_MAX)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1.0)
         return mean, log_std
 
@@ -95,7 +102,7 @@ def load_policy(args: Args, checkpoint: dict, device: torch.device):
     qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     space = probe.action_space
     actor = Actor(observation_example(probe.observation_space), space.shape[0], args.hidden_size, space.low,
-                  space.high)
+                  space.high, args.clip_log_std)
     probe.close()
     actor.load_state_dict(checkpoint["actor"])
     return actor.to(device), eval_env_fn
@@ -151,7 +158,7 @@ def main(args: Args) -> dict:
     if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
         raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
 
-    actor = Actor(example, act_dim, args.hidden_size, low, high).to(device)
+    actor = Actor(example, act_dim, args.hidden_size, low, high, args.clip_log_std).to(device)
     critics = Critics(example, act_dim, args.hidden_size).to(device)
     target_critics = Critics(example, act_dim, args.hidden_size).to(device).requires_grad_(False)
     target_critics.load_state_dict(critics.state_dict())
