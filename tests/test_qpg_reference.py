@@ -79,10 +79,15 @@ def q_of(members: list[nn.Sequential], obs: torch.Tensor, action: torch.Tensor) 
     return [member(torch.cat([obs, action], -1)).squeeze(-1) for member in members]
 
 
-def test_sac_update_is_the_textbook_update():
+@pytest.mark.parametrize("clip_log_std", [False, True])
+def test_sac_update_is_the_textbook_update(clip_log_std):
     sac = load_script("sac")
     torch.manual_seed(0)
-    actor = sac.Actor(np.zeros(OBS_DIM, np.float32), ACT_DIM, HIDDEN, LOW, HIGH)
+    actor = sac.Actor(np.zeros(OBS_DIM, np.float32), ACT_DIM, HIDDEN, LOW, HIGH, clip_log_std)
+    if clip_log_std:  # log-std outputs spread so that some are clipped at 2 and some lie below -5
+        with torch.no_grad():
+            actor.net[-1].weight[ACT_DIM:] *= 12.0
+            actor.net[-1].bias[ACT_DIM:] = torch.tensor([1.5, -6.0])
     critics = Critics(np.zeros(OBS_DIM, np.float32), ACT_DIM, HIDDEN)
     target_critics = copy.deepcopy(critics).requires_grad_(False)
     log_alpha = torch.tensor(np.log(0.2), dtype=torch.float32, requires_grad=True)
@@ -101,9 +106,15 @@ def test_sac_update_is_the_textbook_update():
     ref_alpha_optimizer = torch.optim.Adam([ref_log_alpha], lr=Q_LR)
     scale, bias = torch.as_tensor((HIGH - LOW) / 2), torch.as_tensor((HIGH + LOW) / 2)
 
+    clipped = []
+
     def ref_policy(obs):
         mean, raw = ref_actor(obs).chunk(2, -1)
-        log_std = -5.0 + 3.5 * (torch.tanh(raw) + 1.0)  # [-5, 2]
+        if clip_log_std:
+            clipped.append(((raw > 2.0).float().mean().item(), (raw < -5.0).float().mean().item()))
+            log_std = raw.clamp(-20.0, 2.0)
+        else:
+            log_std = -5.0 + 3.5 * (torch.tanh(raw) + 1.0)  # [-5, 2]
         dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)])
         action = dist.rsample()
         return action, dist.log_prob(action).sum(-1)
@@ -152,6 +163,9 @@ def test_sac_update_is_the_textbook_update():
         assert_critics_equal(target_critics, ref_targets)
         torch.testing.assert_close(log_alpha, ref_log_alpha, rtol=1e-5, atol=1e-7)
     assert abs(log_alpha.item() - np.log(0.2)) > 1e-3  # the temperature did move, in both
+    if clip_log_std:
+        above, below = np.mean(clipped, axis=0)
+        assert 0.02 < above < 0.5 and below > 0.1, clipped  # the clip bit on some outputs, not on all
 
 
 @pytest.mark.parametrize("policy_frequency", [1, 2])
