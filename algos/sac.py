@@ -46,8 +46,7 @@ class Args(CommonArgs, QPGArgs):
     target_entropy: float | None = None
     """the entropy the temperature is tuned towards (None: -(action dimensions))"""
     clip_log_std: bool = False
-    """clip the actor's log-std to [-20, 2] (the SAC authors', Tianshou's and SB3's actor) instead of mapping it
-    into [-5, 2] with a rescaled tanh (CleanRL's)"""
+    """clip the actor's log-std to [-20, 2] (SAC authors, Tianshou, SB3), not a rescaled tanh into [-5, 2] (CleanRL)"""
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the tanh-rescaled range; with --clip-log-std: clipped to [-20, 2]
