@@ -159,8 +159,8 @@ class ScaledActions(nn.Module):
 
 def qpg_defaults(args: Any, env) -> None:
     """Fill the ddpg / td3 / sac flags left at None by the env's kind. MuJoCo: the usual 256 units and 10000
-    uniformly random steps before the first update (as the TD3 authors and Tianshou's SAC); classic control
-    learns as well, and faster, with 64 units and 1000 random steps."""
+    uniformly random steps before the first update (Tianshou's SAC; the TD3 paper on HalfCheetah and Ant);
+    classic control learns as well, and faster, with 64 units and 1000 random steps."""
     mujoco = "mujoco" in type(env.unwrapped).__module__
     if args.hidden_size is None:
         args.hidden_size = 256 if mujoco else 64
