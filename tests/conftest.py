@@ -120,6 +120,15 @@ def load_script(name: str):
     return sys.modules[name]
 
 
+def load_benchmark(name: str):
+    """Import benchmark/<name>.py as a fresh module (its command line does not run)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

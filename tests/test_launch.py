@@ -1,7 +1,6 @@
 """common.launch (slots, queueing, summary table, failures, Ctrl-C) and benchmark/learning.py + plot.py."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, default_sigint, read_summary
+from conftest import ROOT, default_sigint, load_benchmark, read_summary
 
 from common.launch import (
     Experiment,
@@ -293,14 +292,6 @@ def test_cli_runs_ppo_and_dqn_two_at_a_time(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_suites_skip_missing_scripts(tmp_path):
