@@ -15,6 +15,8 @@ launch directories; with several runs of one seed, the last directory named wins
 - Window (--window A B): per seed, the mean of its evaluations at steps in [A, B]: the `eval/episodic_return`
   rows of progress.csv, which a run launched with --eval-every logs, against the mean of the anchor's rows in
   [A, B]. Runs with fewer than two evaluations in the window are left out of it.
+- --plot PATH: each run's evaluation curve over the anchor's seeds (mean and min-max), against environment
+  steps, into a PNG.
 - p: the share of the ways to split the pooled per-seed values into groups of the two sizes whose difference of
   means (runs minus anchor) is at most the observed one. A small p says the runs are below the anchor by more
   than the seeds' spread explains; near 0.5 they are level with it. Every split is counted up to 2,000,000 of
@@ -51,6 +53,8 @@ class CompareArgs:
     """the anchor's row for the final evaluations, in its own step count (default: the runs' global_step)"""
     window: tuple[int, int] | None = None
     """compare the mean evaluation over steps in [A, B] too (runs launched with --eval-every)"""
+    plot: str | None = None
+    """draw the runs' evaluation curves over the anchor's seeds into this PNG (against environment steps)"""
 
 
 @dataclass
@@ -123,6 +127,37 @@ def permutation_p(runs: np.ndarray, anchor: np.ndarray, samples: int = 1_000_000
     return p, len(groups), exact
 
 
+def plot_curves(runs: dict[int, SeedRun], anchor: dict, env_id: str, script: str, path: Path) -> Path:
+    """Each run's evaluations (a line per seed) over the anchor's seeds (mean and min-max band), against
+    environment steps (the anchor's steps plus its offset), up to the runs' last step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = max(int(r.eval_steps[-1]) for r in runs.values() if len(r.eval_steps))
+    steps = np.array(anchor["steps"]) + anchor["step_offset"]
+    keep = steps <= end
+    values = np.array(anchor["seeds"])[:, keep]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps[keep], values.mean(0), color="black", label=f"{anchor['name']}: mean of {len(values)} seeds")
+    ax.fill_between(steps[keep], values.min(0), values.max(0), color="black", alpha=0.15, linewidth=0,
+                    label="its min-max over seeds")
+    for i, (seed, run) in enumerate(runs.items()):
+        if len(run.eval_steps) >= 2:
+            ax.plot(run.eval_steps, run.eval_returns, color=f"C{i % 10}", linewidth=1, label=f"{script} seed {seed}")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("evaluation return")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title(f"{script} on {env_id}: deterministic evaluations against {anchor['name']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def describe(values: np.ndarray, labels: list[str]) -> str:
     """'mean ± std (population), median; per seed' of one group."""
     per_seed = ", ".join(f"{label}: {v:.0f}" for label, v in zip(labels, values))
@@ -168,6 +203,10 @@ def compare(args: CompareArgs) -> str:
                       f"  anchor ({anchor_rows} rows each): {describe(anchor_means, anchor_labels)}",
                       f"  difference of means {means.mean() - anchor_means.mean():+.1f}; permutation p = {p:.3f} "
                       f"({splits} splits, {'all' if exact else 'random'})"]
+    if args.plot is not None:
+        if not any(len(r.eval_steps) >= 2 for r in runs.values()):
+            raise SystemExit("--plot draws evaluation curves: no run has two evaluations (launch with --eval-every)")
+        lines.append(f"curves: {plot_curves(runs, anchor, args.env_id, args.script, Path(args.plot))}")
     return "\n".join(lines)
 
 

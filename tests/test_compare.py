@@ -57,7 +57,7 @@ def test_compare_reports_final_and_window_means_against_the_anchor(tmp_path):
                                   "step_offset": 50, "steps": [100, 200, 300],
                                   "seeds": [[0.0, 40.0, 40.0], [0.0, 60.0, 60.0]]}))
     args = compare.CompareArgs(launch_dirs=(str(launch),), script="sac", env_id="Hopper-v5", anchor=str(anchor),
-                               window=(200, 300))
+                               window=(200, 300), plot=str(tmp_path / "curves.png"))
     lines = compare.compare(args).splitlines()
     assert lines[0].startswith("sac on Hopper-v5, 3 seeds (1, 2, 3) against A, 2 seeds")
     assert lines[1] == ("final evaluation: runs 20.0 ± 8.2, median 20.0 (1: 10, 2: 20, 3: 30)")
@@ -67,6 +67,7 @@ def test_compare_reports_final_and_window_means_against_the_anchor(tmp_path):
     assert lines[4].startswith("window [200, 300], mean of each seed's evaluations (2 each): runs 9.5 ± 3.0")
     assert lines[5] == "  anchor (2 rows each): 50.0 ± 10.0, median 50.0 (#0: 40, #1: 60)"
     assert lines[6].startswith("  difference of means -40.5; permutation p = 0.167 (6 splits, all)")
+    assert lines[7] == f"curves: {tmp_path / 'curves.png'}" and (tmp_path / "curves.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no row at step 250"):
         compare.compare(compare.CompareArgs(launch_dirs=(str(launch),), script="sac", env_id="Hopper-v5",
                                             anchor=str(anchor), step=250))
