@@ -149,7 +149,7 @@ def plot_curves(runs: dict[int, SeedRun], anchor: dict, env_id: str, script: str
     ax.set_xlabel("environment steps")
     ax.set_ylabel("evaluation return")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     ax.set_title(f"{script} on {env_id}: deterministic evaluations against {anchor['name']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
