@@ -443,6 +443,7 @@ class Evaluation:
         self.args, self.env_fn, self.policy_step, self.model = args, env_fn, policy_step, model
         self.device, self.policy_kwargs = device, policy_kwargs
         self.next_step = (start_step // args.eval_every + 1) * args.eval_every if args.eval_every > 0 else None
+        self.last: tuple[int, list[float]] | None = None  # the step and returns of the latest periodic evaluation
 
     def returns(self, video_dir: Path | None = None) -> list[float]:
         """The returns of --eval-episodes episodes (the first recorded to `video_dir` when given)."""
@@ -465,13 +466,21 @@ class Evaluation:
             return
         self.next_step = (step // self.args.eval_every + 1) * self.args.eval_every
         returns = self.returns()
+        self.last = (step, returns)
         if returns:
             logger.log(step, {"eval/episodic_return": float(np.mean(returns))})
 
     def finish(self, logger: RunLogger, step: int) -> dict:
-        """The final evaluation (recorded with --capture-video), logged and written into summary.json."""
-        final = self.returns(logger.video_dir)
+        """The final evaluation (recorded with --capture-video), logged and written into summary.json.
+
+        A periodic evaluation taken at this same step already evaluated this policy on the same seeds: its
+        returns are the final ones (unless a video is to be recorded), not evaluated and logged a second time.
+        """
+        if self.last is not None and self.last[0] == step and logger.video_dir is None:
+            final = self.last[1]
+        else:
+            final = self.returns(logger.video_dir)
+            if final:
+                logger.log(step, {"eval/episodic_return": float(np.mean(final))})
         mean, std = (float(np.mean(final)), float(np.std(final))) if final else (float("nan"), float("nan"))
-        if final:
-            logger.log(step, {"eval/episodic_return": mean})
         return logger.finish(step, {"final_eval_return": mean, "final_eval_return_std": std})

@@ -143,10 +143,12 @@ def test_dqn_async_sampling_learns_cartpole(run_in, seed):
     # test_a_slow_optimizer_holds_the_sampler_within_the_lag_bound.
     _, run_dir, summary = run_in("dqn", "--async-sampling", "--env-id", "CartPole-v1", "--total-timesteps",
                                  "100000", "--seed", str(seed), "--eval-every", "10000")
-    evaluations = [float(row["eval/episodic_return"]) for row in read_progress(run_dir)
-                   if row.get("eval/episodic_return")]
+    rows = [row for row in read_progress(run_dir) if row.get("eval/episodic_return")]
+    evaluations = [float(row["eval/episodic_return"]) for row in rows]
     assert summary["global_step"] >= 100_000
-    assert len(evaluations) == 11 and evaluations[-1] == summary["final_eval_return"]
+    # One evaluation every 10k steps, the last of them the final one (not evaluated and logged twice).
+    assert [int(row["global_step"]) // 10_000 for row in rows] == list(range(1, 11))
+    assert int(rows[-1]["global_step"]) == summary["global_step"] and evaluations[-1] == summary["final_eval_return"]
     assert max(evaluations) >= 475, evaluations
 
 

@@ -54,9 +54,11 @@ def test_dqn_one_step_target_learns_cartpole(run_in):
     # docstring says: seeds 1, 2, 3 end at 262.0, 500.0 and 199.6 at 100k steps. Seed 1's evaluations every
     # 10k steps: 169, 95, 138, 405, then 500 from 50k to 90k, then 262. So the test asks that it reaches 400.
     _, run_dir, summary = run_in("dqn", *CARTPOLE, "--no-double", "--n-step", "1", "--eval-every", "10000")
-    evaluations = [float(row["eval/episodic_return"]) for row in read_progress(run_dir)
-                   if row.get("eval/episodic_return")]
-    assert len(evaluations) == 11 and evaluations[-1] == summary["final_eval_return"]
+    rows = [row for row in read_progress(run_dir) if row.get("eval/episodic_return")]
+    evaluations = [float(row["eval/episodic_return"]) for row in rows]
+    # One evaluation every 10k steps, the last of them the final one (not evaluated and logged twice).
+    assert [int(row["global_step"]) // 10_000 for row in rows] == list(range(1, 11))
+    assert int(rows[-1]["global_step"]) == summary["global_step"] and evaluations[-1] == summary["final_eval_return"]
     assert max(evaluations) >= 400, evaluations
 
 

@@ -34,7 +34,9 @@ def test_ppo_cartpole_reaches_475_with_every_sampler(run_in, kind):
     # and 196.3. So the test asks that each kind reaches 475, as the serial sampler does.
     _, run_dir, summary = run_in("ppo", "--env-id", "CartPole-v1", "--total-timesteps", "100000", "--seed", "1",
                                  "--eval-every", "10000", *sampler_flags(kind, 8))
-    evaluations = [float(row["eval/episodic_return"]) for row in read_progress(run_dir)
-                   if row.get("eval/episodic_return")]
-    assert len(evaluations) == 11 and evaluations[-1] == summary["final_eval_return"]
+    rows = [row for row in read_progress(run_dir) if row.get("eval/episodic_return")]
+    evaluations = [float(row["eval/episodic_return"]) for row in rows]
+    # One evaluation every 10k steps, the last of them the final one (not evaluated and logged twice).
+    assert [int(row["global_step"]) // 10_000 for row in rows] == list(range(1, 11))
+    assert int(rows[-1]["global_step"]) == summary["global_step"] and evaluations[-1] == summary["final_eval_return"]
     assert max(evaluations) >= 475, evaluations
