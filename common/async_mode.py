@@ -105,6 +105,7 @@ class ReplayFeeder:
                 self.replay = replay_factory(self.example, share_memory=False)
                 if replay_state is not None:
                     self.replay.load_state_dict(replay_state)
+                    self.replay.truncate_open_episodes()  # the new sampler starts new episodes
             except BaseException:
                 self.sampler.close()
                 raise
@@ -123,6 +124,7 @@ class ReplayFeeder:
         self.replay = replay_factory(self.example, share_memory=True)
         if replay_state is not None:
             self.replay.load_state_dict(replay_state)
+            self.replay.truncate_open_episodes()
         self.shared_model = copy.deepcopy(model).cpu()
         self.shared_model.share_memory()
         self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()

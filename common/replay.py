@@ -7,6 +7,8 @@ Every buffer is a ring `[size // n_envs, n_envs]` in time, written one whole `[T
     action, reward, terminated, truncated, prev_action, prev_reward  (agent_info is not stored)
     final observation  only where an episode ends, in a small FIFO pool: the true last observation
                        (frame buffers: its newest frame), so truncated episodes bootstrap correctly.
+    newest next observation  per env, of the newest step: a resumed run's buffer ends its open
+                       episodes there (`truncate_open_episodes`), since its sampler starts new ones.
 
 The next observation of step t is `observation[t + 1]` unless step t ended an episode, then it is the
 pool entry. Items (n-step transitions, or sequences) are sampled by their first step; a first step is
@@ -224,6 +226,8 @@ class UniformReplayBuffer:
         for name in _STEP_FIELDS:
             self._tensors[name] = buffer_from_example(getattr(example, name), ring, share_memory)
         self._tensors["final_observation"] = buffer_from_example(stored, (n_finals,), share_memory)
+        # The next observation of the newest stored step, per env: where truncate_open_episodes cuts.
+        self._tensors["newest_next_observation"] = buffer_from_example(stored, (n_envs,), share_memory)
         self._tensors["final_index"] = self._zeros((self.n_rows, n_envs), torch.int64)
         self._tensors["final_step"] = self._zeros((n_finals,), torch.int64)
         self._tensors["counters"] = self._zeros((3,), torch.int64)
@@ -346,6 +350,7 @@ class UniformReplayBuffer:
         for name in _STEP_FIELDS:
             getattr(self, name)[rows] = getattr(samples, name)
         self._store_finals(samples, first_step)
+        self.newest_next_observation[:] = self._compress(samples.next_observation[-1])
         self.counters[_STEPS] = first_step + n_stored
         self._after_append(units_before, steps_before)
         return first_step, n_stored
@@ -360,12 +365,14 @@ class UniformReplayBuffer:
     def _store_finals(self, samples: Any, first_step: int) -> None:
         """Put the final observation of every episode end into the FIFO pool; note what it evicts."""
         time, env = np.nonzero(samples.terminated | samples.truncated)
-        n_new = len(time)
-        if n_new == 0:
-            return
+        if len(time):
+            self._pool(first_step + time, env, self._compress(samples.next_observation[time, env]))
+
+    def _pool(self, steps: np.ndarray, env: np.ndarray, final_observation: Any) -> None:
+        """Pool the stored form [M, ...] of the final observations of episodes that ended at (steps, env) [M]."""
+        n_new = len(steps)
         capacity = len(self.final_step)
         written = int(self.counters[_FINALS])
-        steps = first_step + time
         if written + n_new > capacity:
             # Items reading an evicted entry end at or before its step: they all become invalid.
             evicted = written + n_new - capacity - 1
@@ -373,13 +380,34 @@ class UniformReplayBuffer:
             self.counters[_EVICTED] = max(int(self.counters[_EVICTED]), int(evicted_step))
         keep = slice(max(0, n_new - capacity), n_new)
         slots = (written + np.arange(n_new)[keep]) % capacity
-        self.final_observation[slots] = self._compress(samples.next_observation[time[keep], env[keep]])
+        self.final_observation[slots] = final_observation[keep]
         self.final_step[slots] = steps[keep]
         self.final_index[steps[keep] % self.n_rows, env[keep]] = slots
         self.counters[_FINALS] = written + n_new
 
     def _after_append(self, units_before: tuple[int, int], steps_before: int) -> None:
         """Hook run inside the write lock after the cursors moved (prioritized buffers update the tree)."""
+
+    def truncate_open_episodes(self) -> None:
+        """End every episode still open at the newest stored step there, as a time-limit truncation that
+        bootstraps from that step's true next observation.
+
+        A run resumed with its replay buffer calls this after `load_state_dict`: its sampler starts new
+        episodes, whose first steps must not read as the continuation of the episodes the checkpoint cut
+        (n-step windows, frame stacks and sequences stop at the cut).
+        """
+        with self._writing():
+            steps = int(self.counters[_STEPS])
+            if steps == 0:
+                return
+            row, env = (steps - 1) % self.n_rows, np.arange(self.n_envs)
+            env = env[~self._ended(row, env)]
+            if len(env) == 0:
+                return
+            units_before = self._unit_range()
+            self.truncated[row, env] = True
+            self._pool(np.full(len(env), steps - 1), env, self.newest_next_observation[env])
+            self._after_append(units_before, steps)
 
     # ---- sample ----
 

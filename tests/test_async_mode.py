@@ -82,6 +82,45 @@ def test_parameters_reach_the_sampler_and_steps_advance(asynchronous):
         feeder.close()
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_resumed_feeder_ends_the_episodes_its_checkpoint_cut(asynchronous):
+    # Resumed with its replay buffer, a run's sampler starts new episodes: the last restored step of every
+    # env still in an episode becomes a truncation that bootstraps from that episode's true next observation
+    # (what the run would have seen had it gone on), not from the new sampler's first observation.
+    args = make_args(False)
+    first = ReplayFeeder(args, partial(make_env, "CartPole-v1"), switch_policy, Switch(), replay_factory,
+                         horizon=4, exploration=no_exploration)
+    try:
+        was_open = np.zeros(args.n_envs, dtype=bool)
+        while first.step < 96 or not was_open.all():  # checkpoint with both envs in mid-episode
+            first.collect()
+            cut = int(first.replay.counters[0])  # time steps stored per env
+            row = (cut - 1) % first.replay.n_rows
+            was_open = ~(first.replay.terminated[row] | first.replay.truncated[row])
+        checkpoint = {"global_step": first.step, "replay": first.replay.state_dict()}
+        first.collect()
+        true_next = first.replay.observation[cut % first.replay.n_rows].copy()
+    finally:
+        first.close()
+    resumed = ReplayFeeder(make_args(asynchronous), partial(make_env, "CartPole-v1"), switch_policy, Switch(),
+                           replay_factory, horizon=4, exploration=no_exploration, checkpoint=checkpoint)
+    try:
+        while resumed.collect()[0] < checkpoint["global_step"] + 32:
+            pass
+        replay = resumed.replay
+        assert replay.truncated[row].all()
+        torch.manual_seed(0)
+        samples = replay.sample(4000)
+        for env in range(args.n_envs):
+            at_cut = samples.index == (cut - 1) * args.n_envs + env
+            assert at_cut.any()
+            bootstrap = samples.bootstrap_observation[at_cut][0].numpy()
+            assert np.array_equal(bootstrap, true_next[env]) and samples.discount[at_cut][0] > 0
+            assert not np.array_equal(bootstrap, replay.observation[cut % replay.n_rows, env])
+    finally:
+        resumed.close()
+
+
 def test_exploration_kwargs_reach_the_sampling_process():
     feeder = ReplayFeeder(make_args(True), partial(make_env, "CartPole-v1"), switch_policy, Switch(),
                           replay_factory, horizon=4, exploration=force_one)

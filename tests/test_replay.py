@@ -442,6 +442,41 @@ def test_state_dict_round_trip_restores_identical_samples(buffer_class, dict_obs
     assert len(restored) == len(buffer)
 
 
+@pytest.mark.parametrize("buffer_class,frame_stack", [
+    (UniformReplayBuffer, 0), (PrioritizedReplayBuffer, 0), (PrioritizedFrameReplayBuffer, 4),
+])
+def test_a_restored_buffer_ends_the_open_episodes_where_the_checkpoint_cut_them(buffer_class, frame_stack):
+    # A resumed run's sampler starts new episodes after the restored steps. The items that reach the cut
+    # must stop there and bootstrap from the true next observation of the step before it, as if each
+    # episode still open at the checkpoint had been truncated; one that ended there stays as it ended.
+    n_envs, cut = 3, 30
+    before = make_stream(cut, n_envs, seed=21, frame_stack=frame_stack, p_end=0.1)
+    before.terminated[-1] = [True, False, False]
+    before.truncated[-1] = False
+    after = make_stream(30, n_envs, seed=22, frame_stack=frame_stack, p_end=0.1)
+    kwargs = dict(size=100 * n_envs, n_envs=n_envs, n_step=3, gamma=GAMMA)
+    buffer = buffer_class(to_torch(before)[0, 0], **kwargs)
+    buffer.append(to_torch(before))
+    saved = io.BytesIO()
+    torch.save(buffer.state_dict(), saved)
+    saved.seek(0)
+    restored = buffer_class(to_torch(before)[0, 0], **kwargs)
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    restored.truncate_open_episodes()
+    restored.append(to_torch(after))
+
+    stream = Samples(*[None if x is None else np.concatenate([x, y]) for x, y in zip(before, after)])
+    stream.truncated[cut - 1, 1:] = True  # the reference: episodes open at the cut were truncated there
+    history = max(frame_stack - 1, 0)
+    if isinstance(restored, PrioritizedReplayBuffer):
+        check_tree(restored, 2 * cut, history)
+    torch.manual_seed(0)
+    samples = restored.sample(2000)
+    check_transitions(restored, stream, samples, 2 * cut, history)
+    first_steps = set((samples.index // n_envs).tolist())
+    assert {cut - 3, cut - 2, cut - 1, cut} <= first_steps  # the items around the cut were checked
+
+
 @pytest.mark.parametrize("buffer_class", [FrameReplayBuffer, PrioritizedFrameReplayBuffer])
 def test_frame_buffers_refuse_dict_observations(buffer_class):
     example = to_torch(make_stream(4, 2, seed=0, dict_observation=True))[0, 0]
