@@ -316,12 +316,20 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
 def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
     """Parse the command line; with --resume, reload the run's saved config (only --resume is taken from argv)."""
     args = tyro.cli(args_cls, args=argv)
+    argv = sys.argv[1:] if argv is None else argv
     if args.resume is not None:
         run_dir = Path(args.resume)
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise UsageError(f"--resume {args.resume}: no config.json there; pass the directory of a saved run")
+        others = [flag.split("=")[0] for flag in argv if flag.startswith("--") and flag.split("=")[0] != "--resume"]
+        if others:
+            raise UsageError(f"--resume continues a run with the flags in its config.json: drop {' '.join(others)} "
+                             "(edit total_timesteps there to extend the run)")
         saved = json.loads(config_path.read_text())
+        if saved.get("script", script_name()) != script_name():
+            raise UsageError(f"--resume {args.resume}: the run was made by algos/{saved['script']}.py; "
+                             "resume it with that script")
         known = {f.name for f in dataclasses.fields(args_cls)}
         args = args_cls(**{k: v for k, v in saved.items() if k in known})
         args.resume = str(run_dir)
@@ -331,7 +339,10 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
         env = args.env_id.replace("/", "-").replace(":", "-")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.run_name = f"{script_name()}__{env}__{args.seed}__{stamp}-{os.getpid()}"
-    argv = sys.argv[1:] if argv is None else argv
+    run_dir = Path(args.output_dir) / args.run_name
+    if args.resume is None and ((run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or give this one "
+                         "another --run-name")
     validate(args, n_envs_given=args.resume is not None or any(a.split("=")[0] in ("--n-envs", "--n_envs")
                                                                  for a in argv))
     return args
@@ -341,6 +352,12 @@ def run(main: Callable[[ArgsT], object], args_cls: type[ArgsT], argv: list[str] 
     """Parse flags and call `main(args)`; bad input ends with `error: ...` on stderr and exit code 2."""
     try:
         args = parse_args(args_cls, argv)
+        summary = Path(args.resume or "") / "summary.json"
+        if args.resume is not None and summary.is_file() and \
+                json.loads(summary.read_text()).get("global_step", 0) >= args.total_timesteps:
+            print(f"{args.resume} has trained its --total-timesteps {args.total_timesteps}: nothing to resume "
+                  "(raise total_timesteps in its config.json to train on)", flush=True)
+            return
         n_ranks = max(args.n_gpus, args.n_procs)
         if n_ranks > 1 and not distributed.launched():
             sys.exit(distributed.spawn_local(n_ranks))

@@ -41,6 +41,7 @@ def capture_rng_state() -> dict:
         "python_gauss": random.getstate()[2],
         "numpy": np.random.get_state()[1].tolist(),
         "numpy_pos": int(np.random.get_state()[2]),
+        "numpy_gauss": list(np.random.get_state()[3:]),  # whether a normal draw is cached, and its value
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -51,7 +52,9 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     """Inverse of `capture_rng_state`."""
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    has_gauss, cached_gaussian = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss,
+                         cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -79,6 +82,8 @@ class Counters:
     """gradient updates"""
     updates_owed: float = 0.0
     """updates that the replay ratio owes and that have not run yet"""
+    wall_time_s: float = 0.0
+    """seconds the run has trained, over all the processes that ran it (up to the checkpoint it was saved in)"""
 
 
 def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
@@ -159,18 +164,21 @@ def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.devic
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def keep_episodes_until(path: Path, step: int) -> list[float]:
-    """Drop the rows of an episodes.csv logged after `step` (a resumed run logs them again); the returns kept."""
+def keep_rows_until(path: Path, step: int) -> list[dict]:
+    """Drop the rows of a log (progress.csv, episodes.csv) written after `step`, which a run resumed from the
+    checkpoint of `step` writes again; returns the rows kept."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
     kept = [row for row in rows if int(row["global_step"]) <= step]
     if len(kept) < len(rows):
         with open(path, "w", newline="") as f:
-            f.write("global_step,return,length\n")
-            f.writelines(f"{row['global_step']},{row['return']},{row['length']}\n" for row in kept)
-    return [float(row["return"]) for row in kept]
+            writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+    return kept
 
 
 def git_commit() -> str | None:
@@ -206,6 +214,7 @@ class RunLogger:
         self.total_steps = args.total_timesteps
         self.start_step = start_step = counters.global_step
         self.start_time = time.time()
+        self.earlier_wall_time_s = counters.wall_time_s  # the run's time in the processes before this one
         self.update_clock = (self.start_time, counters.n_updates)  # for charts/updates_per_second
         self.last_print = 0.0
         self.last_checkpoint = self.start_time
@@ -224,6 +233,8 @@ class RunLogger:
         config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
         config["script"] = script  # which algos/<script>.py wrote the run: common.evaluate reloads it from there
         config_path = self.run_dir / "config.json"
+        if args.resume is None:
+            self.episodes_path.unlink(missing_ok=True)  # a run that never checkpointed, started again
         if args.resume is None or not config_path.exists():
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.csv_path.exists() and args.resume is not None:
@@ -231,7 +242,9 @@ class RunLogger:
                 header = next(csv.reader(f), None)
             self.columns = header or []
         if args.resume is not None:
-            self.recent_returns = keep_episodes_until(self.episodes_path, start_step)[-100:]
+            keep_rows_until(self.csv_path, start_step)
+            self.recent_returns = [float(row["return"]) for row in keep_rows_until(self.episodes_path, start_step)]
+            self.recent_returns = self.recent_returns[-100:]
             print(f"resumed from step {start_step} ({self.run_dir})", flush=True)
         if args.track:
             import wandb
@@ -261,7 +274,7 @@ class RunLogger:
             return
         values = to_floats(metrics)
         self.latest.update(values)
-        row = {"global_step": step, "wall_time_s": round(time.time() - self.start_time, 3), **values}
+        row = {"global_step": step, "wall_time_s": round(self.wall_time_s(), 3), **values}
         self._write_csv(row)
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
@@ -335,6 +348,10 @@ class RunLogger:
             file.close()
 
     # ---------------------------------------------------------------- console
+    def wall_time_s(self) -> float:
+        """Seconds the run has trained, in this process and the ones it resumed from."""
+        return self.earlier_wall_time_s + time.time() - self.start_time
+
     def sps(self, step: int) -> float:
         """Environment steps per second since the start of this process."""
         elapsed = time.time() - self.start_time
@@ -363,6 +380,7 @@ class RunLogger:
     # ---------------------------------------------------------------- checkpoints
     def checkpoint(self, trained: Mapping[str, Any], counters: Counters) -> None:
         """Save the declared objects, counters and RNG states now (when --save-model; rank 0 only)."""
+        counters.wall_time_s = self.wall_time_s()
         if self.args.save_model and self.enabled:
             save_checkpoint(self.run_dir, checkpoint_state(trained, counters))
         self.last_checkpoint = time.time()
@@ -374,13 +392,15 @@ class RunLogger:
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
-        """Write summary.json (global_step, wall_time_s, sps + `summary`) and close the loggers."""
+        """Write summary.json (global_step, wall_time_s and sps over every process of the run, + `summary`) and
+        close the loggers."""
         if self.interactive and self.enabled:
             print()
+        wall_time_s = self.wall_time_s()
         result = {
             "global_step": int(step),
-            "wall_time_s": round(time.time() - self.start_time, 3),
-            "sps": round(self.sps(step), 2),
+            "wall_time_s": round(wall_time_s, 3),
+            "sps": round(step / wall_time_s if wall_time_s > 0 else 0.0, 2),
             # the metric CleanRL reports: mean raw return of the last 100 training episodes
             "train_return_last100": float(np.mean(self.recent_returns)) if self.recent_returns else float("nan"),
             **to_floats(summary),

@@ -95,15 +95,16 @@ class ObservationNormalizer(nn.Module):
 class RewardScaler(nn.Module):
     """Divides rewards by the std of each env's running discounted return (not centred, so signs stay).
 
-    The running return of each of the `n_envs` environments carries over from batch to batch (a buffer)
-    and restarts at episode ends.
+    The running return of each of the `n_envs` environments carries over from batch to batch and restarts at
+    episode ends. Checkpoints keep the statistics but not the running returns: a resumed run's environments
+    start new episodes.
     """
 
     def __init__(self, n_envs: int, gamma: float, clip: float = 10.0):
         super().__init__()
         self.gamma, self.clip = gamma, clip
         self.return_stats = RunningMeanStd()
-        self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64))
+        self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
     def forward(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

@@ -80,12 +80,13 @@ def same(a: list, b: list) -> bool:
 @pytest.mark.parametrize("family", [ppo_family, dqn_family, sac_family], ids=["policy-gradient", "deep-q", "qpg"])
 def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, family):
     saved = family(seed=1)
-    counters = Counters(global_step=12_345, n_updates=678, updates_owed=0.75)
+    counters = Counters(global_step=12_345, n_updates=678, updates_owed=0.75, wall_time_s=91.5)
     random.seed(3)
     np.random.seed(3)
     torch.manual_seed(3)
+    np.random.normal()  # numpy's generator now holds the second normal of its pair, which the checkpoint keeps
     save_checkpoint(tmp_path, checkpoint_state(saved, counters))
-    draws = (torch.rand(4), np.random.rand(4), random.random())
+    draws = (torch.rand(4), np.random.rand(4), random.random(), np.random.normal())
 
     restored = family(seed=2)
     for name in saved:  # the two builds differ before the restore, so the comparison below can fail
@@ -99,8 +100,8 @@ def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, fam
         assert same(flat_state(saved[name]), flat_state(restored[name])), name
     assert restored_counters == counters
     assert torch.equal(torch.rand(4), draws[0]) and np.array_equal(np.random.rand(4), draws[1])
-    assert random.random() == draws[2]
-    assert set(checkpoint) == set(saved) | {"global_step", "n_updates", "updates_owed", "rng"}
+    assert random.random() == draws[2] and np.random.normal() == draws[3]
+    assert set(checkpoint) == set(saved) | {"global_step", "n_updates", "updates_owed", "wall_time_s", "rng"}
     # The restored optimizer steps the restored parameters (not the ones it was built with).
     optimizer = next(obj for obj in restored.values() if isinstance(obj, torch.optim.Optimizer))
     before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
@@ -129,7 +130,7 @@ def test_restore_names_what_the_checkpoint_lacks(tmp_path):
 def test_a_run_checkpoints_what_its_script_declares(run_in, script, flags, declared):
     _, run_dir, summary = run_in(script, *flags, "--eval-episodes", "1")
     checkpoint = load_checkpoint(run_dir)
-    assert set(checkpoint) == declared | {"global_step", "n_updates", "updates_owed", "rng"}
+    assert set(checkpoint) == declared | {"global_step", "n_updates", "updates_owed", "wall_time_s", "rng"}
     assert checkpoint["global_step"] == summary["global_step"] == int(flags[flags.index("--total-timesteps") + 1])
     if script != "ppo":  # one update per step from step learning_starts on, that step included
         learning_starts = int(flags[flags.index("--learning-starts") + 1])

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from common.namedarraytuple import runtime_namedarraytuple
-from common.normalization import ObservationNormalizer, RunningMeanStd
+from common.normalization import ObservationNormalizer, RewardScaler, RunningMeanStd
 
 # What common.envs.observation_example makes of Dict(pixels=uint8 [1, 2, 2], state=Dict(position=[2], speed=[])).
 Observation = runtime_namedarraytuple("Observation", ["pixels", "state"])
@@ -71,3 +71,14 @@ def test_an_array_observation_is_one_leaf_like_running_mean_std():
     image_normalizer = ObservationNormalizer(frames[0])
     image_normalizer.update(frames)
     assert len(image_normalizer.stats) == 0 and image_normalizer(frames) is frames
+
+
+def test_a_reward_scaler_checkpoint_keeps_the_statistics_and_not_the_running_returns():
+    # A resumed run's environments start new episodes: their discounted returns start again from zero.
+    scaler = RewardScaler(3, 0.99)
+    scaler(torch.rand(5, 3) + 0.5, torch.zeros(5, 3, dtype=torch.bool))
+    restored = RewardScaler(3, 0.99)
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.return_stats.count == scaler.return_stats.count
+    assert torch.equal(restored.return_stats.var, scaler.return_stats.var)
+    assert (scaler.running_return > 0).all() and (restored.running_return == 0).all()

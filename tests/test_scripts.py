@@ -119,9 +119,18 @@ def test_sigkill_then_resume_finishes_the_budget(tmp_path, script):
     assert killed_at is not None, f"no checkpoint past a third of the budget: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists()
 
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     resumed = run_script(script, "--resume", str(run_dir), timeout=600)
     summary = read_summary(run_dir)
     assert summary["global_step"] >= total
+    # What the killed process logged after its checkpoint is logged once, by the resumed one.
+    rows = read_progress(run_dir)
+    for column in ("global_step", "wall_time_s"):
+        values = [float(row[column]) for row in rows]
+        assert values == sorted(values), column
+    episode_steps = [int(line.split(",")[0]) for line in (run_dir / "episodes.csv").read_text().splitlines()[1:]]
+    assert episode_steps == sorted(episode_steps)
+    assert saved["wall_time_s"] < summary["wall_time_s"] == pytest.approx(float(rows[-1]["wall_time_s"]), abs=1.0)
     assert f"resumed from step {killed_at}" in resumed.stdout or "resumed from step" in resumed.stdout
     # The resumed process only ran the rest of the budget.
     first_logged = int(resumed.stdout.split("resumed from step ")[1].split()[0])
