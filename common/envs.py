@@ -128,25 +128,32 @@ class EpisodicLife(gym.Wrapper):
             obs, info = self.env.reset(**kwargs)
         else:
             obs, _, terminated, truncated, info = self.env.step(_NOOP)
-            if terminated or truncated:
+            if terminated or truncated:  # the game ended on this step: its statistics go out with the reset
+                episode = info.get("episode")
                 obs, info = self.env.reset(**kwargs)
+                info = info if episode is None else {**info, "episode": episode}
         self.game_over = False
         self.lives = self.ale.lives()
         return obs, info
 
 
 class FireReset(gym.Wrapper):
-    """Press FIRE after reset, for games that wait for it before play starts."""
+    """Press FIRE after reset, for games that wait for it before play starts.
+
+    A game that ends inside the reset (its time limit reached on one of these steps, or on EpisodicLife's)
+    reports its `info["episode"]` in the info that reset returns.
+    """
 
     def reset(self, **kwargs):
-        self.env.reset(**kwargs)
-        obs, _, terminated, truncated, info = self.env.step(_FIRE)
-        if terminated or truncated:
-            self.env.reset()
-        obs, _, terminated, truncated, info = self.env.step(_FIRE_RESET_SECOND_ACTION)
-        if terminated or truncated:
-            obs, info = self.env.reset()
-        return obs, info
+        _, info = self.env.reset(**kwargs)
+        episode = info.get("episode")
+        for action in (_FIRE, _FIRE_RESET_SECOND_ACTION):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                episode = info.get("episode", episode)
+                obs, info = self.env.reset()
+                episode = info.get("episode", episode)
+        return obs, info if episode is None else {**info, "episode": episode}
 
 
 class WarpFrame(gym.ObservationWrapper):

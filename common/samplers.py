@@ -200,11 +200,13 @@ class EnvGroup:
             if self.info_keys:
                 self._aggregate_info(b, info)
             if term or trunc:
-                if "episode" in info:
-                    episodes.append(Episode(float(info["episode"]["r"]), int(info["episode"]["l"]),
-                                            self._episode_info(b)))
-                    self.finished_envs.append(b)
-                obs, _ = env.reset()
+                obs, reset_info = env.reset()
+                # The game's statistics: on this step, or (Atari, after a life loss) on a step inside the reset.
+                for ended in (info, reset_info):
+                    if "episode" in ended:
+                        episodes.append(Episode(float(ended["episode"]["r"]), int(ended["episode"]["l"]),
+                                                self._episode_info(b)))
+                        self.finished_envs.append(b)
             write_observation(self.observation, b, obs)
         done = np.logical_or(terminated, truncated)
         self.prev_action[:] = action

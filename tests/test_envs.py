@@ -1,6 +1,7 @@
 """Tests of common/envs.py: Atari preprocessing, episode statistics, time limits, ids, space checks."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -182,6 +183,25 @@ def test_atari_max_episode_steps_truncates_in_agent_steps():
     assert truncated and not terminated
     # The limit counts the steps the episode statistic sees, including the two FIRE-reset steps.
     assert info["episode"]["l"] == 50 and agent_steps == 48
+
+
+@pytest.mark.parametrize("limit", range(24, 30))
+def test_a_game_that_ends_inside_a_life_loss_reset_is_still_reported(limit):
+    # Always NOOP in Breakout: the ball is lost after about 22 steps, and the reset that follows takes a NOOP
+    # (EpisodicLife) and two FIRE-reset steps. Time limits of 24 to 29 steps end the first game before, on,
+    # or inside that reset, or just after it. Every game, however it ends, is one episode of `limit` steps.
+    from common.samplers import EnvGroup, Samples
+
+    group = EnvGroup(partial(make_env, "ALE/Breakout-v5", sticky_actions=0.0, max_episode_steps=limit), [0])
+    step = Samples(observation=np.empty_like(group.observation), next_observation=np.empty_like(group.observation),
+                   action=None, reward=np.zeros(1, np.float32), terminated=np.zeros(1, bool),
+                   truncated=np.zeros(1, bool), prev_action=np.empty_like(group.prev_action),
+                   prev_reward=np.empty_like(group.prev_reward), agent_info=None)
+    episodes = []
+    for _ in range(3 * limit):
+        episodes += group.step(np.array([0]), step)[0]
+    group.close()
+    assert len(episodes) >= 2 and all(episode.length == limit for episode in episodes), episodes
 
 
 def test_atari_evaluation_rewards_are_unclipped():
