@@ -203,8 +203,7 @@ def main(args: Args) -> dict:
     # What a checkpoint saves and --resume restores, with the counters and the RNG states.
     trained = dict(model=model, optimizer=optimizer, reward_scaler=reward_scaler)
     count, _ = restore_checkpoint(args.resume, trained, device, init_from=args.init_from)
-    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps,
-                           seed=args.seed + count.global_step)
+    sampler = make_sampler(args, env_fn, policy_step, model, horizon=args.num_steps, start_step=count.global_step)
     logger = RunLogger(args, "ppo", count)
     evaluation = Evaluation(args, eval_env_fn, policy_step, model, device, start_step=count.global_step)
     batch_size = args.n_envs * args.num_steps

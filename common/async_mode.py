@@ -61,6 +61,7 @@ from common.samplers import (
     pid_exists,
     samples_example,
     seed_worker,
+    training_seed,
 )
 
 POLL_S = 0.001
@@ -97,7 +98,7 @@ class ReplayFeeder:
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
         # The sampler's policy is at most this many steps (x --replay-ratio updates) behind the optimizer's.
         max_lag_steps = max_lag_steps or getattr(args, "async_max_lag", None) or 4 * self.steps_per_batch
-        seed = args.seed + start_step if seed is None else seed
+        seed = training_seed(args.seed, start_step) if seed is None else seed
         if not self.asynchronous:
             self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)
             self.example = self.sampler.example

@@ -124,8 +124,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def replica_seed(seed: int) -> int:
-    """The environment seed of this rank's replica: data-parallel replicas must not sample the same episodes."""
-    return seed + 1_000_003 * rank()
+    """The environment seed of this rank's replica: data-parallel replicas must not sample the same episodes.
+
+    Ranks are 2**32 seeds apart, more than any run's steps: whatever step a resumed run offsets their seeds
+    by (`samplers.training_seed`), no rank's envs take the seeds of another rank's or of the evaluation envs.
+    """
+    return seed + (rank() << 32)
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:

@@ -321,6 +321,12 @@ def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device
 # --------------------------------------------------------------------------------------------------
 
 
+def training_seed(seed: int, start_step: int) -> int:
+    """The env seed of a run's sampler from environment step `start_step` on: the run's --seed at the start;
+    after a resume, seeds of its own, apart from the first envs' and from the evaluation envs'."""
+    return seed if start_step == 0 else seed + EVAL_SEED_OFFSET + EVAL_MAX_ENVS + start_step
+
+
 def evaluation_plan(n_episodes: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeds of the evaluation envs and how many episodes each runs: episode k is one of env k % E."""
     n_envs = min(n_episodes, EVAL_MAX_ENVS)
@@ -904,17 +910,18 @@ class ParallelSampler:
 
 def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, horizon: int,
                  device: torch.device | None = None, seed: int | None = None,
-                 eval_env_fn: Callable[[int], Any] | None = None):
+                 eval_env_fn: Callable[[int], Any] | None = None, start_step: int = 0):
     """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps.
 
-    `device` (default: the model's) is where the main process runs the policy (serial, parallel-gpu,
-    alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`;
+    Its envs are seeded by `seed` (default: `training_seed(args.seed, start_step)`, where a run resumed at
+    `start_step` picks up). `device` (default: the model's) is where the main process runs the policy
+    (serial, parallel-gpu, alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`;
     `args.info_keys` (`--info-keys`, when the script has it) name the info values its episodes carry. Under
     data-parallel training, every rank but rank 0 reseeds its generators here by (seed, rank): the
     networks were built identically from one seed, and from now on each rank explores on its own.
     """
     device = device if device is not None else next(model.parameters()).device
-    seed = distributed.replica_seed(args.seed if seed is None else seed)
+    seed = distributed.replica_seed(training_seed(args.seed, start_step) if seed is None else seed)
     if distributed.rank() > 0:
         seed_worker(seed, REPLICA_STREAM)
     info_keys = parse_info_keys(getattr(args, "info_keys", []))

@@ -30,7 +30,9 @@ from common.samplers import (
     SamplerError,
     SerialSampler,
     evaluate,
+    evaluation_plan,
     make_sampler,
+    training_seed,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,3 +350,28 @@ def test_alternating_script_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "final_eval_return" in result.stdout
     assert np.isfinite(float(result.stdout.split("final_eval_return=")[1].split(",")[0]))
+
+
+def test_training_envs_never_take_the_seeds_of_the_evaluation_envs_or_of_another_rank(monkeypatch):
+    # Env seeds are the sampler's seed + i. A run resumed at a step near the evaluation offset, and data-parallel
+    # ranks, must still train on envs of their own: none seeded like an evaluation env or like another rank's.
+    from common import distributed
+
+    seeds = []
+
+    def recording_env(seed):
+        seeds.append(seed)
+        return make_env("CartPole-v1", seed)
+
+    make_sampler(sampler_args("serial", n_envs=8, seed=3), recording_env, memory_policy, ProbeModel(2),
+                 horizon=1, start_step=1_000_000).close()
+    evaluation = set(evaluation_plan(100, 3)[0])
+    assert len(seeds) == 8 and not evaluation & set(seeds)
+    n_envs, steps = 16, [0, 1, 1_000_000 - 8, 1_000_003, 10**7 + 7, 10**9]
+    by_rank = {}
+    for rank in (0, 1, 2):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        by_rank[rank] = {distributed.replica_seed(training_seed(3, step)) + i for step in steps for i in range(n_envs)}
+        assert not by_rank[rank] & evaluation, rank
+    assert not by_rank[0] & by_rank[1] and not by_rank[1] & by_rank[2] and not by_rank[0] & by_rank[2]
+    assert training_seed(3, 0) == 3 and distributed.replica_seed(3) == 3 + (2 << 32)
