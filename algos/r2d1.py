@@ -81,6 +81,8 @@ class Args(CommonArgs, AtariArgs, QLearningArgs):
     exploration_fraction: float = 0.2
     learning_starts: int = 5_000
     max_grad_norm: float = 40.0
+    eval_epsilon: float | None = None
+    """random-action probability in evaluation, so no episode idles to its time limit (auto: 0.001 Atari, else 0)"""
 
 
 RnnState = namedarraytuple("RnnState", ["h", "c"])
@@ -140,12 +142,19 @@ def is_frame_stack(example) -> bool:
 
 def policy_step(model: R2D1Network, obs, prev_action, prev_reward, rnn_state, deterministic: bool = False,
                 epsilon: float = 0.0):
-    """Epsilon-greedy action (greedy when deterministic); agent_info keeps the state the step started from."""
+    """Epsilon-greedy action (evaluation, deterministic, passes --eval-epsilon); agent_info keeps the state the
+    step started from."""
     if rnn_state is None:
         rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     q, next_state = model(obs, prev_action, prev_reward, rnn_state)
-    action = epsilon_greedy(lambda: q.argmax(-1), obs, model.n_actions, 0.0 if deterministic else epsilon)
+    action = epsilon_greedy(lambda: q.argmax(-1), obs, model.n_actions, epsilon)
     return action, AgentInfo(rnn_state), next_state
+
+
+def eval_policy_kwargs(args: Args) -> dict:
+    """Keyword arguments of `policy_step` in evaluation (here and in common.evaluate)."""
+    auto = 0.001 if is_atari(args.env_id) else 0.0
+    return {"epsilon": auto if args.eval_epsilon is None else args.eval_epsilon}
 
 
 def load_policy(args: Args, checkpoint: dict, device: torch.device):
@@ -270,7 +279,8 @@ def main(args: Args) -> dict:
                           append=append_sequences, trained=trained)
     replay, learning_starts = feeder.replay, feeder.learning_starts
     logger = RunLogger(args, "r2d1", count)
-    evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step)
+    evaluation = Evaluation(args, eval_env_fn, policy_step, q_net, device, start_step=count.global_step,
+                            **eval_policy_kwargs(args))
     try:
         while count.global_step < args.total_timesteps:
             epsilon = exploration(args, count.global_step)["epsilon"]

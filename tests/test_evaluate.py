@@ -274,3 +274,19 @@ def test_deep_q_atari_evaluation_is_epsilon_greedy(script):
     assert torch.equal(greedy, module.policy_step(model, obs, None, None, None, deterministic=True)[0])
     explored = module.policy_step(model, obs, None, None, None, deterministic=True, epsilon=0.5)[0]
     assert (explored != greedy).any() and (explored == greedy).any()
+
+
+def test_r2d1_evaluates_epsilon_greedy_on_atari_and_greedy_on_vectors():
+    from conftest import load_script
+
+    r2d1 = load_script("r2d1")
+    assert r2d1.eval_policy_kwargs(r2d1.Args(env_id="ALE/Pong-v5")) == {"epsilon": 0.001}
+    assert r2d1.eval_policy_kwargs(r2d1.Args(env_id="CartPole-v1")) == {"epsilon": 0.0}
+    assert r2d1.eval_policy_kwargs(r2d1.Args(env_id="CartPole-v1", eval_epsilon=0.05)) == {"epsilon": 0.05}
+    torch.manual_seed(0)
+    model = r2d1.R2D1Network(np.zeros(4, np.float32), 6, hidden=16, lstm_size=8)
+    obs, zeros = torch.randn(64, 4), torch.zeros(64)
+    greedy = r2d1.policy_step(model, obs, zeros.long(), zeros, None, deterministic=True)[0]
+    assert torch.equal(greedy, r2d1.policy_step(model, obs, zeros.long(), zeros, None, deterministic=True)[0])
+    explored = r2d1.policy_step(model, obs, zeros.long(), zeros, None, deterministic=True, epsilon=0.5)[0]
+    assert (explored != greedy).any() and (explored == greedy).any()
