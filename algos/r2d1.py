@@ -287,7 +287,7 @@ def main(args: Args) -> dict:
             previous_step = count.global_step
             count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(count.global_step, episodes)
-            if count.global_step < learning_starts or len(replay) == 0:
+            if count.global_step < learning_starts:
                 logger.progress(count.global_step)
                 continue
 

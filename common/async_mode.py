@@ -86,14 +86,15 @@ class ReplayFeeder:
         replay buffer, loaded before any sampling starts. With --checkpoint-replay the buffer joins `trained`,
         the objects every checkpoint saves. `append(replay, batch)` stores a batch (default `replay.append(batch)`;
         r2d1 adds the rnn state). `learning_starts` is the step of the first update: --learning-starts steps
-        after the start, and again after a resume without the replay, which must be refilled first."""
+        after the start, and again after a resume without the replay, which must be refilled first; never
+        before the buffer (every rank's, under data-parallel training) can give its first item."""
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
         start_step = checkpoint.get("global_step", 0) if checkpoint else 0
         replay_state = checkpoint.get("replay") if checkpoint else None
         self.step = start_step
-        self.learning_starts = getattr(args, "learning_starts", 0) + (0 if replay_state is not None else start_step)
+        self.learning_starts = 0 if replay_state is not None else start_step
         self.steps_per_batch = horizon * args.n_envs
         # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
         # The sampler's policy is at most this many steps (x --replay-ratio updates) behind the optimizer's.
@@ -146,6 +147,9 @@ class ReplayFeeder:
         self._declare(args, trained)
 
     def _declare(self, args: Any, trained: dict | None) -> None:
+        # A rank's buffer holds at least the (rank-agreed) step count / n_envs steps per env.
+        first_item = self.replay.steps_to_first_item * args.n_envs
+        self.learning_starts += max(getattr(args, "learning_starts", 0), first_item)
         if trained is not None and getattr(args, "checkpoint_replay", False):
             trained["replay"] = self.replay
 

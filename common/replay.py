@@ -319,6 +319,11 @@ class UniformReplayBuffer:
         first_unit = -(-first // self.interval)
         return first_unit, max(0, last // self.interval - first_unit + 1)
 
+    @property
+    def steps_to_first_item(self) -> int:
+        """Steps per env to append before the first item can be sampled."""
+        return self._tail + self._history + 1
+
     def __len__(self) -> int:
         with self._reading():
             return self._unit_range()[1] * self.n_envs
@@ -430,7 +435,7 @@ class UniformReplayBuffer:
         """Flat ring indices [N] (ring unit * n_envs + env) and their importance weights [N]."""
         first_unit, n_units = self._unit_range()
         if n_units == 0:
-            raise ValueError(f"replay has no valid items yet: append at least {self._tail + self._history + 1} steps")
+            raise ValueError(f"replay has no valid items yet: append at least {self.steps_to_first_item} steps")
         draw = torch.randint(n_units * self.n_envs, (batch_size,)).numpy()
         unit = (first_unit + draw // self.n_envs) % (self.n_rows // self.interval)
         return unit * self.n_envs + draw % self.n_envs, np.ones(batch_size, dtype=np.float32)
@@ -526,7 +531,7 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         n_valid = self._unit_range()[1] * self.n_envs
         total = self.tree.total
         if n_valid == 0 or total <= 0:
-            raise ValueError(f"replay has no valid items yet: append at least {self._tail + self._history + 1} steps")
+            raise ValueError(f"replay has no valid items yet: append at least {self.steps_to_first_item} steps")
         index = self.tree.sample(batch_size)
         weight = (n_valid * self.tree.get(index) / total) ** -beta
         return index, (weight / weight.max()).astype(np.float32)

@@ -49,6 +49,18 @@ def test_dqn_variants_cartpole_reach_400(run_in, flags):
 
 
 @pytest.mark.learning
+@pytest.mark.parametrize("script", ["dqn", "c51", "td3"])
+def test_learning_starts_below_the_replays_first_item_waits_for_it(run_in, script):
+    # --learning-starts 0: the first update waits until the buffer can give an item (n_step + 2 steps per env),
+    # on every data-parallel rank alike (the replay scripts ran into an empty buffer, or skipped on some ranks).
+    env = ["--env-id", "Pendulum-v1"] if script == "td3" else []
+    _, run_dir, summary = run_in(script, *env, "--learning-starts", "0", "--n-envs", "2", "--n-step", "3",
+                                 "--total-timesteps", "64", "--replay-ratio", "1", "--eval-episodes", "0")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    first_update = (3 + 2) * 2  # steps_to_first_item x n_envs
+    assert summary["global_step"] == 64 and checkpoint["n_updates"] == 64 - first_update + 2
+
+
 def test_dqn_one_step_target_learns_cartpole(run_in):
     # The 2015 target (one step, no double Q-learning) learns, then may fall back before the end, as dqn.py's
     # docstring says: seeds 1, 2, 3 end at 262.0, 500.0 and 199.6 at 100k steps. Seed 1's evaluations every
