@@ -65,8 +65,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device_type: str, timeout_s: float = 300.0) -> None:
-    """Join the process group described by torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+def init(device_type: str, timeout_s: float = 1800.0) -> None:
+    """Join the process group described by torchrun's environment (gloo on CPU, NCCL on CUDA).
+
+    `timeout_s` bounds a collective's wait, so it must outlast what rank 0 does alone while the other ranks
+    wait in their next collective: an evaluation (ten Atari games can take minutes) or a checkpoint with its
+    replay buffer. A rank that dies ends the run at once (its peers' connections close; spawn_local and
+    torchrun stop the others), not after this timeout.
+    """
     if not launched() or dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
