@@ -106,8 +106,7 @@ class ReplayFeeder:
             try:
                 self.replay = replay_factory(self.example, share_memory=False)
                 if replay_state is not None:
-                    self.replay.load_state_dict(replay_state)
-                    self.replay.truncate_open_episodes()  # the new sampler starts new episodes
+                    restore_replay(self.replay, replay_state)
             except BaseException:
                 self.sampler.close()
                 raise
@@ -125,8 +124,7 @@ class ReplayFeeder:
             probe.close()
         self.replay = replay_factory(self.example, share_memory=True)
         if replay_state is not None:
-            self.replay.load_state_dict(replay_state)
-            self.replay.truncate_open_episodes()
+            restore_replay(self.replay, replay_state)
         self.shared_model = copy.deepcopy(model).cpu()
         self.shared_model.share_memory()
         self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()
@@ -219,6 +217,16 @@ def inference_device(sampler: str, model_device: torch.device) -> torch.device:
     """Where the sampling process runs the policy: parallel-gpu / alternating-gpu on the model's device
     (--device), the other kinds on the CPU (parallel-cpu's workers act on CPU copies)."""
     return model_device if sampler in ("parallel-gpu", "alternating-gpu") else torch.device("cpu")
+
+
+def restore_replay(replay: Any, state: dict) -> None:
+    """Load a checkpoint's replay buffer, ending there the episodes the checkpoint cut: the resumed sampler
+    starts new ones."""
+    try:
+        replay.load_state_dict(state)
+    except ValueError as error:
+        raise UsageError(f"--resume: the checkpoint's replay buffer does not fit this run's ({error})") from None
+    replay.truncate_open_episodes()
 
 
 def append_batch(replay: Any, batch: Any) -> None:

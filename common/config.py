@@ -327,9 +327,6 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
             raise UsageError(f"--resume continues a run with the flags in its config.json: drop {' '.join(others)} "
                              "(edit total_timesteps there to extend the run)")
         saved = json.loads(config_path.read_text())
-        if saved.get("script", script_name()) != script_name():
-            raise UsageError(f"--resume {args.resume}: the run was made by algos/{saved['script']}.py; "
-                             "resume it with that script")
         known = {f.name for f in dataclasses.fields(args_cls)}
         args = args_cls(**{k: v for k, v in saved.items() if k in known})
         args.resume = str(run_dir)

@@ -119,11 +119,16 @@ def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], d
         raise UsageError(f"--resume {run_dir}: the checkpoint has no {', '.join(missing)}; it was written by "
                          "another script: resume it with that script")
     for name, obj in trained.items():
-        if isinstance(obj, torch.Tensor):
-            with torch.no_grad():
-                obj.copy_(checkpoint[name])
-        else:
-            obj.load_state_dict(checkpoint[name])
+        try:
+            if isinstance(obj, torch.Tensor):
+                with torch.no_grad():
+                    obj.copy_(checkpoint[name])
+            else:
+                obj.load_state_dict(checkpoint[name])
+        except (KeyError, RuntimeError, ValueError) as error:
+            detail = " ".join(str(error).split())[:300]
+            raise UsageError(f"--resume {run_dir}: its {name} does not fit this run's ({detail}); resume it "
+                             "with the script that made it") from None
     for counter in dataclasses.fields(counters):
         setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
     restore_rng_state(checkpoint["rng"])
@@ -233,6 +238,10 @@ class RunLogger:
         config = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
         config["script"] = script  # which algos/<script>.py wrote the run: common.evaluate reloads it from there
         config_path = self.run_dir / "config.json"
+        made_by = json.loads(config_path.read_text()).get("script") if args.resume and config_path.exists() else None
+        if made_by not in (None, script):  # a copy of a script keeps the name it writes here, and may resume
+            raise UsageError(f"--resume {self.run_dir}: the run was made by algos/{made_by}.py; resume it with "
+                             "that script")
         if args.resume is None:
             self.episodes_path.unlink(missing_ok=True)  # a run that never checkpointed, started again
         if args.resume is None or not config_path.exists():

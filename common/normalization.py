@@ -106,6 +106,10 @@ class RewardScaler(nn.Module):
         self.return_stats = RunningMeanStd()
         self.register_buffer("running_return", torch.zeros(n_envs, dtype=torch.float64), persistent=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "running_return", None)  # in checkpoints that kept it: the envs restart anyway
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def forward(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Update the statistics with a batch (reward, done: [T, B]) and return its scaled rewards [T, B]."""

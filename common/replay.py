@@ -321,8 +321,8 @@ class UniformReplayBuffer:
 
     @property
     def steps_to_first_item(self) -> int:
-        """Steps per env to append before the first item can be sampled."""
-        return self._tail + self._history + 1
+        """Steps per env to append before the first item can be sampled (the first whose history is stored)."""
+        return self._tail + self.interval * -(-self._history // self.interval)
 
     def __len__(self) -> int:
         with self._reading():

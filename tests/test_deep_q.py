@@ -51,13 +51,13 @@ def test_dqn_variants_cartpole_reach_400(run_in, flags):
 @pytest.mark.learning
 @pytest.mark.parametrize("script", ["dqn", "c51", "td3"])
 def test_learning_starts_below_the_replays_first_item_waits_for_it(run_in, script):
-    # --learning-starts 0: the first update waits until the buffer can give an item (n_step + 2 steps per env),
+    # --learning-starts 0: the first update waits until the buffer can give an item (n_step + 1 steps per env),
     # on every data-parallel rank alike (the replay scripts ran into an empty buffer, or skipped on some ranks).
     env = ["--env-id", "Pendulum-v1"] if script == "td3" else []
     _, run_dir, summary = run_in(script, *env, "--learning-starts", "0", "--n-envs", "2", "--n-step", "3",
                                  "--total-timesteps", "64", "--replay-ratio", "1", "--eval-episodes", "0")
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    first_update = (3 + 2) * 2  # steps_to_first_item x n_envs
+    first_update = (3 + 1) * 2  # steps_to_first_item (the 3-step window and its next observation) x n_envs
     assert summary["global_step"] == 64 and checkpoint["n_updates"] == 64 - first_update + 2
 
 
@@ -155,7 +155,9 @@ def test_r2d1_resume_continues_from_the_checkpoint(run_in, tmp_path):
     _, run_dir, first = run_in("r2d1", *flags, run_name="first")
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["global_step"] == 6400 and checkpoint["n_updates"] > 0 and "replay" in checkpoint
-    # A resumed run with its budget spent goes straight to the final evaluation, with the same weights.
+    # A run killed in its final evaluation (no summary.json yet) goes straight to it when resumed, with the
+    # same weights.
+    (run_dir / "summary.json").unlink()
     run_script("r2d1", "--resume", str(run_dir), timeout=300)
     assert read_summary(run_dir)["final_eval_return"] == first["final_eval_return"]
     # common.evaluate rebuilds the network through load_policy and reproduces the final evaluation.

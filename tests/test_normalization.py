@@ -82,3 +82,5 @@ def test_a_reward_scaler_checkpoint_keeps_the_statistics_and_not_the_running_ret
     assert restored.return_stats.count == scaler.return_stats.count
     assert torch.equal(restored.return_stats.var, scaler.return_stats.var)
     assert (scaler.running_return > 0).all() and (restored.running_return == 0).all()
+    restored.load_state_dict({**scaler.state_dict(), "running_return": scaler.running_return})  # as some kept it
+    assert (restored.running_return == 0).all()

@@ -477,6 +477,25 @@ def test_a_restored_buffer_ends_the_open_episodes_where_the_checkpoint_cut_them(
     assert {cut - 3, cut - 2, cut - 1, cut} <= first_steps  # the items around the cut were checked
 
 
+@pytest.mark.parametrize("buffer_class,frame_stack,interval", [
+    (UniformReplayBuffer, 0, 1), (PrioritizedFrameReplayBuffer, 4, 1), (SequenceReplayBuffer, 0, 3),
+    (PrioritizedFrameSequenceReplayBuffer, 4, 3), (PrioritizedFrameSequenceReplayBuffer, 4, 2),
+])
+def test_steps_to_first_item_is_the_first_append_that_can_be_sampled(buffer_class, frame_stack, interval):
+    # The first update of a run waits for it (ReplayFeeder.learning_starts): never too early, never later.
+    stream = to_torch(make_stream(40, 2, seed=8, frame_stack=frame_stack, p_end=0.0))
+    sequence = issubclass(buffer_class, SequenceReplayBuffer)
+    args = (torch.zeros(3),) if sequence else ()
+    kwargs = dict(burn_in=2, train_length=4, n_step=2, rnn_state_interval=interval) if sequence else dict(n_step=2)
+    buffer = buffer_class(stream[0, 0], 200, 2, *args, **kwargs)
+    lengths = []
+    for t in range(30):
+        buffer.append(stream[t:t + 1], torch.zeros(1, 2, 3)) if sequence else buffer.append(stream[t:t + 1])
+        lengths.append(len(buffer))
+    first = buffer.steps_to_first_item
+    assert lengths[first - 2] == 0 and lengths[first - 1] > 0, (first, lengths)
+
+
 @pytest.mark.parametrize("buffer_class", [FrameReplayBuffer, PrioritizedFrameReplayBuffer])
 def test_frame_buffers_refuse_dict_observations(buffer_class):
     example = to_torch(make_stream(4, 2, seed=0, dict_observation=True))[0, 0]
