@@ -328,8 +328,16 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise UsageError("two experiments have the same script, env, seed and flags: remove the duplicates")
+    if max_parallel is not None and max_parallel < 1:
+        raise UsageError(f"--max-parallel must be at least 1, got {max_parallel}")
     output_dir = Path(output_dir or Path("runs") / time.strftime("launch-%Y%m%d-%H%M%S"))
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The launch's runs and their flags: a resumed launch must be the same one, since its runs keep theirs.
+    plan, planned = output_dir / "launch.json", [[e.script, e.env_id, e.seed, list(e.flags)] for e in experiments]
+    if resume and plan.is_file() and json.loads(plan.read_text()) != planned:
+        raise UsageError(f"--resume {output_dir}: these runs or their flags are not the launch's (its launch.json): "
+                         "give the launch's own command line, or another --output-dir")
+    plan.write_text(json.dumps(planned) + "\n")
     cores = sorted(cores if cores is not None else available_cores())
     gpus = list(gpus if gpus is not None else visible_gpus())
     if max_parallel is None:

@@ -242,6 +242,14 @@ def test_cli_resume_keeps_finished_runs_continues_interrupted_ones_and_starts_th
     proc = launcher("--scripts", fake_script, "--output-dir", str(tmp_path / "never-launched"), "--resume")
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "--output-dir" in stderr
+    # A resumed launch is the same launch: its finished runs would not run the new flags, only be listed with them.
+    for changed in (["--seeds", "1", "2", "3", "--", "--sleep", "1"], ["--seeds", "1", "2"]):
+        proc = launcher("--scripts", fake_script, "--max-parallel", "2", "--output-dir", str(out), "--resume", *changed)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "launch.json" in stderr, stderr
+    proc = launcher("--scripts", fake_script, "--max-parallel", "0", "--output-dir", str(tmp_path / "zero"))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--max-parallel must be at least 1" in stderr
 
 
 def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
