@@ -399,6 +399,22 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
     return results
 
 
+def failure_line(stderr: str) -> str:
+    """What a failed run's stderr says went wrong, on one line: its last line, or the title and first paragraph
+    of the boxed message that a command-line parse error ends with."""
+    lines = stderr.strip().splitlines()
+    if not lines or not lines[-1].lstrip().startswith("╰"):
+        return lines[-1].strip() if lines else ""
+    top = max((i for i, line in enumerate(lines) if line.lstrip().startswith("╭")), default=len(lines) - 1)
+    paragraph = []
+    for line in lines[top + 1:-1]:
+        text = line.strip().strip("│").strip()
+        if not text or set(text) <= {"─"}:
+            break
+        paragraph.append(text)
+    return ": ".join(part for part in (lines[top].strip(" ╭─╮"), " ".join(paragraph)) if part)
+
+
 def _report(result: Result, i: int, n: int, quiet: bool) -> None:
     name = result.experiment.name
     if result.ok:
@@ -406,8 +422,8 @@ def _report(result: Result, i: int, n: int, quiet: bool) -> None:
         _say(quiet, f"done {i + 1}/{n} {name}: final eval return {_fmt(ret)}, {result.wall_time_s:.1f} s")
         return
     try:
-        last = (result.run_dir / "stderr.log").read_text(errors="replace").strip().splitlines()[-1]
-    except (OSError, IndexError):
+        last = failure_line((result.run_dir / "stderr.log").read_text(errors="replace"))
+    except OSError:
         last = ""
     _say(quiet, f"FAILED {i + 1}/{n} {name}: exit code {result.returncode} ({last}); "
                 f"see {result.run_dir / 'stderr.log'}")

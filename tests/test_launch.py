@@ -436,3 +436,13 @@ def test_results_table_and_curves_name_the_published_anchor(tmp_path):
     assert cells[2:8] == ["2/2", "1000000", "2600.00 ± 100.00", "2300.00 ± 100.00", "2382.9 ± 271.7",
                           plot.CLEANRL_PPO]
     assert (tmp_path / "plots" / "mujoco-cpu_Hopper-v5.png").stat().st_size > 10_000
+
+
+def test_a_run_refused_on_its_command_line_is_reported_by_its_error_not_a_box_border(tmp_path):
+    proc = launcher("--scripts", "dqn", "--seeds", "1", "--output-dir", str(tmp_path / "launch"), "--",
+                    "--total-timesteps", "abc")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    failed = next(line for line in stdout.splitlines() if line.startswith("[launch] FAILED 1/1"))
+    assert "Value error: Error parsing --total-timesteps: invalid literal for int() with base 10: 'abc'" in failed, \
+        failed
