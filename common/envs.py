@@ -33,7 +33,7 @@ from common.namedarraytuple import runtime_namedarraytuple
 gym.register_envs(ale_py)
 
 _NOOP, _FIRE, _FIRE_RESET_SECOND_ACTION = 0, 1, 2
-_ATARI_VIDEO_FPS = 15  # the ALE's 60 frames per second, of which MaxAndSkip shows every 4th
+_ALE_FRAMES_PER_S = 60  # the emulator's rate (its metadata says 30); a video shows every frame_skip-th frame
 _NO_FRAMESKIP_V4 = re.compile(r"^(?P<game>[A-Za-z0-9]+)NoFrameskip-v4$")
 
 
@@ -406,7 +406,7 @@ def make_env(
         reason = " ".join(str(e).split())
         raise UsageError(f"environment {env_id!r} needs a package that is not installed: {reason}") from None
     if video_dir is not None:
-        fps = _ATARI_VIDEO_FPS if _is_atari_spec(spec) else env.metadata.get("render_fps") or 30
+        fps = _ALE_FRAMES_PER_S / frame_skip if _is_atari_spec(spec) else env.metadata.get("render_fps") or 30
         env = RecordEpisodes(env, video_dir, f"seed{seed}", video_episodes, fps)
     env.action_space.seed(seed)
     if clip_actions and isinstance(env.action_space, gym.spaces.Box):

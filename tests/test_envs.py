@@ -185,6 +185,20 @@ def test_atari_max_episode_steps_truncates_in_agent_steps():
     assert info["episode"]["l"] == 50 and agent_steps == 48
 
 
+@pytest.mark.parametrize("frame_skip", [1, 2, 4])
+def test_atari_videos_play_at_the_game_speed(tmp_path, frame_skip):
+    import imageio.v2 as imageio
+
+    env = make_env("ALE/Pong-v5", seed=0, training=False, max_episode_steps=5, frame_skip=frame_skip,
+                   video_dir=tmp_path)
+    env.reset(seed=0)
+    while not any(env.step(0)[2:4]):
+        pass
+    env.close()
+    with imageio.get_reader(tmp_path / "seed0-episode0.mp4") as reader:
+        assert reader.get_meta_data()["fps"] == 60 / frame_skip  # the ALE's 60 frames per second
+
+
 @pytest.mark.parametrize("limit", range(24, 30))
 def test_a_game_that_ends_inside_a_life_loss_reset_is_still_reported(limit):
     # Always NOOP in Breakout: the ball is lost after about 22 steps, and the reset that follows takes a NOOP
