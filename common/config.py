@@ -33,7 +33,7 @@ import torch
 import tyro
 
 from common import distributed
-from common.envs import UsageError
+from common.envs import UsageError, require_rgb_array
 from common.samplers import check_split, parse_info_keys
 
 __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "ReplayArgs",
@@ -311,6 +311,8 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
     if args.eval_episodes < 0:
         raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     parse_info_keys(args.info_keys)
+    if args.capture_video:
+        require_rgb_array(args.env_id)  # now, not in the final evaluation after the whole training
 
 
 def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:

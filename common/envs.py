@@ -25,7 +25,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 from gymnasium import error as gym_error
-from gymnasium.envs.registration import EnvSpec
+from gymnasium.envs.registration import EnvSpec, load_env_creator
 from gymnasium.wrappers import TimeLimit
 
 from common.namedarraytuple import runtime_namedarraytuple
@@ -325,6 +325,17 @@ def is_atari(env_id: str) -> bool:
     return _is_atari_spec(spec)
 
 
+def require_rgb_array(env_id: str) -> None:
+    """UsageError unless the env of `env_id` renders rgb_array frames (what a video records), by its metadata."""
+    spec, _ = _resolve(env_id)
+    creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
+    metadata = getattr(creator, "metadata", None)  # what gym.make reads; a property (of a wrapper class) says nothing
+    modes = metadata.get("render_modes") if isinstance(metadata, Mapping) else None
+    if modes is not None and "rgb_array" not in modes:
+        raise UsageError(f"cannot record a video of {env_id}: it renders {list(modes)}, no 'rgb_array' frames; "
+                         "drop --capture-video, or give the env an 'rgb_array' render mode")
+
+
 def _wrap_atari(env: gym.Env, training: bool, frame_stack: int, max_episode_steps: int | None, frame_skip: int,
                 noop_max: int, episodic_life: bool, clip_rewards: bool) -> gym.Env:
     if noop_max > 0:
@@ -377,6 +388,7 @@ def make_env(
     policies that sample unbounded, like a Gaussian).
     """
     if video_dir is not None:
+        require_rgb_array(env_id)
         render_mode = "rgb_array"
         _headless_rendering_defaults()
     bad = [f"{name} {value}" for name, value, ok in (

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import CommonArgs, parse_args
 from common.envs import (
     UsageError,
     is_atari,
@@ -197,6 +198,17 @@ def test_atari_videos_play_at_the_game_speed(tmp_path, frame_skip):
     env.close()
     with imageio.get_reader(tmp_path / "seed0-episode0.mp4") as reader:
         assert reader.get_meta_data()["fps"] == 60 / frame_skip  # the ALE's 60 frames per second
+
+
+def test_a_video_of_an_env_without_rgb_array_frames_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    with pytest.raises(UsageError, match=r"ConstantReward-v0: it renders \[\], no 'rgb_array'.*drop --capture-video"):
+        make_env("tests.memory_envs:ConstantReward-v0", video_dir=tmp_path / "videos")
+    assert not (tmp_path / "videos").exists()
+    with pytest.raises(UsageError, match="no 'rgb_array'"):  # at start-up, not after training
+        parse_args(CommonArgs, ["--env-id", "tests.memory_envs:ConstantReward-v0", "--capture-video",
+                                "--output-dir", str(tmp_path)])
+    assert parse_args(CommonArgs, ["--env-id", "CartPole-v1", "--capture-video", "--output-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("limit", range(24, 30))
