@@ -332,8 +332,12 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
         known = {f.name for f in dataclasses.fields(args_cls)}
         args = args_cls(**{k: v for k, v in saved.items() if k in known})
         args.resume = str(run_dir)
-        args.output_dir = str(run_dir.parent)
-        args.run_name = run_dir.name
+        # The run keeps its name (a "group/run" one too, and so its W&B id) unless its directory was moved since.
+        name = Path(args.run_name or "")
+        if name.parts and run_dir.parts[-len(name.parts):] == name.parts:
+            args.output_dir = str(run_dir.parents[len(name.parts) - 1])
+        else:
+            args.output_dir, args.run_name = str(run_dir.parent), run_dir.name
     if args.run_name is None:
         env = args.env_id.replace("/", "-").replace(":", "-")
         stamp = time.strftime("%Y%m%d-%H%M%S")

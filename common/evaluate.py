@@ -36,7 +36,7 @@ import tyro
 from common.config import resolve_device
 from common.envs import UsageError, record_video
 from common.launch import ALGOS_DIR
-from common.logger import CHECKPOINT, load_checkpoint, upload_videos
+from common.logger import CHECKPOINT, load_checkpoint, upload_videos, wandb_run_id
 from common.samplers import Episode, evaluate, evaluation_plan
 
 
@@ -140,20 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     for video in sorted(video_dir.glob("*.mp4")) if video_dir is not None else []:
         print(f"video: {video}")
     if args.track and video_dir is not None:
-        _upload(run_dir, video_dir, mean)
+        upload_evaluation(run_dir, video_dir, mean)
     print(f"eval return: {mean:.2f} ± {std:.2f} over {len(returns)} episodes")
     return 0
 
 
-def _upload(run_dir: Path, video_dir: Path, mean_return: float) -> None:
-    """Add the videos (and the return) to the run's W&B run, resumed by its id (as RunLogger names it)."""
+def upload_evaluation(run_dir: Path, video_dir: Path | None, mean_return: float) -> None:
+    """Add the return (and the videos) to the run's W&B run, resumed by the id its training logged to."""
     import wandb
 
     config = json.loads((run_dir / "config.json").read_text())
     summary_path = run_dir / "summary.json"
     step = json.loads(summary_path.read_text())["global_step"] if summary_path.is_file() else 0
     run = wandb.init(project=config.get("wandb_project", "rlsolo"), entity=config.get("wandb_entity"),
-                     id=run_dir.name.replace("/", "-")[-64:], resume="allow", dir=str(run_dir))
+                     id=wandb_run_id(config.get("run_name") or run_dir.name), resume="allow", dir=str(run_dir))
     upload_videos(run, video_dir, step=int(step))
     run.summary["evaluate/episodic_return"] = mean_return
     run.finish()

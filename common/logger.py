@@ -262,7 +262,7 @@ class RunLogger:
                 project=args.wandb_project,
                 entity=args.wandb_entity,
                 name=args.run_name,
-                id=args.run_name.replace("/", "-")[-64:],
+                id=wandb_run_id(args.run_name),
                 resume="allow",
                 config=config,
                 dir=str(self.run_dir),
@@ -435,6 +435,11 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None
+
+
+def wandb_run_id(run_name: str) -> str:
+    """The W&B id of the run named `run_name` (config.json's run_name), for training and common.evaluate alike."""
+    return run_name.replace("/", "-")[-64:]
 
 
 def upload_videos(wandb_run: Any, video_dir: str | Path | None, step: int) -> None:

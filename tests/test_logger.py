@@ -4,11 +4,13 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import read_progress
 
 from common.config import CommonArgs, UsageError, parse_args, run
+from common.evaluate import upload_evaluation
 from common.logger import Counters, RunLogger, load_checkpoint
 
 
@@ -20,6 +22,19 @@ class RecordingRun:
 
     def log(self, values, step):
         self.logged.append((step, dict(values)))
+
+
+class RecordingWandb:
+    """Stands in for the wandb module: keeps the keywords of every `init` and the runs it returned."""
+
+    def __init__(self):
+        self.inits, self.runs = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        self.runs.append(RecordingRun())
+        self.runs[-1].summary, self.runs[-1].finish = {}, lambda exit_code=0: None
+        return self.runs[-1]
 
 
 def test_episode_returns_are_logged_as_mean_std_min_and_max_of_their_window(tmp_path):
@@ -134,3 +149,18 @@ def test_a_new_run_does_not_overwrite_a_saved_one_and_a_finished_run_resumes_to_
     (run_dir / "config.json").write_text(json.dumps({**config, "total_timesteps": config["total_timesteps"] + 1}))
     run(calls.append, CommonArgs, ["--resume", str(run_dir)])
     assert len(calls) == 1 and calls[0].resume == str(run_dir)
+
+
+def test_a_run_named_group_slash_name_keeps_its_name_and_wandb_run_when_resumed_and_evaluated(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["algos/test.py"])
+    monkeypatch.setitem(sys.modules, "wandb", wandb := RecordingWandb())
+    args = parse_args(CommonArgs, ["--output-dir", str(tmp_path), "--run-name", "grp/r1", "--track"])
+    RunLogger(args, "test").close()
+    run_dir = tmp_path / "grp" / "r1"
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    resumed = parse_args(CommonArgs, ["--resume", str(run_dir)])
+    assert resumed.run_name == "grp/r1" and Path(resumed.output_dir) / resumed.run_name == run_dir
+    RunLogger(resumed, "test", Counters(global_step=10)).close()
+    upload_evaluation(run_dir, None, 1.5)
+    assert [init["id"] for init in wandb.inits] == ["grp-r1"] * 3
+    assert [init["name"] for init in wandb.inits[:2]] == ["grp/r1"] * 2
