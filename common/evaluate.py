@@ -14,8 +14,8 @@ block does not run) and must expose, next to its `Args` and `policy_step`:
 With the run's seed and episode count (the defaults), the mean return is the run's `final_eval_return`:
 the same `common.samplers.evaluate` over the same env seeds with the same weights. The last line printed is
 `eval return: MEAN ± STD over N episodes`. `--capture-video` records the first episode(s) of evaluation
-env 0 to <run dir>/videos/ (replacing earlier videos there; see `common.envs.record_video`); with `--track`
-they go to the run's W&B run.
+env 0 to <run dir>/videos/ (replacing earlier videos there; see `common.envs.record_video`). `--track` adds the
+mean return (as the summary `evaluate/episodic_return`) and the videos to the W&B run that the training logged to.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class EvaluateArgs:
     video_episodes: int = 1
     """how many episodes to record (the first ones of evaluation env 0)"""
     track: bool = False
-    """upload the videos to the run's W&B run"""
+    """add the mean return (summary evaluate/episodic_return) and any videos to the W&B run the training logged to"""
     script: str | None = None
     """the script file that wrote the run (default: algos/<config.json's "script">.py)"""
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = (float(np.mean(returns)), float(np.std(returns))) if returns else (float("nan"), float("nan"))
     for video in sorted(video_dir.glob("*.mp4")) if video_dir is not None else []:
         print(f"video: {video}")
-    if args.track and video_dir is not None:
+    if args.track:
         upload_evaluation(run_dir, video_dir, mean)
     print(f"eval return: {mean:.2f} ± {std:.2f} over {len(returns)} episodes")
     return 0

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -70,6 +71,19 @@ def test_capture_video_on_cartpole_records_evaluation_env_0_and_uploads_it(cartp
     assert video_frames(videos[0]) == episodes[0].length + 1  # the reset frame, then one per step
     uploaded = list((cartpole_run / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
     assert uploaded, "the video was not logged to the W&B run"
+
+
+def test_track_without_video_adds_the_return_to_the_training_wandb_run(cartpole_run, monkeypatch):
+    runs = []
+
+    def init(**kwargs):
+        runs.append(SimpleNamespace(kwargs=kwargs, summary={}, finish=lambda: None))
+        return runs[-1]
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    assert main([str(cartpole_run), "--track", "--device", "cpu"]) == 0
+    assert [run.kwargs["id"] for run in runs] == ["cartpole"]
+    assert runs[0].summary == {"evaluate/episodic_return": read_summary(cartpole_run)["final_eval_return"]}
 
 
 def test_capture_video_on_mujoco(tmp_path):
