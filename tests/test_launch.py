@@ -175,6 +175,13 @@ def test_format_table_lists_shared_flags_once():
     assert "| ppo | CartPole-v1 | 1 | --lr 1 | 0 | 9.50 ± 1.25 | 1234 | 12.5 |" in table
     assert "| dqn | CartPole-v1 | 2 | - | not run | - | - | - |" in table
     assert math.isnan(results[1].wall_time_s) and not results[1].ok
+    # A flag is never shared without its value; a run's wall time is its summary's (all its processes) if it has one.
+    c = Experiment("ppo", "CartPole-v1", 3, ("--total-timesteps", "200", "--lr", "1"))
+    results[0].summary["wall_time_s"] = 40.0
+    table = format_table(results + [Result(c, Path("z"))])
+    assert not table.startswith("flags of every run")
+    assert "| ppo | CartPole-v1 | 1 | --lr 1 | 0 | 9.50 ± 1.25 | 1234 | 40.0 |" in table
+    assert "| ppo | CartPole-v1 | 3 | --total-timesteps 200 --lr 1 | not run |" in table
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -250,6 +257,40 @@ def test_cli_resume_keeps_finished_runs_continues_interrupted_ones_and_starts_th
     proc = launcher("--scripts", fake_script, "--max-parallel", "0", "--output-dir", str(tmp_path / "zero"))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--max-parallel must be at least 1" in stderr
+
+
+def test_a_launch_directory_takes_one_launch_at_a_time_and_is_only_continued(tmp_path, fake_script):
+    out = tmp_path / "launch"
+    first = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir", str(out),
+                     "--", "--sleep", "3")
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "fake__CartPole-v1__1" / "seen.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir",
+                         str(out), "--resume", "--", "--sleep", "3")
+        _, stderr = again.communicate(timeout=120)
+        assert again.returncode == 2 and "another launch is running in" in stderr, stderr
+        assert first.poll() is None
+    finally:
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    rows = {row["run_dir"]: row for row in read_csv(out / "summary.csv")}
+    plan = (out / "launch.json").read_text()
+    # Launched into again (not resumed), with other flags: refused before anything is written.
+    proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--output-dir", str(out), "--", "--sleep", "9")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "holds a launch already: continue it with --resume" in stderr, stderr
+    assert (out / "launch.json").read_text() == plan
+    # Resumed with nothing left to run: every run keeps its row of the launch that ran it.
+    proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir", str(out),
+                    "--resume", "--", "--sleep", "3")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    for row in read_csv(out / "summary.csv"):
+        assert {k: row[k] for k in ("start_time", "end_time", "cores", "wall_time_s")} == \
+            {k: rows[row["run_dir"]][k] for k in ("start_time", "end_time", "cores", "wall_time_s")}
+        assert row["cores"] != ""
 
 
 def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
