@@ -17,7 +17,7 @@ import inspect
 import keyword
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,32 +247,35 @@ class RecordEpisodes(gym.Wrapper):
 
 
 class VideoEnvFn:
-    """An env_fn whose first env (in each process) records its first episodes; see `record_video`."""
+    """An env_fn whose j-th env (in each process) records its first episodes[j] episodes; see `record_video`."""
 
-    def __init__(self, env_fn: Callable[..., gym.Env], video_dir: str | Path, episodes: int):
+    def __init__(self, env_fn: Callable[..., gym.Env], video_dir: str | Path, episodes: Sequence[int]):
         try:
-            inspect.signature(env_fn).bind(0, video_dir=video_dir, video_episodes=episodes)
+            inspect.signature(env_fn).bind(0, video_dir=video_dir, video_episodes=1)
         except TypeError:
             raise UsageError("cannot record a video: the env_fn takes no video_dir / video_episodes keywords; "
                              "build the env with common.envs.make_env and pass them on to it") from None
-        self.env_fn, self.video_dir, self.episodes = env_fn, Path(video_dir), episodes
-        self.recorded = False
+        self.env_fn, self.video_dir, self.episodes = env_fn, Path(video_dir), list(episodes)
+        self.built = 0
 
     def __call__(self, seed: int) -> gym.Env:
-        if self.recorded:
+        self.built += 1
+        if self.built > len(self.episodes) or self.episodes[self.built - 1] < 1:
             return self.env_fn(seed)
-        self.recorded = True
-        return self.env_fn(seed, video_dir=self.video_dir, video_episodes=self.episodes)
+        return self.env_fn(seed, video_dir=self.video_dir, video_episodes=self.episodes[self.built - 1])
 
 
 def record_video(env_fn: Callable[[int], gym.Env], video_dir: str | Path | None,
-                 episodes: int = 1) -> Callable[[int], gym.Env]:
+                 episodes: int | Sequence[int] = 1) -> Callable[[int], gym.Env]:
     """`env_fn`, with its first env recording its first `episodes` episodes to mp4 files in `video_dir`.
 
-    `env_fn(seed, video_dir=..., video_episodes=...)` must pass both keywords on to `make_env`; with
-    `video_dir=None` it is returned unchanged. Under `evaluate`, the first env is evaluation env 0.
+    A sequence `episodes` gives a count to each env in the order they are built (under `evaluate`, evaluation
+    env 0, 1, ...). `env_fn(seed, video_dir=..., video_episodes=...)` must pass both keywords on to `make_env`;
+    with `video_dir=None` it is returned unchanged.
     """
-    return env_fn if video_dir is None else VideoEnvFn(env_fn, video_dir, episodes)
+    if video_dir is None:
+        return env_fn
+    return VideoEnvFn(env_fn, video_dir, [episodes] if isinstance(episodes, int) else episodes)
 
 
 def _headless_rendering_defaults() -> None:

@@ -13,9 +13,10 @@ block does not run) and must expose, next to its `Args` and `policy_step`:
 
 With the run's seed and episode count (the defaults), the mean return is the run's `final_eval_return`:
 the same `common.samplers.evaluate` over the same env seeds with the same weights. The last line printed is
-`eval return: MEAN ± STD over N episodes`. `--capture-video` records the first episode(s) of evaluation
-env 0 to <run dir>/videos/ (replacing earlier videos there; see `common.envs.record_video`). `--track` adds the
-mean return (as the summary `evaluate/episodic_return`) and the videos to the W&B run that the training logged to.
+`eval return: MEAN ± STD over N episodes`. `--capture-video` records the first `--video-episodes` episodes
+of the evaluation to <run dir>/videos/ (replacing earlier videos there; see `common.envs.record_video`).
+`--track` adds the mean return (as the summary `evaluate/episodic_return`) and the videos to the W&B run that
+the training logged to.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class EvaluateArgs:
     capture_video: bool = False
     """record evaluation episodes to <run dir>/videos/"""
     video_episodes: int = 1
-    """how many episodes to record (the first ones of evaluation env 0)"""
+    """how many episodes to record (the first ones of the evaluation, at most --episodes)"""
     track: bool = False
     """add the mean return (summary evaluate/episodic_return) and any videos to the W&B run the training logged to"""
     script: str | None = None
@@ -114,8 +115,11 @@ def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None
     episodes = args.eval_episodes if episodes is None else episodes
     seed = args.seed if seed is None else seed
     if video_dir is not None and episodes > 0:
-        _, quotas = evaluation_plan(episodes, seed)
-        env_fn = record_video(env_fn, video_dir, min(video_episodes, quotas[0]))
+        if video_episodes < 1:
+            raise UsageError(f"--video-episodes must be at least 1, got {video_episodes}")
+        # The first video_episodes episodes: episode k is the k-th of evaluation env k % E, so env i records as
+        # many as a plan of that many episodes gives it (over min(video_episodes, 8) <= E envs).
+        env_fn = record_video(env_fn, video_dir, evaluation_plan(min(video_episodes, episodes), seed)[1])
     torch.manual_seed(seed)
     policy_kwargs = module.eval_policy_kwargs(args) if hasattr(module, "eval_policy_kwargs") else {}
     return evaluate(env_fn, module.policy_step, model, episodes, seed, torch.device(device), **policy_kwargs)

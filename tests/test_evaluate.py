@@ -16,6 +16,7 @@ from conftest import ROOT, read_summary, run_script
 
 from common.envs import UsageError, make_env, observation_example, record_video
 from common.evaluate import evaluate_run, import_script, main
+from common.samplers import evaluation_plan
 
 
 def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
@@ -71,6 +72,22 @@ def test_capture_video_on_cartpole_records_evaluation_env_0_and_uploads_it(cartp
     assert video_frames(videos[0]) == episodes[0].length + 1  # the reset frame, then one per step
     uploaded = list((cartpole_run / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
     assert uploaded, "the video was not logged to the W&B run"
+
+
+def test_video_episodes_records_that_many_episodes_of_the_evaluation_and_leaves_its_returns(cartpole_run, tmp_path):
+    plain = evaluate_run(cartpole_run, device="cpu")
+    recorded = evaluate_run(cartpole_run, device="cpu", video_dir=tmp_path / "3", video_episodes=3)
+    assert [(e.ret, e.length) for e in recorded] == [(e.ret, e.length) for e in plain]
+    seeds = evaluation_plan(3, 4)[0]  # one episode on each of the 3 evaluation envs, in episode order
+    assert [video_frames(tmp_path / "3" / f"seed{s}-episode0.mp4") for s in seeds] == [e.length + 1 for e in plain]
+    evaluate_run(cartpole_run, device="cpu", video_dir=tmp_path / "5", video_episodes=5)  # more than there are
+    assert len(list((tmp_path / "5").glob("*.mp4"))) == 3
+    evaluate_run(cartpole_run, episodes=10, device="cpu", video_dir=tmp_path / "9", video_episodes=9)
+    seeds = evaluation_plan(10, 4)[0]  # 8 envs: episode 8 is env 0's second
+    assert sorted(p.name for p in (tmp_path / "9").glob("*.mp4")) == sorted(
+        [f"seed{s}-episode0.mp4" for s in seeds] + [f"seed{seeds[0]}-episode1.mp4"])
+    with pytest.raises(UsageError, match="--video-episodes must be at least 1"):
+        evaluate_run(cartpole_run, device="cpu", video_dir=tmp_path / "0", video_episodes=0)
 
 
 def test_track_without_video_adds_the_return_to_the_training_wandb_run(cartpole_run, monkeypatch):
