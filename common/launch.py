@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -208,6 +209,8 @@ def shared_flags(experiments: Sequence[Experiment]) -> tuple[str, ...]:
     n = 0
     while n < len(first) and all(len(e.flags) > n and e.flags[n] == first[n] for e in experiments):
         n += 1
+    while 0 < n < len(first) and not first[n].startswith("--"):  # not a flag without its value
+        n -= 1
     return first[:n]
 
 
@@ -225,7 +228,8 @@ def summary_rows(results: Sequence[Result]) -> list[dict]:
             "exit_code": "" if r.returncode is None else r.returncode,
             "final_eval_return": float(r.summary.get("final_eval_return", math.nan)),
             "final_eval_return_std": float(r.summary.get("final_eval_return_std", math.nan)),
-            "sps": float(r.summary.get("sps", math.nan)), "wall_time_s": round(r.wall_time_s, 2),
+            "sps": float(r.summary.get("sps", math.nan)),  # a run's own wall time counts every process of it
+            "wall_time_s": round(float(r.summary.get("wall_time_s", r.wall_time_s)), 2),
             "start_time": round(r.start_time, 3), "end_time": round(r.end_time, 3),
             "cores": " ".join(map(str, r.slot.cores)) if r.slot else "", "gpu": (r.slot.gpu or "") if r.slot else "",
             "run_dir": str(r.run_dir),
@@ -295,6 +299,14 @@ def _stop(running: Iterable[tuple[subprocess.Popen, Result]], grace_s: float) ->
         result.end_time = time.time()
 
 
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
 def _read_summary(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "summary.json").read_text())
@@ -321,7 +333,8 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
     `group` (default: the launch directory's name) is each run's --wandb-group. On KeyboardInterrupt the
     runs are stopped, the summary is written, and the exception propagates. With `resume`, a run whose
     directory has a summary.json is finished and not run again, and one with a checkpoint continues from it
-    (`--resume`); the others start afresh.
+    (`--resume`); the others start afresh. One launch at a time runs in a directory, and one that holds a
+    launch is only continued (`resume`), never launched into again.
     """
     for experiment in experiments:
         script_path(experiment.script)
@@ -332,8 +345,22 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
         raise UsageError(f"--max-parallel must be at least 1, got {max_parallel}")
     output_dir = Path(output_dir or Path("runs") / time.strftime("launch-%Y%m%d-%H%M%S"))
     output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "launch.lock", "a") as lock:  # held while the launch runs, released when it ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another launch is running in {output_dir}: wait for it to end, or stop it") from None
+        return _launch(experiments, max_parallel, output_dir, cores, gpus, group, grace_s, quiet, resume)
+
+
+def _launch(experiments: Sequence[Experiment], max_parallel: int | None, output_dir: Path,
+            cores: Sequence[int] | None, gpus: Sequence[str] | None, group: str | None, grace_s: float, quiet: bool,
+            resume: bool) -> list[Result]:
     # The launch's runs and their flags: a resumed launch must be the same one, since its runs keep theirs.
     plan, planned = output_dir / "launch.json", [[e.script, e.env_id, e.seed, list(e.flags)] for e in experiments]
+    if not resume and plan.is_file():
+        raise UsageError(f"{output_dir} holds a launch already: continue it with --resume, or choose another "
+                         "--output-dir")
     if resume and plan.is_file() and json.loads(plan.read_text()) != planned:
         raise UsageError(f"--resume {output_dir}: these runs or their flags are not the launch's (its launch.json): "
                          "give the launch's own command line, or another --output-dir")
@@ -346,11 +373,17 @@ def launch(experiments: Sequence[Experiment], max_parallel: int | None = None, o
     group = group or output_dir.name
     results = [Result(e, output_dir / e.name) for e in experiments]
     if resume:
+        earlier = {row["run_dir"]: row for row in _read_rows(output_dir / "summary.csv")}
         for result in results:
             result.summary = _read_summary(result.run_dir)
-            if result.summary:  # finished in an earlier launch
+            if result.summary:  # finished in an earlier launch: its row of that launch's table, where there is one
+                row = earlier.get(str(result.run_dir), {})
                 result.returncode, result.end_time = 0, (result.run_dir / "summary.json").stat().st_mtime
                 result.start_time = result.end_time - float(result.summary.get("wall_time_s", 0.0))
+                with suppress(KeyError, ValueError):
+                    result.start_time, result.end_time = float(row["start_time"]), float(row["end_time"])
+                if row.get("cores"):
+                    result.slot = Slot(-1, tuple(map(int, row["cores"].split())), row.get("gpu") or None)
     pending = [i for i, result in enumerate(results) if result.returncode is None]
     free = list(slots)
     running: dict[int, tuple[subprocess.Popen, Result]] = {}
