@@ -8,7 +8,9 @@ permutation test of the difference of means.
 An anchor file (benchmark/results/anchors/*.json) holds a published run's per-seed evaluation curves: `steps`
 [S], `seeds` [n][S], and `step_offset`, the environment steps its step count leaves out (Tianshou counts from
 the end of its 10,000 random steps). The run directories are those of `script` on `env_id` directly inside the
-launch directories; with several runs of one seed, the last directory named wins.
+launch directories; with several runs of one seed, the last directory named wins. Runs of one seed in one launch
+directory (flag variants of `common.launch --variants`) are told apart with --variant. A run whose final
+evaluation is not a number (`--eval-episodes 0`) is left out, and said so.
 
 - Final: each run's `final_eval_return` (summary.json) against the anchor's row at --step (in the anchor's own
   count; default: the runs' `global_step`).
@@ -55,6 +57,8 @@ class CompareArgs:
     """compare the mean evaluation over steps in [A, B] too (runs launched with --eval-every)"""
     plot: str | None = None
     """draw the runs' evaluation curves over the anchor's seeds into this PNG (against environment steps)"""
+    variant: str = ""
+    """the flag variant to compare, of launches with several (the `__<variant>` end of its run directories)"""
 
 
 @dataclass
@@ -66,10 +70,13 @@ class SeedRun:
     eval_returns: np.ndarray  # [E]
 
 
-def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str) -> dict[int, SeedRun]:
-    """The finished runs of `script` on `env_id` by seed (a later launch directory replaces an earlier seed)."""
+def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str, variant: str = "") -> dict[int, SeedRun]:
+    """The finished runs of `script` on `env_id` (and flag `variant`) by seed (a later launch directory
+    replaces an earlier seed; two in one launch directory are an error)."""
     runs: dict[int, SeedRun] = {}
+    variants: set[str] = set()
     for launch_dir in launch_dirs:
+        seen: dict[int, Path] = {}
         for run_dir in sorted(Path(launch_dir).iterdir()):
             config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
             if not (config_path.is_file() and summary_path.is_file()):
@@ -77,6 +84,13 @@ def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str) -> dict[in
             config = json.loads(config_path.read_text())
             if (config.get("script") or run_dir.name.split("__")[0]) != script or config.get("env_id") != env_id:
                 continue
+            variants.add("__".join(run_dir.name.split("__")[3:]))
+            if "__".join(run_dir.name.split("__")[3:]) != variant:
+                continue
+            if int(config["seed"]) in seen:
+                raise SystemExit(f"{seen[int(config['seed'])].name} and {run_dir.name} in {launch_dir} are both seed "
+                                 f"{config['seed']}: name the flag variant to compare with --variant")
+            seen[int(config["seed"])] = run_dir
             summary = json.loads(summary_path.read_text())
             evals: dict[int, float] = {}
             with open(run_dir / "progress.csv", newline="") as f:
@@ -87,6 +101,9 @@ def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str) -> dict[in
             runs[int(config["seed"])] = SeedRun(int(config["seed"]), float(summary["final_eval_return"]),
                                                 int(summary["global_step"]), steps,
                                                 np.array([evals[s] for s in steps.tolist()]))
+    if not runs and variants - {variant}:
+        raise SystemExit(f"no {script} runs on {env_id} of --variant {variant!r}, but runs of its flag variants: "
+                         + ", ".join(f"--variant {v}" for v in sorted(variants)))
     return dict(sorted(runs.items()))
 
 
@@ -166,9 +183,12 @@ def describe(values: np.ndarray, labels: list[str]) -> str:
 
 def compare(args: CompareArgs) -> str:
     anchor = json.loads(Path(args.anchor).read_text())
-    runs = read_seed_runs([Path(d) for d in args.launch_dirs], args.script, args.env_id)
+    runs = read_seed_runs([Path(d) for d in args.launch_dirs], args.script, args.env_id, args.variant)
+    unevaluated = [seed for seed, r in runs.items() if not math.isfinite(r.final)]
+    runs = {seed: r for seed, r in runs.items() if math.isfinite(r.final)}
     if not runs:
-        raise SystemExit(f"no finished {args.script} runs on {args.env_id} in {', '.join(args.launch_dirs)}")
+        raise SystemExit(f"no finished {args.script} runs on {args.env_id} with a final evaluation in "
+                         f"{', '.join(args.launch_dirs)}")
     steps = {r.global_step for r in runs.values()}
     if args.step is None and len(steps) > 1:
         raise SystemExit(f"the runs trained for different numbers of steps ({sorted(steps)}): pass --step")
@@ -177,6 +197,8 @@ def compare(args: CompareArgs) -> str:
     seeds = list(runs)
     lines = [f"{args.script} on {args.env_id}, {len(runs)} seeds ({', '.join(map(str, seeds))}) against "
              f"{anchor['name']}, {len(anchor['seeds'])} seeds ({anchor['source']}; {anchor['metric']})"]
+    if unevaluated:
+        lines.append(f"left out, with no final evaluation: seeds {', '.join(map(str, unevaluated))}")
 
     finals = np.array([r.final for r in runs.values()])
     anchor_final = anchor_row(anchor, step)

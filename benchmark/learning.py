@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 import tyro
 
 from common.envs import UsageError
-from common.launch import ALGOS_DIR, grid, launch, split_argv
+from common.launch import ALGOS_DIR, _raise_interrupt, grid, launch, split_argv
 
 HERE = Path(__file__).resolve().parent
 NOTE_FILE = "benchmark_note.md"
@@ -97,7 +98,11 @@ class LearningArgs:
     """print the suites and exit"""
     resume: str | None = None
     """continue the suite of this launch directory: finished runs are kept, interrupted ones resume from
-    their checkpoints, the rest start; then everything is plotted (other flags are taken from the launch)"""
+    their checkpoints, the rest start; then everything is plotted. The suite, seeds, scripts and run flags are
+    the launch's own; --max-parallel, --plot-dir and --readme may be given again"""
+
+
+RESUME_KEEPS = ("suite", "seeds", "only", "total_timesteps", "output_dir")  # what a resumed launch keeps as it was
 
 
 def suite_experiments(suite: str, seeds: list[int] | None = None, only: tuple[str, ...] = (),
@@ -109,6 +114,12 @@ def suite_experiments(suite: str, seeds: list[int] | None = None, only: tuple[st
     """
     if suite not in SUITES:
         raise UsageError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
+    if seeds is not None and not seeds:
+        raise UsageError("--seeds is the number of seeds per script and env: give 1 or more")
+    named = {s for group in SUITES[suite] for s in group.scripts}
+    if set(only) - named:
+        raise UsageError(f"--only {' '.join(sorted(set(only) - named))}: not in suite {suite!r}, whose scripts are "
+                         f"{' '.join(sorted(named))}")
     experiments, skipped = [], []
     for group in SUITES[suite]:
         scripts = [s for s in group.scripts if not only or s in only]
@@ -139,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(LearningArgs, args=own, description=__doc__.split("\n\n")[0])
     resume_dir = None
     if args.resume is not None:  # the launch's own command line, saved when it started
-        resume_dir = Path(args.resume)
+        resume_dir, given = Path(args.resume), args
         if not (resume_dir / SUITE_FILE).is_file():
             print(f"error: --resume {resume_dir}: no {SUITE_FILE} there; pass the launch directory of a "
                   "benchmark/learning.py run", file=sys.stderr)
+            return 2
+        defaults = LearningArgs()
+        fixed = [f"--{n.replace('_', '-')}" for n in RESUME_KEEPS if getattr(given, n) != getattr(defaults, n)]
+        fixed += ["the run flags after --"] if passed else []
+        if fixed:
+            print(f"error: --resume continues the launch as it was started (its {SUITE_FILE}): drop "
+                  f"{', '.join(fixed)}", file=sys.stderr)
             return 2
         argv = json.loads((resume_dir / SUITE_FILE).read_text())["argv"]
         own, passed = split_argv(argv)
@@ -150,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             own = ["--suite", *own]
         args = tyro.cli(LearningArgs, args=own)
         args.output_dir = str(resume_dir)
+        for name in ("max_parallel", "plot_dir", "readme"):  # given again: these win over the launch's
+            if getattr(given, name) != getattr(defaults, name):
+                setattr(args, name, getattr(given, name))
     if args.list_suites:
         for name, groups in SUITES.items():
             for g in groups:
@@ -170,24 +191,42 @@ def main(argv: list[str] | None = None) -> int:
     if resume_dir is None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / SUITE_FILE).write_text(json.dumps({"argv": argv}) + "\n")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         results = launch(experiments, args.max_parallel, output_dir, resume=resume_dir is not None)
     except KeyboardInterrupt:
         print(f"interrupted; partial results in {output_dir / 'summary.md'}; continue with "
               f"`python benchmark/learning.py --resume {output_dir}`", file=sys.stderr)
         return 130
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ran, note_file = [r for r in results if r.pid is not None], output_dir / NOTE_FILE
+    failed = [r for r in results if not r.ok]
+    if not ran and note_file.is_file():  # resumed when every run had finished and been reported
+        print(f"every run of {output_dir} had finished: nothing ran, and its note, plots and table stay as they are "
+              f"(benchmark/plot.py draws them again)")
+        return 1 if failed else 0
     from common.logger import git_commit  # imports torch: only once there is something to report
 
-    command = shlex.join(["python", "benchmark/learning.py", *argv])
+    command = shlex.join(["python", "benchmark/learning.py", *(["--resume", str(output_dir)] if resume_dir else argv)])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    note = (f"`{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {machine}, commit {git_commit() or '?'}, "
-            f"{len(results)} runs, launch directory `{output_dir}`).")
-    if skipped:
-        note += f" Not run (no script yet): {', '.join(skipped)}."
-    (output_dir / NOTE_FILE).write_text(note + "\n")  # benchmark/plot.py reuses it
-    body = load_plot_module().report([output_dir], args.suite, Path(args.plot_dir), Path(args.readme), note)
+    when = f"{time.strftime('%Y-%m-%d %H:%M')}, {machine}, commit {git_commit() or '?'}"
+    if note_file.is_file():  # a note of the launch (written then, or by hand since) is kept and added to
+        note = f"{note_file.read_text().rstrip()}\n\nContinued with `{command}` ({when}): {len(ran)} of " \
+               f"{len(results)} runs ran then."
+    else:
+        note = f"`{command}` ({when}, {len(results)} runs, launch directory `{output_dir}`)."
+        if skipped:
+            note += f" Not run (no script yet): {', '.join(skipped)}."
+    note_file.write_text(note + "\n")  # benchmark/plot.py reuses it
+    plot = load_plot_module()
+    # A launch that is one of several a README block was drawn from (a suite run in parts) redraws them all.
+    launch_dirs = plot.block_launch_dirs(Path(args.readme), args.suite)
+    if output_dir.resolve() not in [d.resolve() for d in launch_dirs]:
+        launch_dirs = [output_dir]
+    body = plot.report(launch_dirs, args.suite, Path(args.plot_dir), Path(args.readme), plot.launch_notes(launch_dirs))
     print(body)
-    failed = [r for r in results if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(results)} runs failed: see {output_dir / 'summary.md'}", file=sys.stderr)
         return 1

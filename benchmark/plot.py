@@ -2,14 +2,17 @@
 
     python benchmark/plot.py runs/learning-classic-20250101-120000 [more launch dirs] --name classic
 
-Every run directory inside the launch directories (one with a config.json) is read: its progress.csv
-(`charts/episodic_return` against `global_step` and `wall_time_s`) and summary.json. For each environment,
-one PNG with two panels, episodic return against environment steps and against wall-clock time: per
-script, the mean over seeds (line) and their min-max range (band), after a moving average over each run's
-episodes. The markdown table (per script and env: seeds, final deterministic eval return mean ± std over
-seeds, mean of the last 100 training episodes, the published result where ANCHORS has one, SPS, wall
-time) goes into benchmark/README.md, in the "Learning" section, between the markers
-`<!-- learning:NAME:begin -->` and `<!-- learning:NAME:end -->`; the rest of the file is left as it is.
+Every run directory inside the launch directories (one with a config.json) is read: its training episodes
+(episodes.csv, or where a run has none the `charts/episodic_return` rows of progress.csv; wall-clock time from
+progress.csv) and summary.json. Runs are grouped by script and flag variant (the `__<variant>` part of a
+run directory's name that `common.launch --variants` gives). For each environment, one PNG with two panels,
+episodic return against environment steps and against wall-clock time: per group, the mean over seeds (line)
+and their min-max range (band) of each run's mean over its last 100 episodes, wherever a run has data. The
+markdown table (per group and env: seeds, final deterministic eval return mean ± std over seeds, mean of the
+last 100 training episodes, the published result where ANCHORS has one, SPS, wall time) goes into
+benchmark/README.md, in the "Learning" section, between the markers `<!-- learning:NAME:begin -->` and
+`<!-- learning:NAME:end -->`, with the launch directories it was made from; the rest of the file is left as
+it is.
 """
 
 from __future__ import annotations
@@ -39,28 +42,39 @@ class Run:
     script: str
     env_id: str
     seed: int
-    steps: np.ndarray  # [N] global_step of each logged episodic return
+    steps: np.ndarray  # [N] global_step at the end of each training episode (or logged episodic return)
     wall_time_s: np.ndarray  # [N]
     returns: np.ndarray  # [N]
     summary: dict = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """The script, and the flag variant of a run launched with `--variants` (from its directory's name)."""
+        variant = "__".join(self.path.name.split("__")[3:])
+        return f"{self.script} [{variant}]" if variant else self.script
+
 
 def read_run(run_dir: Path) -> Run:
-    """Read config.json, progress.csv (its episodic-return rows) and summary.json of a run directory."""
+    """Read config.json, episodes.csv (else progress.csv's episodic-return rows) and summary.json of a run."""
     config = json.loads((run_dir / "config.json").read_text())
     script = config.get("script") or run_dir.name.split("__")[0]
-    steps, times, returns = [], [], []
+    logged, steps, returns = [], [], []
     if (run_dir / "progress.csv").is_file():
         with open(run_dir / "progress.csv", newline="") as f:
             for row in csv.DictReader(f):
+                logged.append((float(row["global_step"]), float(row["wall_time_s"])))
                 if row.get(RETURN):
-                    steps.append(float(row["global_step"]))
-                    times.append(float(row["wall_time_s"]))
+                    steps.append(logged[-1][0])
                     returns.append(float(row[RETURN]))
+    if (run_dir / "episodes.csv").is_file():
+        with open(run_dir / "episodes.csv", newline="") as f:
+            episodes = [(float(row["global_step"]), float(row["return"])) for row in csv.DictReader(f)]
+        steps, returns = [s for s, _ in episodes], [r for _, r in episodes]
+    steps = np.array(steps)
+    times = np.interp(steps, *np.array(logged).T) if logged else np.full(len(steps), math.nan)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Run(run_dir, script, config["env_id"], int(config["seed"]), np.array(steps), np.array(times),
-               np.array(returns), summary)
+    return Run(run_dir, script, config["env_id"], int(config["seed"]), steps, times, np.array(returns), summary)
 
 
 def find_runs(launch_dirs: list[Path]) -> list[Run]:
@@ -80,14 +94,15 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], n_points: int = 200):
-    """Mean, min and max over runs of curves (x [N], y [N]), interpolated where every run has data."""
-    curves = [(x, y) for x, y in curves if len(x) > 0]
+    """Mean, min and max over runs of curves (x [N], y [N]) on a grid of x, each point over the runs that have
+    data there (a run still under way, or stopped, leaves the others' curves whole)."""
+    curves = [(x, y) for x, y in curves if len(x) > 0 and np.isfinite(x).all()]
     if not curves:
         return None
-    start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    start, end = min(x[0] for x, _ in curves), max(x[-1] for x, _ in curves)
     grid = np.linspace(start, end, n_points) if end > start else np.array([end])
-    values = np.stack([np.interp(grid, x, y) for x, y in curves])
-    return grid, values.mean(0), values.min(0), values.max(0)
+    values = np.stack([np.where((grid >= x[0]) & (grid <= x[-1]), np.interp(grid, x, y), np.nan) for x, y in curves])
+    return grid, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
 def step_label(steps: float) -> str:
@@ -98,8 +113,8 @@ def step_label(steps: float) -> str:
     return f"{steps:g}"
 
 
-def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> Path:
-    """Draw return vs steps and vs wall time for every script on `env_id` (mean over seeds, min-max band)."""
+def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 100) -> Path:
+    """Draw return vs steps and vs wall time for every group on `env_id` (mean over seeds, min-max band)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,23 +122,25 @@ def plot_env(env_id: str, runs: list[Run], path: Path, smoothing: int = 10) -> P
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    by_script: dict[str, list[Run]] = defaultdict(list)
+    by_label: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        by_script[run.script].append(run)
-    for i, (script, script_runs) in enumerate(sorted(by_script.items())):
+        by_label[run.label].append(run)
+    for i, (label, script_runs) in enumerate(sorted(by_label.items())):
+        script = script_runs[0].script
         color = f"C{i}"
         for ax, x_of in zip(axes, (lambda r: r.steps, lambda r: r.wall_time_s)):
             band = seed_band([(x_of(r), moving_average(r.returns, smoothing)) for r in script_runs])
             if band is None:
                 continue
             grid, mean, low, high = band
-            ax.plot(grid, mean, color=color, label=f"{script} ({len(script_runs)} seeds)")
+            seeds = sum(len(x_of(r)) > 0 for r in script_runs)
+            ax.plot(grid, mean, color=color, label=f"{label} ({seeds} seed{'s' if seeds != 1 else ''})")
             ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
         anchor = ANCHORS.get((script, env_id))
         finished = [r.summary["global_step"] for r in script_runs if r.summary]
         if anchor is not None and finished:  # the published result, at the budget these runs trained for
             axes[0].errorbar([max(finished)], [anchor[0]], yerr=[anchor[1]], fmt="*", markersize=12, capsize=4,
-                             color=color, label=f"{script}: {anchor[2].split(',')[0]}")
+                             color=color, label=f"{label}: {anchor[2].split(',')[0]}")
     axes[0].set_xlabel("environment steps")
     axes[0].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: step_label(x)))
     axes[1].set_xlabel("wall time (s)")
@@ -160,15 +177,16 @@ def _mean_std(values: list[float]) -> str:
 
 
 def results_table(runs: list[Run]) -> str:
-    """Markdown table per (env, script): seeds finished, final eval return mean ± std over seeds, SPS, wall time."""
+    """Markdown table per (env, script and variant): seeds finished, final eval return mean ± std over seeds,
+    last 100 training episodes, SPS, wall time."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        groups[(run.env_id, run.script)].append(run)
-    anchored = any((script, env_id) in ANCHORS for env_id, script in groups)
+        groups[(run.env_id, run.label)].append(run)
+    anchored = any((group[0].script, env_id) in ANCHORS for (env_id, _), group in groups.items())
     lines = ["| env | script | seeds | steps | final eval return | last 100 training episodes |"
              + (" published | published metric |" if anchored else "") + " SPS | wall time (s) |",
              "|---|---|---|---|---|---|" + ("---|---|" if anchored else "") + "---|---|"]
-    for (env_id, script), group in sorted(groups.items()):
+    for (env_id, label), group in sorted(groups.items()):
         done = [r.summary for r in group if r.summary]
         steps = f"{int(np.mean([s['global_step'] for s in done]))}" if done else "-"
         sps = f"{np.mean([s['sps'] for s in done]):.0f}" if done else "-"
@@ -177,9 +195,9 @@ def results_table(runs: list[Run]) -> str:
         last100 = _mean_std([s.get("train_return_last100", math.nan) for s in done])
         anchor = ""
         if anchored:
-            mean, std, source = ANCHORS.get((script, env_id), (math.nan, math.nan, "-"))
+            mean, std, source = ANCHORS.get((group[0].script, env_id), (math.nan, math.nan, "-"))
             anchor = f" {_fmt_anchor(mean, std)} | {source} |"
-        lines.append(f"| {env_id} | {script} | {len(done)}/{len(group)} | {steps} | {final} | {last100} |{anchor} "
+        lines.append(f"| {env_id} | {label} | {len(done)}/{len(group)} | {steps} | {final} | {last100} |{anchor} "
                      f"{sps} | {wall} |")
     return "\n".join(lines) + "\n"
 
@@ -206,8 +224,27 @@ def env_slug(env_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", env_id)
 
 
+LAUNCH_DIRS = re.compile(r"<!-- launch directories: (.*?) -->")
+
+
+def launch_notes(launch_dirs: list[Path]) -> str:
+    """Each launch directory's benchmark_note.md (benchmark/learning.py writes them), or its name."""
+    return "\n\n".join((d / "benchmark_note.md").read_text().strip() if (d / "benchmark_note.md").is_file()
+                       else f"Runs: `{d}`." for d in launch_dirs)
+
+
+def block_launch_dirs(readme: Path, name: str) -> list[Path]:
+    """The launch directories that the README's block `name` was made from (none if it has no such block)."""
+    text = readme.read_text() if readme.is_file() else ""
+    begin, end = f"<!-- learning:{name}:begin -->", f"<!-- learning:{name}:end -->"
+    block = re.search(re.escape(begin) + r"(.*?)" + re.escape(end), text, flags=re.S)
+    listed = LAUNCH_DIRS.search(block.group(1)) if block else None
+    return [readme.parent / d for d in json.loads(listed.group(1))] if listed else []
+
+
 def report(launch_dirs: list[Path], name: str, plot_dir: Path, readme: Path | None, note: str = "") -> str:
-    """Plot every env of the launch directories into plot_dir, put the table in `readme`; returns the body."""
+    """Plot every env of the launch directories into plot_dir, put the table in `readme` (with the launch
+    directories, relative to it); returns the body."""
     runs = find_runs(launch_dirs)
     if not runs:
         raise SystemExit(f"no run directories (with config.json) in {', '.join(map(str, launch_dirs))}")
@@ -219,6 +256,8 @@ def report(launch_dirs: list[Path], name: str, plot_dir: Path, readme: Path | No
     base = readme.parent if readme is not None else plot_dir
     body = (note.strip() + "\n\n" if note.strip() else "") + results_table(runs) + "\n"
     body += "\n".join(f"![{env_id}]({Path(os.path.relpath(path, base)).as_posix()})" for env_id, path in images.items())
+    listed = [Path(os.path.relpath(Path(d).resolve(), base.resolve())).as_posix() for d in launch_dirs]
+    body += f"\n\n<!-- launch directories: {json.dumps(listed)} -->"
     if readme is not None:
         readme.write_text(update_readme(readme.read_text() if readme.is_file() else "", name, body))
     return body
@@ -256,9 +295,5 @@ if __name__ == "__main__":
     args = tyro.cli(PlotArgs)
     launch_dirs = [Path(d) for d in args.launch_dirs] or [newest_learning_dir()]
     name = args.name or suite_of(launch_dirs[0]) or "results"
-    # benchmark/learning.py writes each launch directory's note; a directory without one is named.
-    notes = [(d / "benchmark_note.md").read_text().strip() if (d / "benchmark_note.md").is_file()
-             else f"Runs: `{d}`." for d in launch_dirs]
-    note = "\n\n".join(notes)
-    body = report(launch_dirs, name, Path(args.plot_dir), Path(args.readme), note=note)
+    body = report(launch_dirs, name, Path(args.plot_dir), Path(args.readme), note=launch_notes(launch_dirs))
     print(body)

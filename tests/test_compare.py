@@ -73,6 +73,37 @@ def test_compare_reports_final_and_window_means_against_the_anchor(tmp_path):
                                             anchor=str(anchor), step=250))
 
 
+def test_compare_tells_flag_variants_apart_and_leaves_out_runs_without_a_final_evaluation(tmp_path):
+    compare = load_compare()
+    launch = tmp_path / "launch"
+    _run(launch, "sac", "Hopper-v5", 1, 10.0, [(300, 10.0)])
+    _run(launch, "sac", "Hopper-v5", 2, float("nan"), [(300, 20.0)])  # --eval-episodes 0
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps({"name": "A", "source": "s", "metric": "m", "env_id": "Hopper-v3", "step_offset": 0,
+                                  "steps": [300], "seeds": [[40.0], [60.0]]}))
+    args = compare.CompareArgs(launch_dirs=(str(launch),), script="sac", env_id="Hopper-v5", anchor=str(anchor))
+    lines = compare.compare(args).splitlines()
+    assert lines[0].startswith("sac on Hopper-v5, 1 seeds (1) against A")
+    assert lines[1] == "left out, with no final evaluation: seeds 2"
+    assert lines[2].startswith("final evaluation: runs 10.0 ± 0.0") and "p = 0.333" in lines[4]
+    variants = tmp_path / "variants"
+    for variant, final in (("lr=1", 100.0), ("lr=2", 200.0)):  # one seed under two flag sets
+        _run(variants, "sac", "Hopper-v5", 1, final, [(300, final)])
+        (variants / "sac__Hopper-v5__1").rename(variants / f"sac__Hopper-v5__1__{variant}")
+    with pytest.raises(SystemExit, match=r"runs of its flag variants: --variant lr=1, --variant lr=2"):
+        compare.compare(compare.CompareArgs(launch_dirs=(str(variants),), script="sac", env_id="Hopper-v5",
+                                            anchor=str(anchor)))
+    lines = compare.compare(compare.CompareArgs(launch_dirs=(str(variants),), script="sac", env_id="Hopper-v5",
+                                                anchor=str(anchor), variant="lr=2")).splitlines()
+    assert lines[1].startswith("final evaluation: runs 200.0 ± 0.0")
+    _run(variants, "sac", "Hopper-v5", 1, 10.0, [(300, 10.0)])
+    (variants / "sac__Hopper-v5__1").rename(variants / "sac_hopper_rerun")  # a run named by hand, same seed
+    _run(variants, "sac", "Hopper-v5", 1, 10.0, [(300, 10.0)])
+    with pytest.raises(SystemExit, match="are both seed 1"):
+        compare.compare(compare.CompareArgs(launch_dirs=(str(variants),), script="sac", env_id="Hopper-v5",
+                                            anchor=str(anchor)))
+
+
 @pytest.mark.parametrize("name, mean, std", [
     ("tianshou-sac-Hopper-v3", 3388.0, 115.0), ("tianshou-sac-HalfCheetah-v3", 9059.0, 1051.0),
     ("td3-authors-Hopper-v1", 2410.0, 900.0), ("td3-authors-HalfCheetah-v1", 7697.0, 727.0)])

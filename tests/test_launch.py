@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, default_sigint, load_benchmark, read_summary
 
+from common.envs import UsageError
 from common.launch import (
     Experiment,
     Result,
@@ -441,9 +442,20 @@ def test_learning_suite_resume_keeps_finished_runs_and_continues_the_interrupted
     kept = {d.name: (d / "summary.json").stat().st_mtime_ns for d in cut.glob("*/") if (d / "summary.json").exists()}
     assert kept and interrupted.name not in kept
 
-    proc = subprocess.run([sys.executable, "benchmark/learning.py", "--resume", str(cut)],
+    refused = subprocess.run([sys.executable, "benchmark/learning.py", "--resume", str(cut), "--seeds", "3"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "continues the launch as it was started (its suite.json): drop --seeds" in \
+        refused.stderr, refused.stderr
+    # The README block was drawn from both launches (a suite run in parts): resuming one redraws it from both.
+    readme = tmp_path / "parts" / "README.md"
+    readme.parent.mkdir()
+    load_benchmark("plot").report([whole, cut], "smoke", tmp_path / "plots", readme)
+    proc = subprocess.run([sys.executable, "benchmark/learning.py", "--resume", str(cut), "--readme", str(readme)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| CartPole-v1 | ppo | 4/4 | 4096 |" in readme.read_text()
+    assert '<!-- launch directories: ["../whole", "../cut"] -->' in readme.read_text()
+    assert "`python benchmark/learning.py --resume" in (cut / "benchmark_note.md").read_text()
     assert any(line.startswith("[launch] resume ") and interrupted.name in line for line in proc.stdout.splitlines())
     for name, mtime in kept.items():  # finished runs are not run again
         assert (cut / name / "summary.json").stat().st_mtime_ns == mtime
@@ -457,7 +469,13 @@ def test_learning_suite_resume_keeps_finished_runs_and_continues_the_interrupted
         assert summaries[name]["global_step"] == 4096
         if name != interrupted.name:  # seeded runs that were not cut off end exactly as in the whole launch
             assert summaries[name]["final_eval_return"] == reference[name]["final_eval_return"], name
-    assert "| CartPole-v1 | ppo | 2/2 | 4096 |" in (tmp_path / "README.md").read_text()
+    # Resumed again, with nothing left to run: the note, plots and tables stay as they are.
+    (cut / "benchmark_note.md").write_text("written by hand\n")
+    before = readme.read_text()
+    proc = subprocess.run([sys.executable, "benchmark/learning.py", "--resume", str(cut), "--readme", str(readme)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "nothing ran" in proc.stdout, proc.stdout + proc.stderr
+    assert readme.read_text() == before and (cut / "benchmark_note.md").read_text() == "written by hand\n"
 
 
 def test_results_table_and_curves_name_the_published_anchor(tmp_path):
@@ -477,6 +495,46 @@ def test_results_table_and_curves_name_the_published_anchor(tmp_path):
     assert cells[2:8] == ["2/2", "1000000", "2600.00 ± 100.00", "2300.00 ± 100.00", "2382.9 ± 271.7",
                           plot.CLEANRL_PPO]
     assert (tmp_path / "plots" / "mujoco-cpu_Hopper-v5.png").stat().st_size > 10_000
+
+
+def test_learning_suite_names_what_it_refuses():
+    learning = load_benchmark("learning")
+    with pytest.raises(UsageError, match="--only pppo: not in suite 'smoke', whose scripts are dqn ppo"):
+        learning.suite_experiments("smoke", only=("ppo", "pppo"))
+    with pytest.raises(UsageError, match="--seeds is the number of seeds per script and env: give 1 or more"):
+        learning.suite_experiments("smoke", seeds=[])
+
+
+def _progress_run(launch: Path, name: str, seed: int, episodes: list[tuple[int, float]], final: float | None = None):
+    run_dir = launch / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"env_id": "CartPole-v1", "seed": seed, "script": "ppo"}))
+    (run_dir / "progress.csv").write_text("global_step,wall_time_s,charts/episodic_return\n0,0.0,\n"
+                                          f"{episodes[-1][0]},{episodes[-1][0] / 100},1.0\n")
+    (run_dir / "episodes.csv").write_text("global_step,return,length\n" + "".join(f"{s},{r},1\n" for s, r in episodes))
+    if final is not None:
+        summary = {"global_step": episodes[-1][0], "sps": 1.0, "wall_time_s": 1.0, "final_eval_return": final,
+                   "final_eval_return_std": 0.0}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_plots_read_each_episode_group_flag_variants_and_keep_curves_whole(tmp_path):
+    plot = load_benchmark("plot")
+    launch = tmp_path / "launch"
+    _progress_run(launch, "ppo__CartPole-v1__1", 1, [(s, float(s)) for s in range(10, 1010, 10)], final=5.0)
+    _progress_run(launch, "ppo__CartPole-v1__2", 2, [(10, 1.0), (20, 3.0)])  # still under way
+    _progress_run(launch, "ppo__CartPole-v1__1__lr=1", 1, [(10, 7.0), (1000, 7.0)], final=9.0)
+    runs = {run.path.name: run for run in plot.find_runs([launch])}
+    first = runs["ppo__CartPole-v1__1"]
+    assert first.returns.tolist() == [float(s) for s in range(10, 1010, 10)]  # episodes.csv: one per episode
+    assert first.wall_time_s[[0, -1]].tolist() == pytest.approx([0.1, 10.0])  # progress.csv's clock at their steps
+    assert {run.label for run in runs.values()} == {"ppo", "ppo [lr=1]"}
+    grid, mean, low, high = plot.seed_band([(r.steps, r.returns) for r in (first, runs["ppo__CartPole-v1__2"])])
+    assert grid[[0, -1]].tolist() == [10.0, 1000.0] and mean[-1] == 1000.0  # the short run does not cut it
+    assert (mean[0], low[0], high[0]) == (5.5, 1.0, 10.0)
+    table = plot.results_table(list(runs.values()))
+    assert "| CartPole-v1 | ppo | 1/2 | 1000 | 5.00 ± 0.00 |" in table
+    assert "| CartPole-v1 | ppo [lr=1] | 1/1 | 1000 | 9.00 ± 0.00 |" in table
 
 
 def test_a_run_refused_on_its_command_line_is_reported_by_its_error_not_a_box_border(tmp_path):
