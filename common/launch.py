@@ -268,9 +268,10 @@ def write_summary(results: Sequence[Result], output_dir: Path) -> None:
 
 
 def _in_slot(cores: tuple[int, ...]):
-    """preexec_fn of a run: pin it to its cores and let it die with the launcher (Linux)."""
+    """preexec_fn of a run: pin it to its cores, let SIGINT stop it and let it die with the launcher (Linux)."""
 
     def pin() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # stoppable by SIGINT, even from a launcher in the background
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
         if sys.platform.startswith("linux"):

@@ -56,7 +56,11 @@ if args.grandchild:
 seen = {"cores": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM_THREADS"),
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "group": args.wandb_group}
 (run_dir / "seen.json").write_text(json.dumps(seen))
-time.sleep(args.sleep)
+try:
+    time.sleep(args.sleep)
+except KeyboardInterrupt:  # a script stops cleanly on SIGINT (it checkpoints)
+    (run_dir / "interrupted").write_text("")
+    sys.exit(130)
 if args.seed == args.fail_seed:
     sys.exit("boom")
 summary = {"global_step": 10, "wall_time_s": args.sleep, "sps": 100.0, "final_eval_return": float(args.seed),
@@ -316,6 +320,25 @@ def test_ctrl_c_stops_every_run_and_its_children(tmp_path, fake_script):
     rows = read_csv(out / "summary.csv")
     assert sorted(row["exit_code"] != "0" for row in rows) == [True] * 4
     assert sum(row["exit_code"] == "" for row in rows) == 1  # the fourth never started
+
+
+def test_a_launch_started_in_the_background_stops_its_runs_cleanly(tmp_path, fake_script):
+    # A shell's background job (`nohup ... &`) starts with SIGINT ignored, and its children would inherit that.
+    out = tmp_path / "launch"
+    proc = launcher("--scripts", fake_script, "--max-parallel", "1", "--grace-s", "30", "--output-dir", str(out),
+                    "--", "--sleep", "600", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("*/seen.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and time.monotonic() - started < 20
+    assert (out / "fake__CartPole-v1__1" / "interrupted").is_file()
+    assert read_csv(out / "summary.csv")[0]["exit_code"] == "130"
 
 
 def test_cli_runs_ppo_and_dqn_two_at_a_time(tmp_path):
