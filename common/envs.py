@@ -17,6 +17,7 @@ import inspect
 import keyword
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -295,17 +296,30 @@ def _is_atari_spec(spec: EnvSpec) -> bool:
     return entry_point is ale_py.env.AtariEnv or entry_point == "ale_py.env:AtariEnv"
 
 
+def _import_from_cwd(module: str) -> None:
+    """Import `module`, also from the current directory (`python algos/x.py` puts only algos/ on sys.path)."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        if os.getcwd() in sys.path:
+            raise
+        sys.path.append(os.getcwd())  # after the installed packages, so the cwd shadows none of them
+        importlib.invalidate_caches()
+        importlib.import_module(module)
+
+
 def _resolve(env_id: str) -> tuple[EnvSpec, dict]:
     """The registered spec for `env_id` and the kwargs needed on top of it; UsageError if unknown."""
     name = env_id
     if ":" in env_id:
         module, name = env_id.split(":", 1)
         try:
-            importlib.import_module(module)
+            _import_from_cwd(module)
         except ModuleNotFoundError as e:
             raise UsageError(
-                f"environment id {env_id!r}: cannot import module {module!r} ({e}): run from the directory "
-                f"that contains it (or install it), and check that it registers {name!r}"
+                f"environment id {env_id!r}: cannot import module {module!r} ({e}) from the installed packages "
+                f"or the current directory {os.getcwd()}: run from the directory that contains it (or install it), "
+                f"and check that it registers {name!r}"
             ) from None
     match = _NO_FRAMESKIP_V4.match(name)
     if match and name not in gym.registry and f"ALE/{match['game']}-v5" in gym.registry:
