@@ -51,6 +51,7 @@ import torch.multiprocessing as mp
 from common import distributed
 from common.envs import UsageError
 from common.namedarraytuple import buffer_from_example
+from common.replay import ReplaySizeError
 from common.samplers import (
     REPLICA_STREAM,
     SAMPLING_PROCESS_STREAM,
@@ -66,6 +67,14 @@ from common.samplers import (
 
 POLL_S = 0.001
 STEP, VERSION, STOP, CONSUMED = 0, 1, 2, 3
+
+
+def _build_replay(args: Any, replay_factory: Callable[..., Any], example: Any, share_memory: bool) -> Any:
+    """`replay_factory(example, share_memory=...)`; a size too small for one item is a --buffer-size UsageError."""
+    try:
+        return replay_factory(example, share_memory=share_memory)
+    except ReplaySizeError as error:
+        raise UsageError(f"--buffer-size {args.buffer_size}: {error}") from None
 
 
 def copy_parameters(destination: torch.nn.Module, source: torch.nn.Module) -> None:
@@ -104,7 +113,7 @@ class ReplayFeeder:
             self.sampler = make_sampler(args, env_fn, policy_step, model, horizon=horizon, seed=seed)
             self.example = self.sampler.example
             try:
-                self.replay = replay_factory(self.example, share_memory=False)
+                self.replay = _build_replay(args, replay_factory, self.example, share_memory=False)
                 if replay_state is not None:
                     restore_replay(self.replay, replay_state)
             except BaseException:
@@ -122,7 +131,7 @@ class ReplayFeeder:
             self.example = samples_example(probe, policy_step, model, device)
         finally:
             probe.close()
-        self.replay = replay_factory(self.example, share_memory=True)
+        self.replay = _build_replay(args, replay_factory, self.example, share_memory=True)
         if replay_state is not None:
             restore_replay(self.replay, replay_state)
         self.shared_model = copy.deepcopy(model).cpu()

@@ -188,6 +188,10 @@ def _named_leaves(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]
 # --------------------------------------------------------------------------------------------------
 
 
+class ReplaySizeError(ValueError):
+    """A replay size too small for one item (the scripts report it as a --buffer-size error)."""
+
+
 class UniformReplayBuffer:
     """n-step transitions sampled uniformly from a `[size // n_envs, n_envs]` ring.
 
@@ -212,9 +216,9 @@ class UniformReplayBuffer:
         self.share_memory = share_memory
         min_rows = self._tail + self._history + 1
         if self.n_rows < min_rows:
-            raise ValueError(
+            raise ReplaySizeError(
                 f"replay size {size} holds {self.n_rows} steps per env, fewer than one item needs ({min_rows}); "
-                f"raise size to at least {min_rows * n_envs}"
+                f"raise the size to at least {min_rows * n_envs}"
             )
         example = torchify_buffer(example)
         if example.next_observation is None:

@@ -3,11 +3,40 @@
 import os
 import subprocess
 import sys
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ROOT, read_summary
 
+from common.async_mode import ReplayFeeder
 from common.envs import UsageError, make_env
+from common.replay import UniformReplayBuffer
+
+
+class Constant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+
+def zero_policy(model, obs, prev_action, prev_reward, rnn_state, deterministic=False):
+    return torch.zeros(obs.shape[0], dtype=torch.long), None, None
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_replay_too_small_for_one_item_is_a_buffer_size_error(asynchronous):
+    args = SimpleNamespace(async_sampling=asynchronous, seed=0, n_envs=2, sampler="serial", n_workers=1, n_gpus=0,
+                           start_method="spawn", cpu_affinity=False, buffer_size=3)
+
+    def replay_factory(example, share_memory):
+        return UniformReplayBuffer(example, size=args.buffer_size, n_envs=2, n_step=3, share_memory=share_memory)
+
+    with pytest.raises(UsageError) as error:
+        ReplayFeeder(args, partial(make_env, "CartPole-v1"), zero_policy, Constant(), replay_factory, horizon=4,
+                     exploration=lambda step: {})
+    assert str(error.value).startswith("--buffer-size 3: ") and str(error.value).endswith("at least 10")
 
 
 def test_a_module_env_id_imports_from_the_current_directory(tmp_path, monkeypatch):
