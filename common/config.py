@@ -284,6 +284,34 @@ def resolve_device(args: CommonArgs) -> torch.device:
     return torch.device("cpu")
 
 
+# The range of every numeric flag with one, by field name: whichever of them a script's Args has is checked
+# (a None value is the script's own default, filled in later). A field may sit in two rows (tau: (0, 1]).
+RANGES: list[tuple[str, Callable[[float], bool], tuple[str, ...]]] = [
+    ("at least 1", lambda v: v >= 1, (
+        "total_timesteps", "n_envs", "torch_threads", "num_steps", "batch_size", "n_step", "target_network_period",
+        "update_epochs", "num_minibatches", "hidden_size", "lstm_size", "log_every_updates", "train_length",
+        "sequence_period", "policy_frequency", "frame_skip", "frame_stack", "max_episode_steps", "async_max_lag")),
+    ("positive", lambda v: v > 0, (
+        "replay_ratio", "adam_eps", "rmsprop_eps", "max_grad_norm", "clip_coef", "target_kl", "tau")),
+    ("at least 0", lambda v: v >= 0, (
+        "eval_every", "eval_episodes", "learning_starts", "noop_max", "burn_in", "checkpoint_every_s",
+        "log_every_s", "learning_rate", "policy_lr", "q_lr", "priority_alpha", "value_rescale_eps", "ent_coef",
+        "vf_coef", "exploration_noise", "policy_noise", "noise_clip")),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, (
+        "gamma", "gae_lambda", "tau", "start_epsilon", "end_epsilon", "eval_epsilon", "exploration_fraction",
+        "priority_beta", "priority_eta", "sticky_actions", "rmsprop_alpha")),
+]
+
+
+def check_ranges(args: Any) -> None:
+    """UsageError for the first flag of RANGES that `args` has and whose value lies outside its range."""
+    for requirement, valid, names in RANGES:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not valid(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+
+
 def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
     """Check the shared flags against each other; raise UsageError naming the problem and the fix.
 
@@ -294,10 +322,7 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
         raise UsageError("give either --n-gpus N (one GPU per process) or --n-procs N (processes on --device), "
                          "not both, and neither negative")
     resolve_device(args)  # a missing GPU is the first thing to report
-    if args.n_envs < 1:
-        raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
-    if args.total_timesteps < 1:
-        raise UsageError(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    check_ranges(args)
     if args.sampler != "serial":
         if args.n_workers < 1:
             raise UsageError(f"--n-workers must be at least 1, got {args.n_workers}")
@@ -308,8 +333,6 @@ def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
             print(f"--n-envs {args.n_envs}: the default {default} rounded up to a multiple of --n-workers "
                   f"{args.n_workers}" + (" x 2 alternating groups" if groups == 2 else ""), flush=True)
         check_split(args.sampler, args.n_envs, args.n_workers)
-    if args.eval_episodes < 0:
-        raise UsageError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     parse_info_keys(args.info_keys)
     if args.capture_video:
         require_rgb_array(args.env_id)  # now, not in the final evaluation after the whole training
@@ -385,7 +408,7 @@ def setup(args: CommonArgs) -> torch.device:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(args.torch_threads, 1))
+    torch.set_num_threads(args.torch_threads)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     return device

@@ -8,11 +8,66 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, read_summary
+from conftest import ROOT, load_script, read_summary
 
+from common import config
 from common.async_mode import ReplayFeeder
 from common.envs import UsageError, make_env
 from common.replay import UniformReplayBuffer
+
+SCRIPTS = ["a2c", "c51", "c51_atari", "ddpg", "dqn", "dqn_atari", "ppo", "ppo_atari", "ppo_atari_lstm", "r2d1",
+           "rainbow_atari", "sac", "td3"]
+
+
+def parse(script, *flags, tmp_path):
+    return config.parse_args(load_script(script).Args, ["--output-dir", str(tmp_path), *flags])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_defaults_pass_validation(script, tmp_path):
+    assert parse(script, tmp_path=tmp_path).total_timesteps >= 1
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("dqn", ["--target-network-period", "0"], "--target-network-period must be at least 1, got 0"),
+    ("rainbow_atari", ["--target-network-period", "0"], "--target-network-period must be at least 1, got 0"),
+    ("dqn", ["--num-steps", "0"], "--num-steps must be at least 1, got 0"),
+    ("r2d1", ["--num-steps", "0"], "--num-steps must be at least 1, got 0"),
+    ("dqn", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("dqn", ["--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    ("r2d1", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("dqn", ["--replay-ratio", "-1"], "--replay-ratio must be positive, got -1.0"),
+    ("ppo_atari", ["--num-steps", "-4"], "--num-steps must be at least 1, got -4"),
+    ("ppo_atari_lstm", ["--env-id", "CartPole-v1", "--num-steps", "0"], "--num-steps must be at least 1, got 0"),
+    ("ppo", ["--update-epochs", "0"], "--update-epochs must be at least 1, got 0"),
+    ("ppo_atari_lstm", ["--update-epochs", "0"], "--update-epochs must be at least 1, got 0"),
+    ("ppo", ["--hidden-size", "-1"], "--hidden-size must be at least 1, got -1"),
+    ("td3", ["--log-every-updates", "0"], "--log-every-updates must be at least 1, got 0"),
+    ("sac", ["--log-every-updates", "0"], "--log-every-updates must be at least 1, got 0"),
+    ("ddpg", ["--log-every-updates", "0"], "--log-every-updates must be at least 1, got 0"),
+    ("ppo", ["--eval-every", "-5"], "--eval-every must be at least 0, got -5"),
+    ("ppo", ["--torch-threads", "0"], "--torch-threads must be at least 1, got 0"),
+    ("r2d1", ["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1], got 1.5"),
+    ("dqn_atari", ["--eval-epsilon", "-0.1"], "--eval-epsilon must be in [0, 1], got -0.1"),
+    ("ppo_atari_lstm", ["--eval-epsilon", "2"], "--eval-epsilon must be in [0, 1], got 2.0"),
+    ("dqn", ["--learning-rate", "-1e-3"], "--learning-rate must be at least 0, got -0.001"),
+    ("dqn", ["--tau", "0"], "--tau must be positive, got 0.0"),
+    ("dqn", ["--tau", "1.5"], "--tau must be in [0, 1], got 1.5"),
+    ("dqn", ["--async-sampling", "--async-max-lag", "-1"], "--async-max-lag must be at least 1, got -1"),
+    ("dqn", ["--async-sampling", "--async-max-lag", "0"], "--async-max-lag must be at least 1, got 0"),
+])
+def test_an_out_of_range_flag_is_a_usage_error_naming_it(script, flags, message, tmp_path):
+    with pytest.raises(UsageError) as error:
+        parse(script, *flags, tmp_path=tmp_path)
+    assert str(error.value) == message
+
+
+def test_zero_stays_valid_where_it_means_none_or_off(tmp_path):
+    args = parse("dqn", "--learning-starts", "0", "--eval-every", "0", "--eval-episodes", "0", "--priority-alpha",
+                 "0", "--exploration-fraction", "0", "--async-max-lag", "1", tmp_path=tmp_path)
+    assert (args.learning_starts, args.eval_every, args.priority_alpha, args.async_max_lag) == (0, 0, 0.0, 1)
+    assert parse("ppo", "--learning-rate", "0", tmp_path=tmp_path).learning_rate == 0.0  # an untrained run
+    assert parse("sac", "--alpha", "0", tmp_path=tmp_path).alpha == 0.0
 
 
 class Constant(torch.nn.Module):
