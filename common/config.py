@@ -269,6 +269,9 @@ def script_name() -> str:
 def resolve_device(args: CommonArgs) -> torch.device:
     """The torch device for `--device` / `--n-gpus` (0 when absent), with one-line errors for impossible requests."""
     n_gpus = getattr(args, "n_gpus", 0)
+    if args.device == "cpu" and n_gpus > 0:
+        raise UsageError(f"--n-gpus {n_gpus} trains on GPUs, but --device cpu asks for the CPU: drop --device cpu, "
+                         f"or train in processes on the CPU with --n-procs {n_gpus} --device cpu")
     n_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus > n_visible:
         raise UsageError(

@@ -70,6 +70,14 @@ def test_zero_stays_valid_where_it_means_none_or_off(tmp_path):
     assert parse("sac", "--alpha", "0", tmp_path=tmp_path).alpha == 0.0
 
 
+def test_n_gpus_with_device_cpu_points_to_n_procs(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match=r"--device cpu.*--n-procs 2 --device cpu"):
+        parse("dqn", "--device", "cpu", "--n-gpus", "2", tmp_path=tmp_path)
+    assert config.resolve_device(parse("dqn", "--n-gpus", "2", tmp_path=tmp_path)) == torch.device("cuda", 0)
+
+
 class Constant(torch.nn.Module):
     def __init__(self):
         super().__init__()
