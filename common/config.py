@@ -49,7 +49,7 @@ class ExperimentArgs:
     seed: int = 1
     """seed of the run (environments, networks, exploration)"""
     total_timesteps: int = 100_000
-    """environment steps to train for, summed over all environments"""
+    """environment steps to train for per data-parallel rank, summed over its --n-envs environments"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks live: 'auto' picks CUDA when present"""
     torch_deterministic: bool = True
@@ -65,7 +65,7 @@ class SamplerArgs:
     sampler: SamplerKind = "serial"
     """how environments are stepped: serial | parallel-cpu | parallel-gpu | alternating-gpu"""
     n_envs: int = 1
-    """total number of training environments (split over --n-workers by the parallel samplers)"""
+    """training environments per data-parallel rank (split over --n-workers by the parallel samplers)"""
     n_workers: int = 2
     """worker processes of the parallel samplers (ignored by serial)"""
     n_gpus: int = 0

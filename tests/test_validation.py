@@ -70,6 +70,14 @@ def test_zero_stays_valid_where_it_means_none_or_off(tmp_path):
     assert parse("sac", "--alpha", "0", tmp_path=tmp_path).alpha == 0.0
 
 
+def test_help_says_n_envs_and_total_timesteps_are_per_data_parallel_rank(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(config.CommonArgs, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--n-envs INT training environments per data-parallel rank" in help_text
+    assert "--total-timesteps INT environment steps to train for per data-parallel rank" in help_text
+
+
 def test_n_gpus_with_device_cpu_points_to_n_procs(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
