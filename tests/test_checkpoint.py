@@ -1,13 +1,15 @@
 """Checkpoints from one declaration: every declared object, the counters and the RNG states round-trip."""
 
+import json
 import math
 import random
+import subprocess
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, read_summary, run_script
 
 from common.envs import UsageError
 from common.logger import Counters, checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
@@ -174,3 +176,29 @@ def test_a_run_started_from_another_evaluates_as_that_run_before_it_trains(run_i
     assert first["final_eval_return"] != untrained["final_eval_return"]
     assert second["final_eval_return"] == first["final_eval_return"]
     assert load_checkpoint(second_dir)["global_step"] == 512
+
+
+
+@pytest.mark.parametrize("script, env_id", [("dqn", "CartPole-v1"), ("sac", "Pendulum-v1")])
+def test_a_run_killed_in_its_warm_up_resumes_from_a_checkpoint_of_the_warm_up(run_in, tmp_path, script, env_id):
+    flags = ["--env-id", env_id, "--n-envs", "1", "--replay-ratio", "1", "--checkpoint-replay", "--buffer-size", "5000",
+             "--eval-episodes", "1"]
+    # A warm-up longer than the run is given: it is killed (run_script's timeout) while it fills the replay.
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_in(script, *flags, "--total-timesteps", "1000000000", "--learning-starts", "1000000000",
+               "--checkpoint-every-s", "0.2", timeout=6)
+    run_dir = tmp_path / "run"
+    saved = load_checkpoint(run_dir)
+    step = saved["global_step"]
+    assert 0 < step and saved["n_updates"] == 0
+    assert saved["replay"]["counters"][0] == step  # the replay of every step so far (one env)
+    # Resumed with its replay and a budget that ends 200 steps after its warm-up: it fills the replay for
+    # 100 more steps, then makes the updates of an uninterrupted run, one per step from the warm-up's end on.
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(learning_starts=step + 100, total_timesteps=step + 300)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    resumed = run_script(script, "--resume", str(run_dir), timeout=300)
+    assert f"resumed from step {step}" in resumed.stdout
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint["global_step"] == read_summary(run_dir)["global_step"] == step + 300
+    assert checkpoint["n_updates"] == 201

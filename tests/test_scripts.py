@@ -135,3 +135,28 @@ def test_sigkill_then_resume_finishes_the_budget(tmp_path, script):
     # The resumed process only ran the rest of the budget.
     first_logged = int(resumed.stdout.split("resumed from step ")[1].split()[0])
     assert first_logged >= killed_at and summary["global_step"] - first_logged < total
+
+
+# Replay scripts on classic control, with collects that end on every multiple of 200 steps.
+WARM_UP_RUNS = {
+    "dqn": ["--env-id", "CartPole-v1"],
+    "c51": ["--env-id", "CartPole-v1"],
+    "r2d1": ["--env-id", "CartPole-v1", "--n-envs", "2", "--num-steps", "25", "--replay-ratio", "0.05",
+             "--eval-epsilon", "0.2"],  # an evaluation that draws random actions
+    "ddpg": ["--env-id", "Pendulum-v1"],
+    "td3": ["--env-id", "Pendulum-v1"],
+    "sac": ["--env-id", "Pendulum-v1"],
+}
+
+
+@pytest.mark.parametrize("script", list(WARM_UP_RUNS))
+def test_the_warm_up_logs_and_evaluates_as_training_does(run_in, script):
+    flags = [*WARM_UP_RUNS[script], "--total-timesteps", "1000", "--learning-starts", "800", "--eval-episodes", "1"]
+    _, run_dir, evaluated = run_in(script, *flags, "--eval-every", "200", "--log-every-s", "0", run_name="evaluated")
+    rows = read_progress(run_dir)
+    assert [int(row["global_step"]) for row in rows if row["eval/episodic_return"]] == [200, 400, 600, 800, 1000]
+    assert int(next(row["global_step"] for row in rows if row["charts/SPS"])) < 200  # a progress line per collect
+    # Evaluations draw from a generator of their own: the training episodes are those of a run without them.
+    _, plain_dir, plain = run_in(script, *flags, run_name="plain")
+    assert (run_dir / "episodes.csv").read_text() == (plain_dir / "episodes.csv").read_text()
+    assert evaluated["final_eval_return"] == plain["final_eval_return"]
