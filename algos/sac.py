@@ -40,7 +40,7 @@ class Args(CommonArgs, QPGArgs):
     q_lr: float = 1e-3
     """Adam learning rate of the critics and the temperature"""
     alpha: float = 0.2
-    """entropy temperature (its initial value with --autotune)"""
+    """entropy temperature (its initial value with --autotune; 0, no entropy bonus, with --no-autotune)"""
     autotune: bool = True
     """tune the temperature so that the policy entropy stays near --target-entropy"""
     target_entropy: float | None = None
@@ -124,7 +124,10 @@ def actor_and_alpha_loss(actor: Actor, critics: Critics, log_alpha: torch.Tensor
     q = critics(obs, action, detach=True).min(0).values
     alpha = log_alpha.exp()
     actor_loss = (alpha.detach() * log_prob - q).mean()
-    alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+    if log_alpha.requires_grad:
+        alpha_loss = -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+    else:  # a fixed temperature (--no-autotune) has no loss; at 0 its log is -inf, which would make this nan
+        alpha_loss = torch.zeros((), device=log_prob.device)
     return actor_loss + alpha_loss, (actor_loss, alpha_loss, alpha.detach(), -log_prob.mean().detach())
 
 
@@ -156,12 +159,17 @@ def main(args: Args) -> dict:
     probe.close()
     if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
         raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
+    if args.alpha < 0 or (args.alpha == 0 and args.autotune):
+        raise UsageError(f"--alpha {args.alpha}: the entropy temperature must be > 0, or 0 (no entropy bonus) with "
+                         "--no-autotune")
 
     actor = Actor(example, act_dim, args.hidden_size, low, high, args.clip_log_std).to(device)
     critics = Critics(example, act_dim, args.hidden_size).to(device)
     target_critics = Critics(example, act_dim, args.hidden_size).to(device).requires_grad_(False)
     target_critics.load_state_dict(critics.state_dict())
-    log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
+    # The temperature, in log space (what --autotune learns); a fixed temperature of 0 is log 0 = -inf.
+    log_alpha = torch.tensor(math.log(args.alpha) if args.alpha > 0 else -math.inf, device=device,
+                             requires_grad=args.autotune)
     if args.target_entropy is None:  # resolved here, so that config.json records the value the run used
         args.target_entropy = -float(act_dim)
     critic_optimizer = adam(critics.parameters(), args.q_lr, device)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -230,3 +231,32 @@ def test_sac_tunes_the_temperature_towards_target_entropy(run_in):
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["n_updates"] == 101
     assert checkpoint["log_alpha"].item() > math.log(0.2) + 0.05  # about 101 Adam steps of 1e-3 upwards
+
+
+def test_sac_with_a_fixed_temperature_of_zero_has_no_entropy_terms(run_in):
+    sac = load_script("sac")
+    obs = torch.tensor([[0.3, 0.0, 10.0], [-0.2, 0.0, 20.0]])  # StubActor: log pi = 1 and 2
+    q = lambda obs, action, detach=False: torch.full((2, obs.shape[0]), 3.0)
+    no_temperature = torch.tensor(-math.inf)  # log 0
+    loss, (actor_loss, alpha_loss, alpha, _) = sac.actor_and_alpha_loss(StubActor(), q, no_temperature, obs, -1.0)
+    assert loss.item() == actor_loss.item() == -3.0 and alpha_loss.item() == 0.0 and alpha.item() == 0.0
+    s = SimpleNamespace(observation=obs, bootstrap_observation=obs, action=torch.zeros(2, 1),
+                        n_step_return=torch.tensor([1.0, 2.0]), discount=torch.tensor([0.5, 0.0]))
+    q_loss, _ = sac.soft_q_loss(q, lambda obs, action: torch.full((2, obs.shape[0]), 4.0), StubActor(),
+                                no_temperature, s)
+    assert q_loss.item() == 1.0  # each critic: ((3 - (1 + 0.5 * 4))^2 + (3 - 2)^2) / 2, no entropy term
+
+    _, run_dir, summary = run_in("sac", "--alpha", "0", "--no-autotune", "--total-timesteps", "1100",
+                                 "--learning-starts", "1000", "--log-every-updates", "50", "--eval-episodes", "1")
+    assert summary["global_step"] == 1100 and math.isfinite(summary["final_eval_return"])
+    rows = [row for row in read_progress(run_dir) if row["losses/alpha"]]
+    assert len(rows) == 2 and all(float(row["losses/alpha"]) == float(row["losses/alpha_loss"]) == 0.0 for row in rows)
+    assert all(math.isfinite(float(row["losses/actor_loss"])) for row in rows)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["log_alpha"].item() == -math.inf
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "-0.1", "--no-autotune"], ["--alpha", "0"]])  # 0: tuned in log space
+def test_sac_refuses_a_negative_temperature_and_tuning_from_zero(flags):
+    proc = run_script("sac", *flags, check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--alpha" in proc.stderr and proc.stderr.strip().count("\n") == 0
