@@ -19,6 +19,7 @@ when the sampler outruns the optimizer.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -63,8 +64,10 @@ class Rates:
         return self.samples_per_s + self.updates_per_s
 
 
-def window_rates(run_dir: Path, learning_starts: int) -> Rates:
-    """Samples/s and updates/s over the training window of a finished run directory."""
+def window_rates(run_dir: Path) -> Rates:
+    """Samples/s and updates/s over the training window of a finished run directory (from its config.json's
+    --learning-starts, which flags after `--` may have changed)."""
+    learning_starts = json.loads((run_dir / "config.json").read_text())["learning_starts"]
     rows = [(int(r["global_step"]), float(r["wall_time_s"])) for r in csv.DictReader((run_dir / "progress.csv").open())]
     window = [(step, t) for step, t in rows if step >= learning_starts]
     if len(window) < 2 or window[-1][1] <= window[0][1]:
@@ -88,7 +91,7 @@ def measure(script: str, steps: int, asynchronous: bool, args: Args, output_dir:
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    return window_rates(output_dir / name, learning_starts)
+    return window_rates(output_dir / name)
 
 
 def main(args: Args, extra: list[str]) -> int:

@@ -5,7 +5,8 @@ preprocessing, 4x84x84 uint8 observations, 4 frames per agent step) and stores a
 observations, actions and rewards, either with a Nature-CNN actor-critic on `--device` (sampled actions,
 log-prob and value, as in PPO) or with random actions (no network):
 
-- rlsolo: `serial`, `parallel-cpu`, `parallel-gpu`, `alternating-gpu` (`--n-workers` workers);
+- rlsolo: `serial`, `parallel-cpu`, `parallel-gpu`, `alternating-gpu` (each with the most workers, up to
+  `--n-workers`, that its envs split evenly over);
 - gymnasium: `SyncVectorEnv` and `AsyncVectorEnv` (shared-memory observations) of the same envs, driven by
   a CleanRL-style loop with the same policy;
 - ale-py: the C++ `AtariVectorEnv` (`--n-workers` threads, the same preprocessing), same loop.
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -45,6 +47,7 @@ from common.samplers import PARALLEL_KINDS, ParallelSampler, SerialSampler
 
 AgentInfo = namedarraytuple("AgentInfo", ["log_prob", "value"])
 OURS = ("serial",) + PARALLEL_KINDS
+Config = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu", "gym-sync", "gym-async", "ale-vector"]
 
 
 @dataclass
@@ -54,7 +57,8 @@ class Args:
     n_envs: int = 8
     """environments in every configuration"""
     n_workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
-    """worker processes of our parallel samplers, threads of ale-py's vector env (default: the usable cores)"""
+    """at most this many worker processes in our parallel samplers (each takes the most that its envs split
+    evenly over), and the threads of ale-py's vector env (default: the usable cores)"""
     horizon: int = 64
     """steps per environment in one collect (one rollout of the gymnasium loops)"""
     seconds: float = 2.0
@@ -65,7 +69,7 @@ class Args:
     """cnn: Nature-CNN actor-critic on --device; random: uniform random actions, no network"""
     device: str = "cpu"
     """where the main process runs the network (cpu or cuda; parallel-cpu's workers run it on the CPU)"""
-    configs: tuple[str, ...] = OURS + ("gym-sync", "gym-async", "ale-vector")
+    configs: tuple[Config, ...] = OURS + ("gym-sync", "gym-async", "ale-vector")
     """configurations to measure"""
     start_method: str = "forkserver"
     """start method of our samplers' workers (throughput does not depend on it; forkserver starts fast)"""
@@ -133,11 +137,20 @@ def ours(kind: str, env_fn, policy, model, args: Args) -> tuple[float, float]:
         sampler = SerialSampler(env_fn, policy, model, args.n_envs, args.horizon, args.seed, device)
     else:
         sampler = ParallelSampler(kind, env_fn, policy, model, args.n_envs, args.horizon, args.seed, device,
-                                  args.n_workers, start_method=args.start_method)
+                                  workers_of(kind, args), start_method=args.start_method)
     try:
         return measure(sampler.collect, args.n_envs * args.horizon, args.seconds, getattr(sampler, "worker_pids", []))
     finally:
         sampler.close()
+
+
+def workers_of(kind: str, args: Args) -> int:
+    """The most workers, up to --n-workers, that --n-envs splits evenly over for sampler `kind`."""
+    halves = 2 if kind == "alternating-gpu" else 1
+    fits = [w for w in range(1, args.n_workers + 1) if args.n_envs % (halves * w) == 0]
+    if not fits:
+        raise SystemExit(f"error: --n-envs {args.n_envs} cannot run {kind}: give an even number of envs")
+    return fits[-1]
 
 
 def vector_loop(envs, policy, model, args: Args) -> tuple[float, float]:
@@ -185,6 +198,7 @@ def make_vector_env(config: str, args: Args):
     env_fns = [partial(make_env, args.env_id, args.seed + i) for i in range(args.n_envs)]
     if config == "gym-sync":
         return gym.vector.SyncVectorEnv(env_fns)
+    assert config == "gym-async", config
     return gym.vector.AsyncVectorEnv(env_fns, shared_memory=True)
 
 
@@ -206,7 +220,8 @@ def main(args: Args) -> None:
     probe.close()
     env_fn = partial(make_env, args.env_id)
     n_cpus = len(os.sched_getaffinity(0))
-    print(f"{args.env_id}, {args.n_envs} envs, {args.n_workers} workers, horizon {args.horizon}, "
+    workers = ", ".join(f"{kind} {workers_of(kind, args)}" for kind in args.configs if kind in PARALLEL_KINDS)
+    print(f"{args.env_id}, {args.n_envs} envs, workers: {workers or '-'}, horizon {args.horizon}, "
           f"{args.rounds} rounds of {args.seconds:g} s per configuration; {n_cpus} CPUs ({cpu_model()}); "
           f"torch {torch.__version__}, gymnasium {gym.__version__}; network on {device_name(args.device)}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}, "

@@ -430,7 +430,8 @@ def test_async_speed_rates_cover_the_training_window_only(tmp_path):
     (tmp_path / "progress.csv").write_text("global_step,wall_time_s,losses/x\n"
                                            + "".join(f"{s},{t},\n" for s, t in rows))
     save_checkpoint(tmp_path, {"n_updates": 1600})
-    rates = async_speed.window_rates(tmp_path, learning_starts=1000)
+    (tmp_path / "config.json").write_text(json.dumps({"learning_starts": 1000}))  # as the run was given it
+    rates = async_speed.window_rates(tmp_path)
     assert rates.samples_per_s == pytest.approx(4000 / 8.0) and rates.updates_per_s == pytest.approx(1600 / 8.0)
     assert rates.total == pytest.approx(700.0)
 
