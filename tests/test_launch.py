@@ -569,3 +569,15 @@ def test_a_run_refused_on_its_command_line_is_reported_by_its_error_not_a_box_bo
     failed = next(line for line in stdout.splitlines() if line.startswith("[launch] FAILED 1/1"))
     assert "Value error: Error parsing --total-timesteps: invalid literal for int() with base 10: 'abc'" in failed, \
         failed
+
+
+def test_sampler_throughput_fits_the_workers_to_the_envs_and_refuses_unknown_configs():
+    throughput = load_benchmark("sampler_throughput")
+    workers = {(kind, cores): throughput.workers_of(kind, throughput.Args(n_envs=8, n_workers=cores))
+               for kind in ("parallel-cpu", "alternating-gpu") for cores in (3, 8, 16)}
+    assert workers == {("parallel-cpu", 3): 2, ("parallel-cpu", 8): 8, ("parallel-cpu", 16): 8,
+                       ("alternating-gpu", 3): 2, ("alternating-gpu", 8): 4, ("alternating-gpu", 16): 4}
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(throughput.Args, args=["--configs", "gym-sinc"])
