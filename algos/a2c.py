@@ -37,7 +37,7 @@ from common.samplers import make_sampler
 @dataclass
 class Args(CommonArgs, AtariArgs):
     n_envs: int = 16
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     num_steps: int = 5
     """environment steps per environment per update"""
     learning_rate: float = 7e-4
@@ -194,8 +194,6 @@ def main(args: Args) -> dict:
                          f"observations), {args.env_id} has shape {example.shape}")
     if args.ent_coef is None:
         args.ent_coef = 0.01 if is_frame_stack(example) else 0.0
-    if args.num_steps < 1 or args.log_every_updates < 1:
-        raise UsageError("--num-steps and --log-every-updates must be at least 1")
     model = ActorCritic(example, probe.action_space, args.hidden_size).to(device)
     probe.close()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,

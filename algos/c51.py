@@ -35,7 +35,7 @@ from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 class Args(CommonArgs, QLearningArgs):
     # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 4
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     n_atoms: int = 51
     """atoms of the return distribution"""
     v_min: float = -100.0
@@ -154,8 +154,6 @@ def main(args: Args) -> dict:
         raise UsageError(f"algos/c51.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
                          f"{example.shape}: use c51_atari.py for images")
     probe.close()
-    if args.n_step < 1:
-        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
     if args.n_atoms < 2 or args.v_min >= args.v_max:
         raise UsageError(f"need --n-atoms >= 2 and --v-min < --v-max, got {args.n_atoms}, {args.v_min}, {args.v_max}")
 

@@ -147,8 +147,6 @@ def main(args: Args) -> dict:
     if len(obs_shape) != 3:
         raise UsageError(f"algos/c51_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
                          f"{obs_shape}: use c51.py for vector observations")
-    if args.n_step < 1:
-        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
     if args.n_atoms < 2 or args.v_min >= args.v_max:
         raise UsageError(f"need --n-atoms >= 2 and --v-min < --v-max, got {args.n_atoms}, {args.v_min}, {args.v_max}")
 

@@ -122,8 +122,6 @@ def main(args: Args) -> dict:
     low, high = probe.action_space.low, probe.action_space.high
     qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     probe.close()
-    if args.replay_ratio <= 0 or args.batch_size < 1 or args.num_steps < 1 or args.n_step < 1:
-        raise UsageError("--replay-ratio, --batch-size, --num-steps and --n-step must be positive")
 
     actor = Actor(example, act_dim, args.hidden_size, low, high).to(device)
     critic = Critics(example, act_dim, args.hidden_size, n=1).to(device)

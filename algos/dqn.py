@@ -37,7 +37,7 @@ from common.replay import PrioritizedReplayBuffer, UniformReplayBuffer
 class Args(CommonArgs, QLearningArgs):
     # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 4
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     double: bool = True
     """double Q-learning: the online network picks the bootstrap action (--no-double: the target network does)"""
     dueling: bool = False
@@ -135,8 +135,6 @@ def main(args: Args) -> dict:
         raise UsageError(f"algos/dqn.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
                          f"{example.shape}: use dqn_atari.py for images")
     probe.close()
-    if args.n_step < 1:
-        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
 
     q_net = QNetwork(example, n_actions, args.hidden_size, args.dueling).to(device)
     target_net = QNetwork(example, n_actions, args.hidden_size, args.dueling).to(device)

@@ -143,8 +143,6 @@ def main(args: Args) -> dict:
     if len(obs_shape) != 3:
         raise UsageError(f"algos/dqn_atari.py needs image observations [stack, H, W], {args.env_id} has shape "
                          f"{obs_shape}: use dqn.py for vector observations")
-    if args.n_step < 1:
-        raise UsageError(f"--n-step must be >= 1, got {args.n_step}")
 
     q_net = AtariQNetwork(obs_shape[0], n_actions, args.dueling).to(device)
     target_net = AtariQNetwork(obs_shape[0], n_actions, args.dueling).to(device)

@@ -39,7 +39,7 @@ from common.samplers import make_sampler
 class Args(CommonArgs, PPOArgs):
     # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 8
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     num_steps: int | None = None
     """environment steps per environment per rollout (auto: 64 discrete, 256 continuous)"""
     learning_rate: float | None = None

@@ -37,7 +37,7 @@ class Args(CommonArgs, AtariArgs, PPOArgs):
     total_timesteps: int = 10_000_000
     """environment steps (agent steps, 4 frames each) to train for, summed over all environments"""
     n_envs: int = 8
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     eval_epsilon: float = 0.001
     """probability of a random action in evaluation episodes (a greedy policy that never presses FIRE after a
     lost life would otherwise idle until the time limit)"""

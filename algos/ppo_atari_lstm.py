@@ -49,7 +49,7 @@ class Args(CommonArgs, AtariArgs, PPOArgs):
     total_timesteps: int = 10_000_000
     """environment steps (Atari: agent steps, 4 frames each) to train for, summed over all environments"""
     n_envs: int = 8
-    """total number of training environments (a multiple of --num-minibatches)"""
+    """training environments per data-parallel rank (a multiple of --num-minibatches)"""
     num_steps: int = 128
     """environment steps per environment per rollout (the length of the training sequences)"""
     learning_rate: float | None = None
@@ -90,6 +90,9 @@ def resolve_presets(args: Args, kind: str, continuous: bool = False) -> None:
     if continuous and args.eval_epsilon:
         raise UsageError(f"--eval-epsilon {args.eval_epsilon}: random evaluation actions are for discrete "
                          "actions; leave it at 0 for a continuous action space")
+    if kind == "image" and args.norm_obs:
+        raise UsageError("--norm-obs standardises vector observations; Atari frames are uint8 pixels that the "
+                         "network scales itself: drop --norm-obs")
 
 
 def observation_kind(example) -> str:

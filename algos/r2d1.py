@@ -47,7 +47,7 @@ from common.replay import PrioritizedFrameSequenceReplayBuffer, PrioritizedSeque
 class Args(CommonArgs, AtariArgs, QLearningArgs):
     # A flag without a docstring sets this script's default for a flag of common/config.py.
     n_envs: int = 8
-    """total number of training environments"""
+    """training environments per data-parallel rank"""
     num_steps: int = 20
     hidden_size: int = 64
     """width of the MLP torso and of the Q head (vector observations)"""
@@ -261,8 +261,6 @@ def main(args: Args) -> dict:
     if not isinstance(example, tuple) and example.ndim not in (1, 3):
         raise UsageError(f"algos/r2d1.py needs vector, Dict / Tuple or [stack, H, W] observations; {args.env_id} has "
                          f"{example.shape}")
-    if args.n_step < 1 or args.train_length < 1 or args.burn_in < 0 or args.sequence_period < 1:
-        raise UsageError("need --n-step >= 1, --train-length >= 1, --burn-in >= 0 and --sequence-period >= 1")
 
     network = partial(R2D1Network, example, n_actions, args.hidden_size, args.lstm_size, is_atari(args.env_id),
                       args.dueling)

@@ -129,9 +129,6 @@ def main(args: Args) -> dict:
     low, high = probe.action_space.low, probe.action_space.high
     qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     probe.close()
-    if min(args.replay_ratio, args.batch_size, args.num_steps, args.n_step, args.policy_frequency) <= 0:
-        raise UsageError("--replay-ratio, --batch-size, --num-steps, --n-step and --policy-frequency must be "
-                         "positive")
 
     actor = Actor(example, act_dim, args.hidden_size, low, high).to(device)
     critics = Critics(example, act_dim, args.hidden_size).to(device)

@@ -20,7 +20,7 @@ import torch
 from conftest import load_script
 from torch.distributions import Categorical
 
-from common.envs import make_env
+from common.envs import UsageError, make_env
 from common.evaluate import evaluate_run
 from common.namedarraytuple import buffer_map
 from common.normalization import RunningMeanStd
@@ -311,3 +311,13 @@ def test_wrong_spaces_are_one_line_errors(run_in, script, env_id, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last_line = proc.stderr.strip().splitlines()[-1]  # (ALE prints its banner to stderr first)
     assert last_line.startswith("error: ") and message in last_line
+
+
+def test_recurrent_ppo_refuses_to_standardise_atari_frames():
+    lstm = load_script("ppo_atari_lstm")
+    args = lstm.Args(norm_obs=True)
+    with pytest.raises(UsageError, match="--norm-obs standardises vector observations"):
+        lstm.resolve_presets(args, "image")
+    args = lstm.Args()
+    lstm.resolve_presets(args, "image")  # the image preset leaves frames as they are
+    assert args.norm_obs is False
