@@ -18,6 +18,7 @@ import keyword
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -343,12 +344,22 @@ def is_atari(env_id: str) -> bool:
 
 
 def require_rgb_array(env_id: str) -> None:
-    """UsageError unless the env of `env_id` renders rgb_array frames (what a video records), by its metadata."""
-    spec, _ = _resolve(env_id)
+    """UsageError unless the env of `env_id` renders rgb_array frames (what a video records): by the render modes
+    its class declares, or where it declares none, by those of an instance."""
+    spec, kwargs = _resolve(env_id)
     creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
     metadata = getattr(creator, "metadata", None)  # what gym.make reads; a property (of a wrapper class) says nothing
     modes = metadata.get("render_modes") if isinstance(metadata, Mapping) else None
-    if modes is not None and "rgb_array" not in modes:
+    if not modes:  # an env may set its metadata in __init__
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                env = gym.make(spec, render_mode="rgb_array", **kwargs)
+            modes = env.unwrapped.metadata.get("render_modes") or []
+            env.close()
+        except AssertionError:  # gymnasium's check of an env without render modes
+            modes = []
+    if "rgb_array" not in modes:
         raise UsageError(f"cannot record a video of {env_id}: it renders {list(modes)}, no 'rgb_array' frames; "
                          "drop --capture-video, or give the env an 'rgb_array' render mode")
 

@@ -211,6 +211,34 @@ def test_a_video_of_an_env_without_rgb_array_frames_is_refused_before_anything_i
     assert parse_args(CommonArgs, ["--env-id", "CartPole-v1", "--capture-video", "--output-dir", str(tmp_path)])
 
 
+class InstanceRenderModesEnv(gym.Env):
+    """Declares its render modes in __init__ (its class keeps gym.Env's empty list) and draws frames."""
+
+    def __init__(self, render_mode=None):
+        self.metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+        self.render_mode = render_mode
+        self.observation_space, self.action_space = gym.spaces.Box(-1, 1, (1,)), gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 1.0, True, False, {}
+
+    def render(self):
+        return np.zeros((16, 16, 3), np.uint8)
+
+
+def test_a_video_of_an_env_that_declares_its_render_modes_when_built_is_recorded(tmp_path):
+    gym.register(id="InstanceRenderModes-v0", entry_point=InstanceRenderModesEnv, max_episode_steps=5)
+    env = make_env("InstanceRenderModes-v0", 0, training=False, video_dir=tmp_path)
+    env.reset(seed=0)
+    env.step(0)
+    env.close()
+    assert (tmp_path / "seed0-episode0.mp4").stat().st_size > 0
+
+
 @pytest.mark.parametrize("limit", range(24, 30))
 def test_a_game_that_ends_inside_a_life_loss_reset_is_still_reported(limit):
     # Always NOOP in Breakout: the ball is lost after about 22 steps, and the reset that follows takes a NOOP
