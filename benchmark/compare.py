@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from common.launch import variant_of
+
 EVAL = "eval/episodic_return"
 MAX_EXACT_SPLITS = 2_000_000
 
@@ -84,8 +86,8 @@ def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str, variant: s
             config = json.loads(config_path.read_text())
             if (config.get("script") or run_dir.name.split("__")[0]) != script or config.get("env_id") != env_id:
                 continue
-            variants.add("__".join(run_dir.name.split("__")[3:]))
-            if "__".join(run_dir.name.split("__")[3:]) != variant:
+            variants.add(variant_of(run_dir.name))
+            if variant_of(run_dir.name) != variant:
                 continue
             if int(config["seed"]) in seen:
                 raise SystemExit(f"{seen[int(config['seed'])].name} and {run_dir.name} in {launch_dir} are both seed "

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from common.launch import variant_of
+
 HERE = Path(__file__).resolve().parent
 RETURN = "charts/episodic_return"
 SECTION_BEGIN, SECTION_END = "<!-- learning:begin -->", "<!-- learning:end -->"
@@ -50,7 +52,7 @@ class Run:
     @property
     def label(self) -> str:
         """The script, and the flag variant of a run launched with `--variants` (from its directory's name)."""
-        variant = "__".join(self.path.name.split("__")[3:])
+        variant = variant_of(self.path.name)
         return f"{self.script} [{variant}]" if variant else self.script
 
 

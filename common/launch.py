@@ -69,6 +69,13 @@ class Experiment:
         return "__".join(parts)
 
 
+def variant_of(run_name: str) -> str:
+    """The flag variant in the name of a run directory (`Experiment.name`): "" where it has none, or where the
+    name is the one a script gives itself (<script>__<env>__<seed>__<time>-<pid>)."""
+    variant = "__".join(run_name.split("__")[3:])
+    return "" if re.fullmatch(r"\d{8}-\d{6}-\d+", variant) else variant
+
+
 @dataclass(frozen=True)
 class Slot:
     """Where a run executes: CPU cores (affinity) and a GPU index (None: no GPU)."""
@@ -374,11 +381,11 @@ def _launch(experiments: Sequence[Experiment], max_parallel: int | None, output_
     group = group or output_dir.name
     results = [Result(e, output_dir / e.name) for e in experiments]
     if resume:
-        earlier = {row["run_dir"]: row for row in _read_rows(output_dir / "summary.csv")}
+        earlier = {Path(row["run_dir"]).resolve(): row for row in _read_rows(output_dir / "summary.csv")}
         for result in results:
             result.summary = _read_summary(result.run_dir)
             if result.summary:  # finished in an earlier launch: its row of that launch's table, where there is one
-                row = earlier.get(str(result.run_dir), {})
+                row = earlier.get(result.run_dir.resolve(), {})
                 result.returncode, result.end_time = 0, (result.run_dir / "summary.json").stat().st_mtime
                 result.start_time = result.end_time - float(result.summary.get("wall_time_s", 0.0))
                 with suppress(KeyError, ValueError):

@@ -2,14 +2,17 @@
 
 import json
 import math
+import os
 import random
 import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, read_summary, run_script
+from conftest import ROOT, load_script, read_summary, run_script
 
 from common.envs import UsageError
 from common.logger import Counters, checkpoint_state, load_checkpoint, restore_checkpoint, save_checkpoint
@@ -180,14 +183,24 @@ def test_a_run_started_from_another_evaluates_as_that_run_before_it_trains(run_i
 
 
 @pytest.mark.parametrize("script, env_id", [("dqn", "CartPole-v1"), ("sac", "Pendulum-v1")])
-def test_a_run_killed_in_its_warm_up_resumes_from_a_checkpoint_of_the_warm_up(run_in, tmp_path, script, env_id):
+def test_a_run_killed_in_its_warm_up_resumes_from_a_checkpoint_of_the_warm_up(tmp_path, script, env_id):
     flags = ["--env-id", env_id, "--n-envs", "1", "--replay-ratio", "1", "--checkpoint-replay", "--buffer-size", "5000",
              "--eval-episodes", "1"]
-    # A warm-up longer than the run is given: it is killed (run_script's timeout) while it fills the replay.
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_in(script, *flags, "--total-timesteps", "1000000000", "--learning-starts", "1000000000",
-               "--checkpoint-every-s", "0.2", timeout=6)
+    # A warm-up longer than the run is given: it is killed once it has checkpointed, while it fills the replay.
     run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "algos" / f"{script}.py"), *flags, "--total-timesteps", "1000000000",
+               "--learning-starts", "1000000000", "--checkpoint-every-s", "0.2", "--output-dir", str(tmp_path),
+               "--run-name", "run"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (run_dir / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few more checkpoints of the warm-up
+    finally:
+        proc.kill()
+        proc.wait()
     saved = load_checkpoint(run_dir)
     step = saved["global_step"]
     assert 0 < step and saved["n_updates"] == 0

@@ -548,6 +548,7 @@ def test_plots_read_each_episode_group_flag_variants_and_keep_curves_whole(tmp_p
     _progress_run(launch, "ppo__CartPole-v1__1", 1, [(s, float(s)) for s in range(10, 1010, 10)], final=5.0)
     _progress_run(launch, "ppo__CartPole-v1__2", 2, [(10, 1.0), (20, 3.0)])  # still under way
     _progress_run(launch, "ppo__CartPole-v1__1__lr=1", 1, [(10, 7.0), (1000, 7.0)], final=9.0)
+    _progress_run(launch, "ppo__CartPole-v1__3__20261205-070000-4242", 3, [(10, 1.0), (1000, 1.0)], final=2.0)
     runs = {run.path.name: run for run in plot.find_runs([launch])}
     first = runs["ppo__CartPole-v1__1"]
     assert first.returns.tolist() == [float(s) for s in range(10, 1010, 10)]  # episodes.csv: one per episode
@@ -557,7 +558,7 @@ def test_plots_read_each_episode_group_flag_variants_and_keep_curves_whole(tmp_p
     assert grid[[0, -1]].tolist() == [10.0, 1000.0] and mean[-1] == 1000.0  # the short run does not cut it
     assert (mean[0], low[0], high[0]) == (5.5, 1.0, 10.0)
     table = plot.results_table(list(runs.values()))
-    assert "| CartPole-v1 | ppo | 1/2 | 1000 | 5.00 ± 0.00 |" in table
+    assert "| CartPole-v1 | ppo | 2/3 | 1000 | 3.50 ± 1.50 |" in table  # a run named by its script: no variant
     assert "| CartPole-v1 | ppo [lr=1] | 1/1 | 1000 | 9.00 ± 0.00 |" in table
 
 
