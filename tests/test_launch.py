@@ -381,7 +381,10 @@ def test_plot_helpers():
     assert np.allclose(plot.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1, 2, 4, 6])
     grid_x, mean, low, high = plot.seed_band([(np.array([0.0, 10.0]), np.array([0.0, 10.0])),
                                               (np.array([0.0, 5.0]), np.array([2.0, 2.0]))], n_points=6)
-    assert grid_x[-1] == 5.0 and np.allclose(mean, (grid_x + 2) / 2) and np.allclose(high - low, np.abs(grid_x - 2))
+    both = grid_x <= 5.0  # where the second curve ends, the first goes on alone
+    assert grid_x[-1] == 10.0 and np.allclose(mean[both], (grid_x[both] + 2) / 2)
+    assert np.allclose((high - low)[both], np.abs(grid_x[both] - 2))
+    assert np.allclose(mean[~both], grid_x[~both]) and np.allclose(low[~both], high[~both])
     text = "# Benchmarks\n\n## Speed\n\nmine\n"
     once = plot.update_readme(text, "classic", "table 1")
     assert once.startswith(text.rstrip()) and "## Learning" in once and "table 1" in once
