@@ -174,10 +174,7 @@ def policy_step(model: RecurrentActorCritic, obs, prev_action, prev_reward, rnn_
         rnn_state = model.initial_state(prev_reward.shape[0], prev_reward.device)
     out, value, next_state = model(obs[None], prev_action[None], prev_reward[None], rnn_state)
     dist = model.distribution(out[0])
-    if deterministic:
-        action = dist.mean if model.continuous else dist.probs.argmax(-1)
-    else:
-        action = dist.sample()
+    action = (dist.mean if model.continuous else dist.probs.argmax(-1)) if deterministic else dist.sample()
     if epsilon > 0:
         explore = torch.rand(action.shape, device=action.device) < epsilon
         action = torch.where(explore, torch.randint_like(action, out.shape[-1]), action)
