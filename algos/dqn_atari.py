@@ -161,35 +161,31 @@ def main(args: Args) -> dict:
                             **eval_policy_kwargs(args))
     try:
         while count.global_step < args.total_timesteps:
-            previous_step = count.global_step
+            epsilon = exploration(args, count.global_step)["epsilon"]  # logged: the epsilon the new steps start from
             count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(count.global_step, episodes)
-            if count.global_step >= learning_starts:  # the warm-up only fills the replay buffer
-                count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
-                epsilon = exploration(args, previous_step)["epsilon"]  # logged: the epsilon the new steps started from
-                beta = args.priority_beta + (1 - args.priority_beta) * min(count.global_step / args.total_timesteps, 1)
-                while count.updates_owed >= 1:
-                    count.updates_owed -= 1
-                    if args.prioritized:
-                        sample = replay.sample(args.batch_size, beta=beta)
-                    else:
-                        sample = replay.sample(args.batch_size)
-                    sample = buffer_to(sample, device)
-                    loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.double)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks
-                    nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    if args.prioritized:
-                        replay.update_priorities(sample.index, td_abs)
-                    count.n_updates += 1
-                    if count.n_updates % args.target_network_period == 0:
-                        polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
-                    if count.n_updates % 100 == 0:
-                        logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
-                                                   "charts/epsilon": epsilon})
-                feeder.sync(q_net)
+            beta = args.priority_beta + (1 - args.priority_beta) * min(count.global_step / args.total_timesteps, 1)
+            for _ in count.updates_due(args.replay_ratio, learning_starts):  # none in the warm-up
+                if args.prioritized:
+                    sample = replay.sample(args.batch_size, beta=beta)
+                else:
+                    sample = replay.sample(args.batch_size)
+                sample = buffer_to(sample, device)
+                loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.double)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks
+                nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if args.prioritized:
+                    replay.update_priorities(sample.index, td_abs)
+                count.n_updates += 1
+                if count.n_updates % args.target_network_period == 0:
+                    polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
+                if count.n_updates % 100 == 0:
+                    logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                               "charts/epsilon": epsilon})
+            feeder.sync(q_net)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)
             logger.progress(count.global_step)

@@ -281,30 +281,26 @@ def main(args: Args) -> dict:
                             **eval_policy_kwargs(args))
     try:
         while count.global_step < args.total_timesteps:
-            epsilon = exploration(args, count.global_step)["epsilon"]
-            previous_step = count.global_step
+            epsilon = exploration(args, count.global_step)["epsilon"]  # logged: the epsilon the new steps start from
             count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(count.global_step, episodes)
-            if count.global_step >= learning_starts:  # the warm-up only fills the replay buffer
-                count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
-                while count.updates_owed >= 1:
-                    count.updates_owed -= 1
-                    sample = buffer_to(replay.sample(args.batch_size), device)
-                    loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.burn_in, args.train_length,
-                                                   args.n_step, args.gamma, args.value_rescale_eps)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks
-                    nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    replay.update_priorities(sample.index, td_abs)
-                    count.n_updates += 1
-                    if count.n_updates % args.target_network_period == 0:
-                        polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
-                    if count.n_updates % 10 == 0:
-                        logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
-                                                   "charts/epsilon": epsilon})
-                feeder.sync(q_net)
+            for _ in count.updates_due(args.replay_ratio, learning_starts):  # none in the warm-up
+                sample = buffer_to(replay.sample(args.batch_size), device)
+                loss, td_abs, q_mean = loss_fn(q_net, target_net, sample, args.burn_in, args.train_length,
+                                               args.n_step, args.gamma, args.value_rescale_eps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.all_reduce_gradients(q_net.parameters())  # data-parallel: the mean over ranks
+                nn.utils.clip_grad_norm_(q_net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                replay.update_priorities(sample.index, td_abs)
+                count.n_updates += 1
+                if count.n_updates % args.target_network_period == 0:
+                    polyak_update(target_net.parameters(), q_net.parameters(), args.tau)
+                if count.n_updates % 10 == 0:
+                    logger.log_updates(count, {"losses/td_loss": loss, "losses/q_values": q_mean,
+                                               "charts/epsilon": epsilon})
+            feeder.sync(q_net)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)
             logger.progress(count.global_step)

@@ -187,34 +187,30 @@ def main(args: Args) -> dict:
     evaluation = Evaluation(args, eval_env_fn, policy_step, actor, device, start_step=count.global_step)
     try:
         while count.global_step < args.total_timesteps:
-            previous_step = count.global_step
             count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(count.global_step, episodes)
-            if count.global_step >= learning_starts:  # the warm-up only fills the replay buffer
-                count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
-                while count.updates_owed >= 1:
-                    count.updates_owed -= 1
-                    if args.cudagraphs:
-                        torch.compiler.cudagraph_mark_step_begin()  # a new update: earlier graph outputs may be reused
-                    sample = buffer_to(replay.sample(args.batch_size), device)
-                    q_loss, q_mean = q_loss_fn(critics, target_critics, actor, log_alpha, sample)
-                    critic_optimizer.zero_grad(set_to_none=True)
-                    q_loss.backward()
-                    distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
-                    critic_optimizer.step()
-                    loss, (actor_loss, alpha_loss, alpha, entropy) = actor_loss_fn(
-                        actor, critics, log_alpha, sample.observation, args.target_entropy)
-                    actor_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.all_reduce_gradients([*actor.parameters(), log_alpha])
-                    actor_optimizer.step()
-                    polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
-                    count.n_updates += 1
-                    if count.n_updates % args.log_every_updates == 0:
-                        logger.log_updates(count, {
-                            "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
-                            "losses/alpha_loss": alpha_loss, "losses/alpha": alpha, "losses/entropy": entropy})
-                feeder.sync(actor)
+            for _ in count.updates_due(args.replay_ratio, learning_starts):  # none in the warm-up
+                if args.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new update: earlier graph outputs may be reused
+                sample = buffer_to(replay.sample(args.batch_size), device)
+                q_loss, q_mean = q_loss_fn(critics, target_critics, actor, log_alpha, sample)
+                critic_optimizer.zero_grad(set_to_none=True)
+                q_loss.backward()
+                distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
+                critic_optimizer.step()
+                loss, (actor_loss, alpha_loss, alpha, entropy) = actor_loss_fn(
+                    actor, critics, log_alpha, sample.observation, args.target_entropy)
+                actor_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.all_reduce_gradients([*actor.parameters(), log_alpha])
+                actor_optimizer.step()
+                polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
+                count.n_updates += 1
+                if count.n_updates % args.log_every_updates == 0:
+                    logger.log_updates(count, {
+                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss,
+                        "losses/alpha_loss": alpha_loss, "losses/alpha": alpha, "losses/entropy": entropy})
+            feeder.sync(actor)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)
             logger.progress(count.global_step)

@@ -151,35 +151,31 @@ def main(args: Args) -> dict:
     actor_loss = torch.zeros((), device=device)
     try:
         while count.global_step < args.total_timesteps:
-            previous_step = count.global_step
             count.global_step, episodes = feeder.collect()  # async: the steps the sampling process made meanwhile
             logger.log_episodes(count.global_step, episodes)
-            if count.global_step >= learning_starts:  # the warm-up only fills the replay buffer
-                count.updates_owed += args.replay_ratio * (count.global_step - previous_step)
-                while count.updates_owed >= 1:
-                    count.updates_owed -= 1
-                    if args.cudagraphs:
-                        torch.compiler.cudagraph_mark_step_begin()  # a new update: earlier graph outputs may be reused
-                    sample = buffer_to(replay.sample(args.batch_size), device)
-                    q_loss, q_mean = critic_loss_fn(critics, target_critics, target_actor, sample, args.policy_noise,
-                                                    args.noise_clip)
-                    critic_optimizer.zero_grad(set_to_none=True)
-                    q_loss.backward()
-                    distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
-                    critic_optimizer.step()
-                    count.n_updates += 1
-                    if count.n_updates % args.policy_frequency == 0:
-                        actor_loss = actor_loss_fn(actor, critics, sample.observation)
-                        actor_optimizer.zero_grad(set_to_none=True)
-                        actor_loss.backward()
-                        distributed.all_reduce_gradients(actor.parameters())
-                        actor_optimizer.step()
-                        polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
-                        polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
-                    if count.n_updates % args.log_every_updates == 0:
-                        logger.log_updates(count, {
-                            "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss})
-                feeder.sync(actor)
+            for _ in count.updates_due(args.replay_ratio, learning_starts):  # none in the warm-up
+                if args.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new update: earlier graph outputs may be reused
+                sample = buffer_to(replay.sample(args.batch_size), device)
+                q_loss, q_mean = critic_loss_fn(critics, target_critics, target_actor, sample, args.policy_noise,
+                                                args.noise_clip)
+                critic_optimizer.zero_grad(set_to_none=True)
+                q_loss.backward()
+                distributed.all_reduce_gradients(critics.parameters())  # data-parallel: the mean over ranks
+                critic_optimizer.step()
+                count.n_updates += 1
+                if count.n_updates % args.policy_frequency == 0:
+                    actor_loss = actor_loss_fn(actor, critics, sample.observation)
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    actor_loss.backward()
+                    distributed.all_reduce_gradients(actor.parameters())
+                    actor_optimizer.step()
+                    polyak_update(target_actor.parameters(), actor.parameters(), args.tau)
+                    polyak_update(target_critics.parameters(), critics.parameters(), args.tau)
+                if count.n_updates % args.log_every_updates == 0:
+                    logger.log_updates(count, {
+                        "losses/qf_loss": q_loss, "losses/qf_values": q_mean, "losses/actor_loss": actor_loss})
+            feeder.sync(actor)
             evaluation.maybe_log(logger, count.global_step)
             logger.maybe_checkpoint(trained, count)
             logger.progress(count.global_step)

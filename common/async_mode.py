@@ -4,11 +4,11 @@ Replay-based scripts write one training loop for both modes:
 
     feeder = ReplayFeeder(args, env_fn, policy_step, model, replay_factory, horizon, exploration)
     replay = feeder.replay
-    while step < args.total_timesteps:
-        step, episodes = feeder.collect()          # sync: one batch sampled and appended
-        updates_owed += args.replay_ratio * (step - last_step)   # async: steps the sampler made since
-        ... updates ...
-        feeder.sync(model)                         # new parameters reach the sampler
+    while count.global_step < args.total_timesteps:
+        count.global_step, episodes = feeder.collect()   # sync: one batch sampled and appended
+        for _ in count.updates_due(args.replay_ratio, feeder.learning_starts):  # async: for the steps made since
+            ... update ...
+        feeder.sync(model)                               # new parameters reach the sampler
 
 Synchronous: `collect` runs the sampler (any `--sampler` kind) for one batch and appends it to the
 replay buffer. Asynchronous: a sampling process runs its own sampler of any kind and appends every

@@ -82,8 +82,22 @@ class Counters:
     """gradient updates"""
     updates_owed: float = 0.0
     """updates that the replay ratio owes and that have not run yet"""
+    owed_through: int = 0
+    """the step up to which `updates_owed` counts the steps taken"""
     wall_time_s: float = 0.0
     """seconds the run has trained, over all the processes that ran it (up to the checkpoint it was saved in)"""
+
+    def updates_due(self, replay_ratio: float, learning_starts: int = 0) -> range:
+        """The updates that the steps taken since the last call pay for: `replay_ratio` an environment step
+        once `global_step` has reached `learning_starts` (the warm-up only fills the replay buffer), none
+        before. The fraction of an update left over is owed to the next call."""
+        new_steps, self.owed_through = self.global_step - self.owed_through, self.global_step
+        if self.global_step < learning_starts:
+            return range(0)
+        self.updates_owed += replay_ratio * new_steps
+        due = int(self.updates_owed)
+        self.updates_owed -= due
+        return range(due)
 
 
 def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
@@ -131,6 +145,7 @@ def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], d
                              "with the script that made it") from None
     for counter in dataclasses.fields(counters):
         setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
+    counters.owed_through = checkpoint.get("owed_through", counters.global_step)  # equal at every checkpoint
     restore_rng_state(checkpoint["rng"])
     return counters, checkpoint
 

@@ -85,7 +85,7 @@ def same(a: list, b: list) -> bool:
 @pytest.mark.parametrize("family", [ppo_family, dqn_family, sac_family], ids=["policy-gradient", "deep-q", "qpg"])
 def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, family):
     saved = family(seed=1)
-    counters = Counters(global_step=12_345, n_updates=678, updates_owed=0.75, wall_time_s=91.5)
+    counters = Counters(global_step=12_345, n_updates=678, updates_owed=0.75, owed_through=12_344, wall_time_s=91.5)
     random.seed(3)
     np.random.seed(3)
     torch.manual_seed(3)
@@ -106,13 +106,49 @@ def test_every_declared_object_the_counters_and_the_rng_round_trip(tmp_path, fam
     assert restored_counters == counters
     assert torch.equal(torch.rand(4), draws[0]) and np.array_equal(np.random.rand(4), draws[1])
     assert random.random() == draws[2] and np.random.normal() == draws[3]
-    assert set(checkpoint) == set(saved) | {"global_step", "n_updates", "updates_owed", "wall_time_s", "rng"}
+    assert set(checkpoint) == set(saved) | {"global_step", "n_updates", "updates_owed", "owed_through", "wall_time_s",
+                                            "rng"}
     # The restored optimizer steps the restored parameters (not the ones it was built with).
     optimizer = next(obj for obj in restored.values() if isinstance(obj, torch.optim.Optimizer))
     before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
     step_once(optimizer)
     after = [p.detach() for group in optimizer.param_groups for p in group["params"]]
     assert any(not torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_the_replay_ratio_pays_updates_for_the_steps_since_the_last_call_and_none_in_the_warm_up():
+    count, due = Counters(), []
+    for step in range(1, 11):  # one step a collect, learning from step 4, an update every other step
+        count.global_step = step
+        due.append(len(count.updates_due(0.5, learning_starts=4)))
+    assert due == [0, 0, 0, 0, 1, 0, 1, 0, 1, 0]
+    count.global_step = 22  # a collect of 12 steps at 0.25 owes 3 updates, and the half left over carries
+    assert len(count.updates_due(0.25, learning_starts=4)) == 3 and count.updates_owed == 0.5
+
+
+def test_updates_due_runs_the_updates_that_paying_one_at_a_time_runs():
+    rng = random.Random(0)
+    for _ in range(200):
+        ratio, count, owed, step = rng.choice([0.1, 0.25, 1 / 3, 0.7, 1.0, 4.0]), Counters(), 0.0, 0
+        for _ in range(50):
+            step += rng.choice([1, 4, 8, 128])
+            owed += ratio * (step - count.global_step)
+            count.global_step = step
+            expected = 0
+            while owed >= 1:  # the rule the scripts ran before: one update owed less at a time
+                owed -= 1
+                expected += 1
+            assert len(count.updates_due(ratio)) == expected and count.updates_owed == owed
+
+
+def test_a_resumed_run_owes_updates_only_for_the_steps_it_takes(tmp_path):
+    counters = Counters(global_step=5_000, n_updates=4_000, updates_owed=0.5, owed_through=5_000)
+    state = checkpoint_state({}, counters)
+    del state["owed_through"]  # a checkpoint written before the counter existed
+    save_checkpoint(tmp_path, state)
+    count, _ = restore_checkpoint(tmp_path, {})
+    count.global_step += 3
+    assert len(count.updates_due(0.5)) == 2 and count.updates_owed == 0.0
 
 
 def test_restore_names_what_the_checkpoint_lacks(tmp_path):
@@ -135,7 +171,8 @@ def test_restore_names_what_the_checkpoint_lacks(tmp_path):
 def test_a_run_checkpoints_what_its_script_declares(run_in, script, flags, declared):
     _, run_dir, summary = run_in(script, *flags, "--eval-episodes", "1")
     checkpoint = load_checkpoint(run_dir)
-    assert set(checkpoint) == declared | {"global_step", "n_updates", "updates_owed", "wall_time_s", "rng"}
+    assert set(checkpoint) == declared | {"global_step", "n_updates", "updates_owed", "owed_through", "wall_time_s",
+                                          "rng"}
     assert checkpoint["global_step"] == summary["global_step"] == int(flags[flags.index("--total-timesteps") + 1])
     if script != "ppo":  # one update per step from step learning_starts on, that step included
         learning_starts = int(flags[flags.index("--learning-starts") + 1])
