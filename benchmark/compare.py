@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from common.launch import variant_of
+from common.launch import read_summary, variant_of
 
 EVAL = "eval/episodic_return"
 MAX_EXACT_SPLITS = 2_000_000
@@ -93,7 +93,7 @@ def read_seed_runs(launch_dirs: list[Path], script: str, env_id: str, variant: s
                 raise SystemExit(f"{seen[int(config['seed'])].name} and {run_dir.name} in {launch_dir} are both seed "
                                  f"{config['seed']}: name the flag variant to compare with --variant")
             seen[int(config["seed"])] = run_dir
-            summary = json.loads(summary_path.read_text())
+            summary = read_summary(run_dir)
             evals: dict[int, float] = {}
             with open(run_dir / "progress.csv", newline="") as f:
                 for row in csv.DictReader(f):

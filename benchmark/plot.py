@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from common.launch import variant_of
+from common.launch import read_summary, variant_of
 
 HERE = Path(__file__).resolve().parent
 RETURN = "charts/episodic_return"
@@ -74,8 +74,7 @@ def read_run(run_dir: Path) -> Run:
         steps, returns = [s for s, _ in episodes], [r for _, r in episodes]
     steps = np.array(steps)
     times = np.interp(steps, *np.array(logged).T) if logged else np.full(len(steps), math.nan)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run_dir)
     return Run(run_dir, script, config["env_id"], int(config["seed"]), steps, times, np.array(returns), summary)
 
 

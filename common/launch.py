@@ -315,11 +315,13 @@ def _read_rows(path: Path) -> list[dict]:
         return []
 
 
-def _read_summary(run_dir: Path) -> dict:
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json ({} if it has none yet); a number it writes as null (none exists) reads as NaN."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
+    return {k: math.nan if v is None else v for k, v in summary.items()}
 
 
 def _say(quiet: bool, message: str) -> None:
@@ -383,7 +385,7 @@ def _launch(experiments: Sequence[Experiment], max_parallel: int | None, output_
     if resume:
         earlier = {Path(row["run_dir"]).resolve(): row for row in _read_rows(output_dir / "summary.csv")}
         for result in results:
-            result.summary = _read_summary(result.run_dir)
+            result.summary = read_summary(result.run_dir)
             if result.summary:  # finished in an earlier launch: its row of that launch's table, where there is one
                 row = earlier.get(result.run_dir.resolve(), {})
                 result.returncode, result.end_time = 0, (result.run_dir / "summary.json").stat().st_mtime
@@ -426,14 +428,14 @@ def _launch(experiments: Sequence[Experiment], max_parallel: int | None, output_
                 del running[i]
                 free.append(result.slot)
                 free.sort(key=lambda s: s.index)
-                result.summary = _read_summary(result.run_dir)
+                result.summary = read_summary(result.run_dir)
                 _report(result, i, len(results), quiet)
                 write_summary(results, output_dir)
     except KeyboardInterrupt:
         _say(quiet, f"interrupted: stopping {len(running)} running runs")
         _stop(running.values(), grace_s)
         for _, result in running.values():
-            result.summary = _read_summary(result.run_dir)
+            result.summary = read_summary(result.run_dir)
         write_summary(results, output_dir)
         raise
     write_summary(results, output_dir)

@@ -416,7 +416,8 @@ class RunLogger:
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
-        """Write summary.json (global_step, wall_time_s and sps over every process of the run, + `summary`) and
+        """Write summary.json (global_step, wall_time_s and sps over every process of the run, + `summary`;
+        null for a number that does not exist, such as the training return of a run that ended no episode) and
         close the loggers."""
         if self.interactive and self.enabled:
             print()
@@ -433,7 +434,8 @@ class RunLogger:
             return result
         for name in list(self.files):
             self._close_file(name)
-        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        written = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+        (self.run_dir / "summary.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
         if self.wandb_run is not None:
             upload_videos(self.wandb_run, self.video_dir, step)
             self.wandb_run.summary.update(result)

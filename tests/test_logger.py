@@ -164,3 +164,20 @@ def test_a_run_named_group_slash_name_keeps_its_name_and_wandb_run_when_resumed_
     upload_evaluation(run_dir, None, 1.5)
     assert [init["id"] for init in wandb.inits] == ["grp-r1"] * 3
     assert [init["name"] for init in wandb.inits[:2]] == ["grp/r1"] * 2
+
+
+def test_summary_json_is_strict_json_with_null_where_a_number_does_not_exist(tmp_path):
+    from common.launch import read_summary
+
+    logger = RunLogger(CommonArgs(output_dir=str(tmp_path), run_name="run", total_timesteps=10), "test")
+    logger.finish(10, {"final_eval_return": math.nan, "final_eval_return_std": math.nan})  # no episode, no evaluation
+    text = (tmp_path / "run" / "summary.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    summary = json.loads(text, parse_constant=refuse)  # what jq and JavaScript accept
+    assert summary["train_return_last100"] is None and summary["final_eval_return"] is None
+    assert summary["global_step"] == 10
+    read = read_summary(tmp_path / "run")
+    assert math.isnan(read["train_return_last100"]) and math.isnan(read["final_eval_return"])
