@@ -43,6 +43,7 @@ parser.add_argument("--fail-seed", type=int)
 parser.add_argument("--ignore-sigint", action="store_true")
 parser.add_argument("--grandchild", action="store_true")
 parser.add_argument("--resume")
+parser.add_argument("--wait-for")  # a file: the run ends once it exists (instead of after --sleep)
 args = parser.parse_args()
 if args.resume:  # a launch resumed: the run continues in its directory and says so in its summary
     summary = {"global_step": 10, "wall_time_s": 0.0, "sps": 100.0, "final_eval_return": -1.0}
@@ -58,6 +59,8 @@ seen = {"cores": sorted(os.sched_getaffinity(0)), "omp": os.environ.get("OMP_NUM
 (run_dir / "seen.json").write_text(json.dumps(seen))
 try:
     time.sleep(args.sleep)
+    while args.wait_for and not Path(args.wait_for).exists():
+        time.sleep(0.05)
 except KeyboardInterrupt:  # a script stops cleanly on SIGINT (it checkpoints)
     (run_dir / "interrupted").write_text("")
     sys.exit(130)
@@ -265,19 +268,20 @@ def test_cli_resume_keeps_finished_runs_continues_interrupted_ones_and_starts_th
 
 
 def test_a_launch_directory_takes_one_launch_at_a_time_and_is_only_continued(tmp_path, fake_script):
-    out = tmp_path / "launch"
+    out, release = tmp_path / "launch", tmp_path / "release"
     first = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir", str(out),
-                     "--", "--sleep", "3")
+                     "--", "--wait-for", str(release))  # its runs last until the test releases them
     try:
         deadline = time.monotonic() + 60
         while not (out / "fake__CartPole-v1__1" / "seen.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
         again = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir",
-                         str(out), "--resume", "--", "--sleep", "3")
+                         str(out), "--resume", "--", "--wait-for", str(release))
         _, stderr = again.communicate(timeout=120)
         assert again.returncode == 2 and "another launch is running in" in stderr, stderr
         assert first.poll() is None
     finally:
+        release.touch()
         stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     rows = {row["run_dir"]: row for row in read_csv(out / "summary.csv")}
@@ -289,7 +293,7 @@ def test_a_launch_directory_takes_one_launch_at_a_time_and_is_only_continued(tmp
     assert (out / "launch.json").read_text() == plan
     # Resumed with nothing left to run: every run keeps its row of the launch that ran it.
     proc = launcher("--scripts", fake_script, "--seeds", "1", "2", "--max-parallel", "1", "--output-dir", str(out),
-                    "--resume", "--", "--sleep", "3")
+                    "--resume", "--", "--wait-for", str(release))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     for row in read_csv(out / "summary.csv"):
