@@ -425,6 +425,10 @@ def main(args: Args) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')} | load average {os.getloadavg()[0]:.1f}")
     print(f"# networks {hidden}x{hidden}, batch {args.batch_size}, obs {args.obs_dim}, actions {args.act_dim}\n")
 
+    # On a GPU the host's CPU time says little about the device's work: the ratios are taken on wall clock.
+    by, by_name = (0, "wall clock") if device.type == "cuda" else (1, "CPU time")
+    print(f"| update (updates/s) | wall clock | CPU time | ratio ({by_name}) |")
+    print("|---|---|---|---|", flush=True)
     results: dict[str, dict[str, tuple]] = {}
     for algo, ours, reference in [("sac", partial_update(sac_update, sac), ReferenceSAC),
                                   ("td3", partial_update(td3_update, td3), ReferenceTD3)]:
@@ -434,15 +438,11 @@ def main(args: Args) -> None:
             configs["rlsolo compile"] = ours(hidden, args, device, True, False)
         if args.cudagraphs and device.type == "cuda":
             configs["rlsolo cudagraphs"] = ours(hidden, args, device, True, True)
-        results[algo] = time_rounds(configs, batches, args, device)
-    # On a GPU the host's CPU time says little about the device's work: the ratios are taken on wall clock.
-    by, by_name = (0, "wall clock") if device.type == "cuda" else (1, "CPU time")
-    print(f"| update (updates/s) | wall clock | CPU time | ratio ({by_name}) |")
-    print("|---|---|---|---|")
-    for algo, rows in results.items():
+        results[algo] = rows = time_rounds(configs, batches, args, device)
+        # Each algorithm's rows as soon as they are timed: a run stopped at a time limit keeps them.
         for name, times in rows.items():
             ratio = times[by] / rows["reference"][by]
-            print(f"| {algo} {name} | {times[0]:.0f} | {times[1]:.0f} | {ratio:.2f}x |")
+            print(f"| {algo} {name} | {times[0]:.0f} | {times[1]:.0f} | {ratio:.2f}x |", flush=True)
 
     floors = {}
     for algo, ours in [("sac", partial_update(sac_update, sac)), ("td3", partial_update(td3_update, td3))]:

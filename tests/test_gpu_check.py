@@ -226,6 +226,25 @@ def test_pytest_results_from_the_summary_or_from_a_run_cut_short():
     assert gpu_check.pytest_result(cut_short) == "2 passed, 1 failed; failed: test_b[td3]"
 
 
+def test_algo_speed_stopped_after_its_first_algorithm_keeps_that_algorithms_rows(monkeypatch, capsys):
+    # The GPU check stops algo_speed at its time limit (compiling cold can take most of it): the rows of the
+    # algorithm timed before the stop must already be out, for the check's table to read them.
+    algo_speed = load("algo_speed", ROOT / "benchmark" / "algo_speed.py")
+    timed = []
+
+    def time_rounds(configs, batches, args, device):
+        if timed:
+            raise KeyboardInterrupt  # stands for the time limit, while td3 is timed
+        timed.append(list(configs))
+        return {name: (100.0 * (i + 1), 50.0 * (i + 1)) for i, name in enumerate(configs)}
+
+    monkeypatch.setattr(algo_speed, "time_rounds", time_rounds)
+    with pytest.raises(KeyboardInterrupt):
+        algo_speed.main(algo_speed.Args(batch_size=16, hidden_size=32, compile=False))
+    assert timed == [["reference", "rlsolo eager"]]
+    assert gpu_check.algo_speed_result(capsys.readouterr().out) == "sac updates/s: reference 100, eager 200 (2.00x)"
+
+
 def test_benchmark_outputs_are_read_into_their_key_numbers(tmp_path):
     algo_speed = ("| update (updates/s) | wall clock | CPU time | ratio (wall clock) |\n|---|---|---|---|\n"
                   "| sac reference | 500 | 480 | 1.00x |\n| sac rlsolo eager | 900 | 850 | 1.80x |\n"
