@@ -1,6 +1,9 @@
 """Bad flags end before any work with one UsageError naming the flag; custom env modules import from the cwd."""
 
+import ast
 import os
+import re
+import shlex
 import subprocess
 import sys
 from functools import partial
@@ -141,3 +144,33 @@ def test_a_script_run_from_the_repository_root_finds_a_test_env_in_every_worker(
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_summary(tmp_path / "runs" / "r2d1")["global_step"] >= 400
+
+
+# What a documented command may need that this machine lacks: a GPU, or a saved run to resume.
+MACHINE_DEPENDENT = ("needs a CUDA GPU", "than are visible", "no config.json there")
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, flags) of every `python algos/<script>.py ...` in the READMEs and the scripts' docstrings."""
+    commands = []
+    for path in [ROOT / "README.md", ROOT / "benchmark" / "README.md", *sorted((ROOT / "algos").glob("*.py"))]:
+        text = path.read_text()
+        if path.suffix == ".py":
+            text = ast.get_docstring(ast.parse(text)) or ""
+        text = text.replace("\\\n", " ")  # a command continued on the next line
+        for match in re.finditer(r"python algos/(\w+)\.py([^`|\n]*)", text):
+            flags = shlex.split(match.group(2), comments=True)
+            commands.append((path.name, match.group(1), flags))
+    return commands
+
+
+def test_every_documented_command_parses_and_validates(tmp_path):
+    commands = documented_commands()
+    assert len(commands) > 40 and {script for _, script, _ in commands} == set(SCRIPTS)
+    for where, script, flags in commands:
+        try:
+            parse(script, *flags, tmp_path=tmp_path)
+        except UsageError as error:
+            assert any(reason in str(error) for reason in MACHINE_DEPENDENT), (where, script, flags, error)
+        except SystemExit as error:  # tyro: an unknown flag or a value of the wrong type
+            raise AssertionError(f"{where}: python algos/{script}.py {shlex.join(flags)} does not parse") from error
