@@ -1,4 +1,5 @@
-"""SAC: soft actor-critic with twin Q-functions, a tanh-squashed Gaussian policy and automatic entropy tuning.
+"""SAC: soft actor-critic with twin Q-functions, a tanh-squashed Gaussian policy and an entropy temperature tuned
+automatically (by default; on MuJoCo envs it is fixed at 0.2, as in Tianshou's benchmarked SAC).
 
 Haarnoja et al. 2018, https://arxiv.org/abs/1801.01290; automatic temperature: https://arxiv.org/abs/1812.05905.
 Continuous (Box) actions and vector (or Dict) observations: classic control and MuJoCo. The two critics are one
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from common import distributed
 from common.async_mode import ReplayFeeder
-from common.config import CommonArgs, QPGArgs, UsageError, run, setup
+from common.config import CommonArgs, EnvDefaultFlag, QPGArgs, UsageError, run, setup
 from common.envs import make_env, observation_example, require_continuous_actions
 from common.kernels import polyak_update
 from common.logger import Evaluation, RunLogger, restore_checkpoint
@@ -36,13 +37,16 @@ class Args(CommonArgs, QPGArgs):
     # A flag without a docstring sets this script's default for a flag of common/config.py.
     env_id: str = "Pendulum-v1"
     """environment id (continuous actions, vector observations): Pendulum-v1, Hopper-v5, HalfCheetah-v5 ..."""
-    policy_lr: float = 3e-4
+    policy_lr: float | None = None
+    """Adam learning rate of the actor (default: 1e-3 for MuJoCo envs, as Tianshou's SAC; 3e-4 for the others, as
+    CleanRL's)"""
     q_lr: float = 1e-3
     """Adam learning rate of the critics and the temperature"""
     alpha: float = 0.2
     """entropy temperature (its initial value with --autotune; 0, no entropy bonus, with --no-autotune)"""
-    autotune: bool = True
-    """tune the temperature so that the policy entropy stays near --target-entropy"""
+    autotune: EnvDefaultFlag = None
+    """tune the temperature so that the policy entropy stays near --target-entropy (default: on, except for MuJoCo
+    envs, where it stays at --alpha as in Tianshou's SAC)"""
     target_entropy: float | None = None
     """the entropy the temperature is tuned towards (None: -(action dimensions))"""
     clip_log_std: bool = False
@@ -155,8 +159,14 @@ def main(args: Args) -> dict:
         raise UsageError(f"algos/sac.py needs vector or Dict / Tuple observations, {args.env_id} has shape "
                          f"{example.shape}")
     low, high = probe.action_space.low, probe.action_space.high
-    qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
+    mujoco = qpg_defaults(args, probe)  # --hidden-size and --learning-starts by the env's kind
     probe.close()
+    # MuJoCo: Tianshou's SAC, the anchor of benchmark/README.md (a tuned temperature falls to 0.05 on Hopper and
+    # its deterministic policy comes and goes); other envs: CleanRL's.
+    if args.policy_lr is None:
+        args.policy_lr = 1e-3 if mujoco else 3e-4
+    if args.autotune is None:
+        args.autotune = not mujoco
     if args.alpha < 0 or (args.alpha == 0 and args.autotune):
         raise UsageError(f"--alpha {args.alpha}: the entropy temperature must be > 0, or 0 (no entropy bonus) with "
                          "--no-autotune")

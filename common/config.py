@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,10 @@ __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "Logging
            "QLearningArgs", "QPGArgs", "PPOArgs", "AtariArgs", "run", "resolve_device", "setup"]
 
 SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
+
+
+# A --flag / --no-flag pair whose default, None, the script replaces by the env's kind (e.g. sac.py's --autotune).
+EnvDefaultFlag = Annotated[bool | None, tyro.conf.DisallowNone]
 
 
 @dataclass

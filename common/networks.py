@@ -157,15 +157,16 @@ class ScaledActions(nn.Module):
         return torch.rand((leaf.shape[0],) + self.action_scale.shape, device=leaf.device) * 2.0 - 1.0
 
 
-def qpg_defaults(args: Any, env) -> None:
-    """Fill the ddpg / td3 / sac flags left at None by the env's kind. MuJoCo: the usual 256 units and 10000
-    uniformly random steps before the first update (Tianshou's SAC; the TD3 paper on HalfCheetah and Ant);
-    classic control learns as well, and faster, with 64 units and 1000 random steps."""
+def qpg_defaults(args: Any, env) -> bool:
+    """Fill the ddpg / td3 / sac flags left at None by the env's kind; returns whether it is a MuJoCo env.
+    MuJoCo: the usual 256 units and 10000 uniformly random steps before the first update (Tianshou's SAC; the
+    TD3 paper on HalfCheetah and Ant); classic control learns as well, and faster, with 64 units and 1000."""
     mujoco = "mujoco" in type(env.unwrapped).__module__
     if args.hidden_size is None:
         args.hidden_size = 256 if mujoco else 64
     if args.learning_starts is None:
         args.learning_starts = 10_000 if mujoco else 1_000
+    return mujoco
 
 
 def adam(params: Iterable, lr: float, device: torch.device) -> torch.optim.Adam:

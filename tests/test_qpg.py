@@ -211,6 +211,24 @@ def test_n_step_policy_lr_and_q_lr_reach_the_run(run_in, script):
     assert [g["lr"] for g in checkpoint["critic_optimizer"]["param_groups"]] == [2e-3]
 
 
+@pytest.mark.parametrize("env_id, flags, policy_lr, autotune", [
+    ("Hopper-v5", [], 1e-3, False),  # MuJoCo: Tianshou's SAC, the anchor of the mujoco-cpu results
+    ("Pendulum-v1", [], 3e-4, True),  # the others: CleanRL's
+    ("Hopper-v5", ["--policy-lr", "3e-4", "--autotune"], 3e-4, True),
+    ("Pendulum-v1", ["--policy-lr", "1e-3", "--no-autotune"], 1e-3, False),
+])
+def test_sac_actor_rate_and_temperature_default_by_the_env_kind(run_in, env_id, flags, policy_lr, autotune):
+    _, run_dir, _ = run_in("sac", "--env-id", env_id, *flags, "--total-timesteps", "300", "--learning-starts", "200",
+                           "--eval-episodes", "1")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["policy_lr"], config["autotune"]) == (policy_lr, autotune)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    # The actor's optimizer steps the temperature too, at --q-lr, when it is tuned; a fixed one stays at --alpha.
+    groups = checkpoint["actor_optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == ([policy_lr, 1e-3] if autotune else [policy_lr])
+    assert (checkpoint["log_alpha"].item() == pytest.approx(math.log(0.2))) != autotune
+
+
 def test_sac_tunes_the_temperature_towards_target_entropy(run_in):
     # The alpha loss -log_alpha (log pi + target) has the gradient -(mean log pi + target): at a known
     # log pi of 1.5 (entropy -1.5), gradient descent lowers alpha for the target -2, raises it for -1.
