@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from common.launch import split_argv
 from common.logger import load_checkpoint
+
+from launch import split_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_IDS = {"dqn": "CartPole-v1", "sac": "Pendulum-v1"}

@@ -9,7 +9,7 @@ An anchor file (benchmark/results/anchors/*.json) holds a published run's per-se
 [S], `seeds` [n][S], and `step_offset`, the environment steps its step count leaves out (Tianshou counts from
 the end of its 10,000 random steps). The run directories are those of `script` on `env_id` directly inside the
 launch directories; with several runs of one seed, the last directory named wins. Runs of one seed in one launch
-directory (flag variants of `common.launch --variants`) are told apart with --variant. A run whose final
+directory (flag variants of `launch.py --variants`) are told apart with --variant. A run whose final
 evaluation is not a number (`--eval-episodes 0`) is left out, and said so.
 
 - Final: each run's `final_eval_return` (summary.json) against the anchor's row at --step (in the anchor's own
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from common.launch import read_summary, variant_of
+from launch import read_summary, variant_of
 
 EVAL = "eval/episodic_return"
 MAX_EXACT_SPLITS = 2_000_000

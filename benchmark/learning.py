@@ -1,4 +1,4 @@
-"""Learning benchmark: run a named suite of scripts x envs x seeds through `common.launch`, then plot it.
+"""Learning benchmark: run a named suite of scripts x envs x seeds through benchmark/launch.py, then plot it.
 
     python benchmark/learning.py --suite classic --seeds 3 && python benchmark/plot.py
     python benchmark/learning.py mujoco --seeds 5 -- --track          # flags after `--` go to every run
@@ -35,7 +35,8 @@ from pathlib import Path
 import tyro
 
 from common.envs import UsageError
-from common.launch import ALGOS_DIR, _raise_interrupt, grid, launch, split_argv
+
+from launch import ALGOS_DIR, _raise_interrupt, grid, launch, split_argv
 
 HERE = Path(__file__).resolve().parent
 NOTE_FILE = "benchmark_note.md"

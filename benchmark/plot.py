@@ -1,11 +1,11 @@
-"""Learning curves and a results table from launch directories (`common.launch`, benchmark/learning.py).
+"""Learning curves and a results table from launch directories (benchmark/launch.py, benchmark/learning.py).
 
     python benchmark/plot.py runs/learning-classic-20250101-120000 [more launch dirs] --name classic
 
 Every run directory inside the launch directories (one with a config.json) is read: its training episodes
 (episodes.csv, or where a run has none the `charts/episodic_return` rows of progress.csv; wall-clock time from
 progress.csv) and summary.json. Runs are grouped by script and flag variant (the `__<variant>` part of a
-run directory's name that `common.launch --variants` gives). For each environment, one PNG with two panels,
+run directory's name that `launch.py --variants` gives). For each environment, one PNG with two panels,
 episodic return against environment steps and against wall-clock time: per group, the mean over seeds (line)
 and their min-max range (band) of each run's mean over its last 100 episodes, wherever a run has data. The
 markdown table (per group and env: seeds, final deterministic eval return mean ± std over seeds, mean of the
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 
-from common.launch import read_summary, variant_of
+from launch import read_summary, variant_of
 
 HERE = Path(__file__).resolve().parent
 RETURN = "charts/episodic_return"
@@ -267,7 +267,7 @@ def report(launch_dirs: list[Path], name: str, plot_dir: Path, readme: Path | No
 @dataclass
 class PlotArgs:
     launch_dirs: tyro.conf.Positional[tuple[str, ...]] = ()
-    """launch directories (of common.launch or benchmark/learning.py); default: the newest runs/learning-*"""
+    """launch directories (of benchmark/launch.py or benchmark/learning.py); default: the newest runs/learning-*"""
     name: str | None = None
     """name of the results: PNG file prefix and README block (default: the suite of a runs/learning-<suite>-*
     directory, else "results")"""

@@ -36,9 +36,10 @@ import tyro
 
 from common.config import resolve_device
 from common.envs import UsageError, record_video
-from common.launch import ALGOS_DIR
 from common.logger import CHECKPOINT, load_checkpoint, upload_videos, wandb_run_id
 from common.samplers import Episode, evaluate, evaluation_plan
+
+ALGOS_DIR = Path(__file__).resolve().parent.parent / "algos"
 
 
 @dataclass

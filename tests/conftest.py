@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmark"))  # benchmark scripts import their siblings (launch.py) by name
 os.environ.setdefault("WANDB_MODE", "offline")
 # Seeded runs give the same numbers on every x86 CPU, Intel or AMD: MKL's matrix products take its
 # COMPATIBLE code path (the one branch MKL keeps bit-identical across vendors; its AVX2/AVX-512 branches,

@@ -1,4 +1,4 @@
-"""common.launch (slots, queueing, summary table, failures, Ctrl-C) and benchmark/learning.py + plot.py."""
+"""benchmark/launch.py (slots, queueing, summary table, failures, Ctrl-C) and benchmark/learning.py + plot.py."""
 
 import csv
 import json
@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT, default_sigint, load_benchmark, read_summary
 
 from common.envs import UsageError
-from common.launch import (
+
+from launch import (
     Experiment,
     Result,
     Slot,
@@ -82,8 +83,8 @@ def fake_script(tmp_path):
 def launcher(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)
-    return subprocess.Popen([sys.executable, "-m", "common.launch", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen([sys.executable, str(ROOT / "benchmark" / "launch.py"), *args], cwd=ROOT, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -167,7 +167,7 @@ def test_a_run_named_group_slash_name_keeps_its_name_and_wandb_run_when_resumed_
 
 
 def test_summary_json_is_strict_json_with_null_where_a_number_does_not_exist(tmp_path):
-    from common.launch import read_summary
+    from launch import read_summary
 
     logger = RunLogger(CommonArgs(output_dir=str(tmp_path), run_name="run", total_timesteps=10), "test")
     logger.finish(10, {"final_eval_return": math.nan, "final_eval_return_std": math.nan})  # no episode, no evaluation

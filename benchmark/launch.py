@@ -1,8 +1,8 @@
 """Run a grid of experiments (scripts x env ids x seeds x flag variants) over the machine's cores and GPUs.
 
-    python -m common.launch --scripts ppo dqn --env-ids CartPole-v1 --seeds 1 2 --total-timesteps 20000 \\
+    python benchmark/launch.py --scripts ppo dqn --env-ids CartPole-v1 --seeds 1 2 --total-timesteps 20000 \\
         --max-parallel 2 -- --eval-episodes 5          # flags after `--` go to every run
-    python -m common.launch ... --output-dir runs/sweep --resume   # the same command, continued after a stop
+    python benchmark/launch.py ... --output-dir runs/sweep --resume   # the same command, continued after a stop
 
 Each run gets a slot: a share of the CPU cores (its CPU affinity and OMP_NUM_THREADS) and, where there are
 GPUs, one GPU (CUDA_VISIBLE_DEVICES), round-robin. Runs wait in grid order, seed-major (every script and
