@@ -36,3 +36,36 @@ def test_quick_run_reports_every_case_and_the_plain_dqn_loop_does_the_scripts_up
     rlsolo_updates, plain_updates = (int(n) for n in rows["dqn"]["updates (rlsolo / plain)"].split(" / "))
     assert rlsolo_updates == plain_updates > 0, output
     assert proc.returncode == 0, output
+
+
+def test_profile_split_puts_each_sample_in_the_first_category_its_stack_reaches(tmp_path):
+    from conftest import load_benchmark
+
+    split = load_benchmark("profile_split")
+    raw = tmp_path / "run.raw"
+    raw.write_text("\n".join([
+        # the first optimizer's dynamo import: optimizer construction, not imports
+        "<module> (dqn.py:1);main (dqn.py:9);Adam.__init__ (torch/optim/adam.py:102);"
+        "_find_and_load (<frozen importlib._bootstrap>:1176) 30",
+        "<module> (dqn.py:1);_find_and_load (<frozen importlib._bootstrap>:1176) 20",
+        # an env step under the vector env: the environment, not the vector env's lines
+        "plain (loop.py:5);SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:10);"
+        "TimeLimit.step (gymnasium/wrappers/common.py:3) 7",
+        "plain (loop.py:5);SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:11) 2",
+        "main (dqn.py:9);collect (common/samplers.py:4);EpisodeStatistics.step (common/envs.py:8) 3",
+        # the loop's own lines: listed by the innermost own frame, below any library frame
+        "main (dqn.py:9);collect (common/samplers.py:4);epsilon_greedy (common/kernels.py:140);"
+        "Tensor.tolist (torch/_tensor.py:1) 5",
+        "main (dqn.py:9);collect (common/samplers.py:4) 4",
+        "main (dqn.py:9);td_loss (dqn.py:50);Module._call_impl (torch/nn/modules/module.py:1) 6",
+        " 1",
+    ]) + "\n")
+    with open(raw) as f:
+        categories, own, total = split.read_raw(f)
+    assert total == 78
+    assert categories == {
+        "start-up: optimizer construction (and the imports it triggers)": 30, "start-up: imports": 20,
+        "environments (env, wrappers, episode statistics)": 10, "vector env (SyncVectorEnv's own lines)": 2,
+        split.OWN: 9, "network forward (nn.Module calls)": 6, split.NO_FRAME: 1,
+    }
+    assert own == {"epsilon_greedy (kernels.py)": 5, "collect (samplers.py)": 4}
