@@ -1,37 +1,19 @@
 """Feeding a replay buffer, synchronously or from a separate sampling process (`--async-sampling`).
 
-Replay-based scripts write one training loop for both modes:
+Replay-based scripts write one training loop for both modes: `count.global_step, episodes = feeder.collect()`, then the
+updates that `count.updates_due(args.replay_ratio, feeder.learning_starts)` counts (sampling `feeder.replay`), then
+`feeder.sync(model)` so that the new parameters reach the sampler.
 
-    feeder = ReplayFeeder(args, env_fn, policy_step, model, replay_factory, horizon, exploration)
-    replay = feeder.replay
-    while count.global_step < args.total_timesteps:
-        count.global_step, episodes = feeder.collect()   # sync: one batch sampled and appended
-        for _ in count.updates_due(args.replay_ratio, feeder.learning_starts):  # async: for the steps made since
-            ... update ...
-        feeder.sync(model)                               # new parameters reach the sampler
-
-Synchronous: `collect` runs the sampler (any `--sampler` kind) for one batch and appends it to the
-replay buffer. Asynchronous: a sampling process runs its own sampler of any kind and appends every
-batch to a shared-memory replay buffer; a copier thread in that process appends batch k while batch
-k+1 is being sampled (two batch buffers), so sampling never waits for the copy. `collect` in the main
-process only waits until new steps exist and returns the step count, so `--replay-ratio` is an upper
-bound enforced by throttling the optimizer; sampling pauses once it is `max_lag_steps`
-(`--async-max-lag`, default 4 collects; batches still being copied count) ahead of the optimizer (the
-step of its previous `collect`), so a slow optimizer does not fall ever further behind and the
-sampler's policy is never more than that many steps' updates old. `sync` copies the parameters into
-shared memory under a lock; the sampling process picks up a new version before each batch.
-`exploration(step) -> dict` gives the policy keyword arguments (an epsilon, say) for the sampler's
-current step, in either process.
-
-With several data-parallel ranks (`--n-gpus N` or torchrun) every rank has its own sampling process and
-shared replay buffer (env seeds offset by rank, as in synchronous mode), and `collect` returns the
-smallest step count over the ranks, so every rank owes the same number of updates and the gradient
-all-reduce stays in step; the faster samplers wait through the lag bound. Sampling from N equal
-per-rank buffers, one batch each, is sampling one N-times-larger batch stratified over the ranks' data,
-and it works across nodes, where one buffer in shared memory could not.
-
-A sampling process that dies ends the run within seconds with its traceback (or, for bad input that only
-the envs reveal, its one-line UsageError); the sampling process exits when the main process dies.
+Synchronous: `collect` samples one batch (any `--sampler` kind) into the replay buffer. Asynchronous: a sampling process
+runs its own sampler and appends every batch to a shared-memory replay buffer through a copier thread (two batch
+buffers, so sampling never waits for the copy); `collect` only waits for new steps, so `--replay-ratio` is an upper
+bound. Sampling pauses while it is `max_lag_steps` (`--async-max-lag`, default 4 collects; batches being copied count)
+ahead of the step of the previous `collect`. `sync` publishes the parameters in shared memory under a lock; the sampling
+process picks up a new version before each batch. `exploration(step) -> dict` gives the policy keyword arguments (an
+epsilon, say) for the sampler's current step. Under data-parallel training each rank has its own sampling process and
+replay buffer, and `collect` returns the smallest step count over the ranks, so every rank owes the same number of
+updates. A sampling process that dies ends the run within seconds with its traceback (or, for bad input that only the
+envs reveal, its one-line UsageError); it exits when the main process dies.
 """
 
 from __future__ import annotations
@@ -91,22 +73,18 @@ class ReplayFeeder:
                  replay_factory: Callable[..., Any], horizon: int, exploration: Callable[[int], dict],
                  checkpoint: dict | None = None, trained: dict | None = None, seed: int | None = None,
                  max_lag_steps: int | None = None, append: Callable[[Any, Any], None] | None = None):
-        """`checkpoint` (from restore_checkpoint on --resume) sets the first step and, where it saved one, the
-        replay buffer, loaded before any sampling starts. With --checkpoint-replay the buffer joins `trained`,
-        the objects every checkpoint saves. `append(replay, batch)` stores a batch (default `replay.append(batch)`;
-        r2d1 adds the rnn state). `learning_starts` is the step of the first update: --learning-starts steps
-        after the start, and again after a resume without the replay, which must be refilled first; never
-        before the buffer (every rank's, under data-parallel training) can give its first item."""
+        """`checkpoint` (from restore_checkpoint on --resume) sets the first step and, where it saved one, the replay
+        buffer, loaded before any sampling starts. With --checkpoint-replay the buffer joins `trained`, the objects
+        every checkpoint saves. `append(replay, batch)` stores a batch (default `replay.append(batch)`).
+        `learning_starts` is the step of the first update: --learning-starts steps after the start (and after a resume
+        without the replay, which must be refilled first); never before every rank's buffer can give its first item."""
         self.asynchronous = bool(getattr(args, "async_sampling", False))
         self.exploration = exploration
         self.append = append or append_batch
-        start_step = checkpoint.get("global_step", 0) if checkpoint else 0
+        self.step = start_step = checkpoint.get("global_step", 0) if checkpoint else 0
         replay_state = checkpoint.get("replay") if checkpoint else None
-        self.step = start_step
         self.learning_starts = 0 if replay_state is not None else start_step
         self.steps_per_batch = horizon * args.n_envs
-        # How far sampling may run ahead of the steps the optimizer has caught up with (async only).
-        # The sampler's policy is at most this many steps (x --replay-ratio updates) behind the optimizer's.
         max_lag_steps = max_lag_steps or getattr(args, "async_max_lag", None) or 4 * self.steps_per_batch
         seed = training_seed(args.seed, start_step) if seed is None else seed
         if not self.asynchronous:
@@ -134,8 +112,7 @@ class ReplayFeeder:
         self.replay = _build_replay(args, replay_factory, self.example, share_memory=True)
         if replay_state is not None:
             restore_replay(self.replay, replay_state)
-        self.shared_model = copy.deepcopy(model).cpu()
-        self.shared_model.share_memory()
+        self.shared_model = copy.deepcopy(model).cpu().share_memory()
         self.counters = torch.zeros(4, dtype=torch.int64).share_memory_()
         self.counters[STEP] = self.counters[CONSUMED] = start_step
         ctx = mp.get_context(args.start_method)
@@ -144,19 +121,16 @@ class ReplayFeeder:
         self.lock = ctx.Lock()
         self.episodes: Any = ctx.Queue()
         self.errors: Any = ctx.Queue()
-        self.process = ctx.Process(
-            target=sampling_main, daemon=False, name="rlsolo-async-sampler",
-            args=(args, env_fn, policy_step, self.shared_model, self.replay, self.append, horizon, exploration, seed,
-                  self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps,
-                  self.inference_device),
-        )
+        process_args = (args, env_fn, policy_step, self.shared_model, self.replay, self.append, horizon, exploration,
+                        seed, self.counters, self.lock, self.episodes, self.errors, os.getpid(), max_lag_steps,
+                        self.inference_device)
+        self.process = ctx.Process(target=sampling_main, args=process_args, daemon=False, name="rlsolo-async-sampler")
         self.process.start()
         self._declare(args, trained)
 
     def _declare(self, args: Any, trained: dict | None) -> None:
         # A rank's buffer holds at least the (rank-agreed) step count / n_envs steps per env.
-        first_item = self.replay.steps_to_first_item * args.n_envs
-        self.learning_starts += max(getattr(args, "learning_starts", 0), first_item)
+        self.learning_starts += max(getattr(args, "learning_starts", 0), self.replay.steps_to_first_item * args.n_envs)
         if trained is not None and getattr(args, "checkpoint_replay", False):
             trained["replay"] = self.replay
 
@@ -208,29 +182,25 @@ class ReplayFeeder:
     def close(self) -> None:
         if not self.asynchronous:
             self.sampler.close()
-            return
-        if getattr(self, "process", None) is None:
-            return
-        self.counters[STOP] = 1
-        self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.process = None
+        elif getattr(self, "process", None) is not None:
+            self.counters[STOP] = 1
+            self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+            self.process = None
 
 
 def inference_device(sampler: str, model_device: torch.device) -> torch.device:
-    """Where the sampling process runs the policy: parallel-gpu / alternating-gpu on the model's device
-    (--device), the other kinds on the CPU (parallel-cpu's workers act on CPU copies)."""
+    """The sampling process's policy device: the model's for parallel-gpu / alternating-gpu, else the CPU."""
     return model_device if sampler in ("parallel-gpu", "alternating-gpu") else torch.device("cpu")
 
 
 def restore_replay(replay: Any, state: dict) -> None:
-    """Load a checkpoint's replay buffer, ending there the episodes the checkpoint cut: the resumed sampler
-    starts new ones."""
+    """Load a checkpoint's replay buffer, ending there the episodes the checkpoint cut (the sampler starts new ones)."""
     try:
         replay.load_state_dict(state)
     except ValueError as error:
@@ -246,11 +216,8 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
                   append: Callable[[Any, Any], None], horizon: int, exploration: Callable[[int], dict], seed: int,
                   counters: torch.Tensor, lock: Any, episodes_out: Any, errors: Any, main_pid: int,
                   max_lag_steps: int, device: torch.device) -> None:
-    """The sampling process: collect batches with any sampler kind and append them to the shared replay.
-
-    Its generators are seeded by `seed` (the run's seed and rank), its inference runs on `device`, and its
-    copy of the policy is refreshed from `shared_model` whenever the optimizer publishes new parameters.
-    """
+    """The sampling process: collects batches with any sampler kind into the shared replay. Its generators are seeded by
+    `seed` (the run's seed and rank); it acts on `device` with a copy of each new version of `shared_model`."""
     torch.set_num_threads(1)
     seed_worker(seed, SAMPLING_PROCESS_STREAM)
     parent_pid = os.getppid()  # the main process (spawn, fork) or the forkserver that ends with it
@@ -283,8 +250,7 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
             except BaseException as error:  # noqa: BLE001 - reported to the main process below
                 copier_error.append(error)
 
-        thread = threading.Thread(target=copier, daemon=True)
-        thread.start()
+        threading.Thread(target=copier, daemon=True).start()
         step, k = int(counters[STEP]), 0
         while not counters[STOP]:
             if main_gone():
@@ -310,11 +276,8 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
                 episodes_out.put(list(episodes))
             step += steps_per_batch
             k ^= 1
-    except UsageError as error:
-        errors.put(error)
-        raise SystemExit(1) from None
-    except BaseException:  # noqa: BLE001 - the main process re-raises it
-        errors.put(traceback.format_exc())
+    except BaseException as error:  # noqa: BLE001 - the main process re-raises it (a UsageError as its one-line message)
+        errors.put(error if isinstance(error, UsageError) else traceback.format_exc())
         raise SystemExit(1) from None
     finally:
         counters[STOP] = 1

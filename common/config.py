@@ -1,18 +1,8 @@
 """The shared command-line flags every script composes into its own `Args`, and the script entry point.
 
-A script writes
-
-    @dataclass
-    class Args(CommonArgs):
-        learning_rate: float = 2.5e-4
-        \"\"\"the optimizer's learning rate\"\"\"
-
-    if __name__ == "__main__":
-        run(main, Args)
-
-and gets `--env-id`, `--seed`, `--sampler`, `--track`, `--resume` ... from the groups below. `run` parses
-the flags (tyro), reloads a saved config for `--resume <run dir>`, validates the combination and turns
-every `UsageError` into a one-line message and exit code 2.
+A script declares a dataclass `Args(CommonArgs, ...)` whose fields each carry a docstring (their --help text) and
+calls `run(main, Args)`: it parses the flags (tyro), reloads a saved config for `--resume <run dir>`, validates the
+combination and turns every `UsageError` into a one-line message and exit code 2.
 """
 
 from __future__ import annotations
@@ -39,9 +29,6 @@ from common.samplers import check_split, parse_info_keys
 __all__ = ["UsageError", "CommonArgs", "ExperimentArgs", "SamplerArgs", "LoggingArgs", "AsyncArgs", "ReplayArgs",
            "QLearningArgs", "QPGArgs", "PPOArgs", "AtariArgs", "run", "resolve_device", "setup"]
 
-SamplerKind = Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"]
-
-
 # A --flag / --no-flag pair whose default, None, the script replaces by the env's kind (e.g. sac.py's --autotune).
 EnvDefaultFlag = Annotated[bool | None, tyro.conf.DisallowNone]
 
@@ -66,7 +53,7 @@ class ExperimentArgs:
 
 @dataclass
 class SamplerArgs:
-    sampler: SamplerKind = "serial"
+    sampler: Literal["serial", "parallel-cpu", "parallel-gpu", "alternating-gpu"] = "serial"
     """how environments are stepped: serial | parallel-cpu | parallel-gpu | alternating-gpu"""
     n_envs: int = 1
     """training environments per data-parallel rank (split over --n-workers by the parallel samplers)"""
@@ -75,13 +62,11 @@ class SamplerArgs:
     n_gpus: int = 0
     """data-parallel training on this many GPUs, one process each (NCCL); 0: one process on --device"""
     n_procs: int = 0
-    """data-parallel training in this many local processes on --device (gloo on CPU); --n-gpus N is the
-    same with one GPU per process"""
+    """data-parallel training in this many local processes on --device (gloo on CPU); --n-gpus: same, a GPU each"""
     cpu_affinity: bool = False
     """pin each sampler worker to one CPU core"""
     start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
-    """multiprocessing start method of the sampler workers and the sampling process: forkserver (one fresh
-    process imports the script once, the workers fork from it) and spawn are safe with CUDA, fork is not"""
+    """start method of the sampler workers and sampling process: forkserver and spawn are safe with CUDA, fork is not"""
 
 
 @dataclass
@@ -115,8 +100,7 @@ class LoggingArgs:
     log_every_s: float = 2.0
     """seconds between console progress lines"""
     info_keys: list[str] = field(default_factory=list)
-    """numeric env info entries to log per training episode as charts/info/KEY: KEY:sum (summed over the episode)
-    or KEY:last (the last value reported; the default), e.g. reward_forward:sum is_success"""
+    """numeric env info entries to log per training episode as charts/info/KEY: KEY:sum (episode total) or KEY[:last]"""
 
 
 @dataclass
@@ -187,8 +171,7 @@ class QPGArgs(ReplayArgs):
     tau: float = 0.005
     """target-network Polyak rate"""
     learning_starts: int | None = None
-    """environment steps of uniformly random actions before the first update (default: 10000 for MuJoCo envs,
-    1000 for the others)"""
+    """uniformly random environment steps before the first update (default: 10000 for MuJoCo envs, 1000 for others)"""
     policy_lr: float = 1e-3
     """Adam learning rate of the actor"""
     q_lr: float = 1e-3
@@ -250,7 +233,7 @@ class AtariArgs:
     clip_rewards: bool = True
     """Atari: train on the sign of the reward (evaluation reports the game score)"""
     sticky_actions: float | None = None
-    """Atari: probability of repeating the previous action (default: the id's own, 0.25 for v5)"""
+    """Atari: probability of repeating the previous action (default: the id's own, 0.25 for v5, 0 for NoFrameskip-v4)"""
     full_action_space: bool = False
     """Atari: all 18 actions instead of the game's minimal set"""
     frame_stack: int = 4
@@ -265,11 +248,6 @@ def env_options(args: Any) -> dict:
 ArgsT = TypeVar("ArgsT", bound=CommonArgs)
 
 
-def script_name() -> str:
-    """Name of the running script without directory and extension (e.g. 'ppo')."""
-    return Path(sys.argv[0]).stem or "script"
-
-
 def resolve_device(args: CommonArgs) -> torch.device:
     """The torch device for `--device` / `--n-gpus` (0 when absent), with one-line errors for impossible requests."""
     n_gpus = getattr(args, "n_gpus", 0)
@@ -278,15 +256,11 @@ def resolve_device(args: CommonArgs) -> torch.device:
                          f"or train in processes on the CPU with --n-procs {n_gpus} --device cpu")
     n_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus > n_visible:
-        raise UsageError(
-            f"--n-gpus {n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus"
-            + (", or train in N local processes on the CPU with --n-procs N --device cpu" if n_visible == 0 else "")
-        )
-    if args.device == "cuda" or n_gpus > 0:
-        if n_visible == 0:
-            raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
-        return torch.device("cuda", distributed.local_rank() % n_visible)
-    if args.device == "auto" and n_visible > 0:
+        hint = ", or train in N local processes on the CPU with --n-procs N --device cpu" if n_visible == 0 else ""
+        raise UsageError(f"--n-gpus {n_gpus} asks for more GPUs than are visible ({n_visible}): lower --n-gpus{hint}")
+    if args.device == "cuda" and n_visible == 0:
+        raise UsageError("--device cuda needs a CUDA GPU, and none is visible: use --device cpu")
+    if n_gpus > 0 or (args.device in ("auto", "cuda") and n_visible > 0):
         return torch.device("cuda", distributed.local_rank() % n_visible)
     return torch.device("cpu")
 
@@ -310,26 +284,19 @@ RANGES: list[tuple[str, Callable[[float], bool], tuple[str, ...]]] = [
 ]
 
 
-def check_ranges(args: Any) -> None:
-    """UsageError for the first flag of RANGES that `args` has and whose value lies outside its range."""
-    for requirement, valid, names in RANGES:
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not valid(value):
-                raise UsageError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
-
-
 def validate(args: CommonArgs, n_envs_given: bool = True) -> None:
-    """Check the shared flags against each other; raise UsageError naming the problem and the fix.
-
-    A parallel sampler whose --n-envs was not given rounds the script's default up to a multiple of its
-    workers (x 2 groups for alternating-gpu), and says so.
-    """
+    """Check the shared flags against each other; raise UsageError naming the problem and the fix. A parallel
+    sampler whose --n-envs was not given rounds the script's default up to a multiple of its workers (x 2 groups
+    for alternating-gpu), and says so."""
     if args.n_gpus < 0 or args.n_procs < 0 or (args.n_gpus and args.n_procs):
         raise UsageError("give either --n-gpus N (one GPU per process) or --n-procs N (processes on --device), "
                          "not both, and neither negative")
     resolve_device(args)  # a missing GPU is the first thing to report
-    check_ranges(args)
+    for requirement, valid, names in RANGES:  # the first flag out of its range
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not valid(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
     if args.sampler != "serial":
         if args.n_workers < 1:
             raise UsageError(f"--n-workers must be at least 1, got {args.n_workers}")
@@ -371,7 +338,7 @@ def parse_args(args_cls: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
     if args.run_name is None:
         env = args.env_id.replace("/", "-").replace(":", "-")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.run_name = f"{script_name()}__{env}__{args.seed}__{stamp}-{os.getpid()}"
+        args.run_name = f"{Path(sys.argv[0]).stem or 'script'}__{env}__{args.seed}__{stamp}-{os.getpid()}"
     run_dir = Path(args.output_dir) / args.run_name
     if args.resume is None and ((run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or give this one "
@@ -410,8 +377,7 @@ def setup(args: CommonArgs) -> torch.device:
     """Join the process group (torchrun / --n-gpus), seed everything, set torch threads; return the device."""
     device = resolve_device(args)
     distributed.init(device.type)
-    # The same seed on every rank: data-parallel replicas build identical networks (their environments
-    # are seeded apart by make_sampler).
+    # The same seed on every rank: data-parallel replicas build identical networks (make_sampler seeds envs apart).
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -1,21 +1,11 @@
 """Synchronous data-parallel training: N full replicas, gradients averaged after every backward pass.
 
-Each replica (process) has its own sampler and environments (seeds offset by rank) and computes the loss
-on its own batch. Every script calls `all_reduce_gradients` in its update, between `backward()` and
-gradient clipping / `optimizer.step()`, so every rank clips and steps the mean gradient, which is what one
-process computes on the union of the batches; replicas start identical because every rank seeds torch
-with the same seed before building its networks (`broadcast_parameters` is there for models built
-otherwise). Running observation statistics merge the batches of all ranks. Only rank 0 logs, evaluates
-and checkpoints; episode statistics are gathered from every rank.
-
-Processes come from torchrun (single node or multi-node, its environment variables are read here):
-
-    torchrun --nproc-per-node 2 algos/ppo.py --device cpu        # gloo on CPU
-    torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node 4 algos/ppo.py
-
-or from `--n-gpus N`, which starts N local processes itself (one GPU each, NCCL). The gradient
-all-reduce is done in one flattened bucket per call, which is what DistributedDataParallel does, but
-works for any loss code (functional calls, vmap over stacked critics) without wrapping the model.
+Each replica (process) has its own sampler and environments (seeds offset by rank) and computes the loss on its own
+batch. Every script calls `all_reduce_gradients` between `backward()` and gradient clipping / `optimizer.step()`, so
+every rank clips and steps the mean gradient, as one process would on the union of the batches. Replicas start identical
+because every rank seeds torch alike before building its networks. Only rank 0 logs, evaluates and checkpoints; episode
+statistics are gathered from every rank. Processes come from torchrun, single or multi-node (its environment variables
+are read here), or from `--n-gpus N`, which starts N local processes itself (one GPU each, NCCL).
 """
 
 from __future__ import annotations
@@ -34,13 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# Imported before any process group exists: torch.distributed.nn.functional (which torch._dynamo imports with
-# the first optimizer) binds the default group as a default argument of its functions when first imported.
-# Imported after init, it keeps the group alive past `shutdown`, and gloo's worker threads run into interpreter
-# exit, where one still releasing a collective's tensors aborts the process.
+# Imported before any process group exists: torch.distributed.nn.functional (imported by torch._dynamo with the first
+# optimizer) binds the default group as a default argument when first imported. Imported after init, it keeps the group
+# alive past `shutdown`, and gloo's threads run into interpreter exit, where one releasing tensors aborts the process.
 import torch.distributed.nn  # noqa: F401
-
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched() -> bool:
@@ -66,19 +53,13 @@ def is_main() -> bool:
 
 
 def init(device_type: str, timeout_s: float = 1800.0) -> None:
-    """Join the process group described by torchrun's environment (gloo on CPU, NCCL on CUDA).
-
-    `timeout_s` bounds a collective's wait, so it must outlast what rank 0 does alone while the other ranks
-    wait in their next collective: an evaluation (ten Atari games can take minutes) or a checkpoint with its
-    replay buffer. A rank that dies ends the run at once (its peers' connections close; spawn_local and
-    torchrun stop the others), not after this timeout.
-    """
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) once, if launched. `timeout_s` bounds a collective's
+    wait, so it must outlast rank 0's evaluations and checkpoints; a rank that dies ends the run at once."""
     if not launched() or dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -105,19 +86,8 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor]) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all ranks (a new tensor; the input is left unchanged)."""
-    if world_size() == 1:
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -129,12 +99,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def replica_seed(seed: int) -> int:
-    """The environment seed of this rank's replica: data-parallel replicas must not sample the same episodes.
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all ranks (a new tensor; the input is left unchanged)."""
+    return tensor if world_size() == 1 else all_reduce_sum(tensor) / world_size()
 
-    Ranks are 2**32 seeds apart, more than any run's steps: whatever step a resumed run offsets their seeds
-    by (`samplers.training_seed`), no rank's envs take the seeds of another rank's or of the evaluation envs.
-    """
+
+def replica_seed(seed: int) -> int:
+    """The environment seed of this rank's replica. Ranks are 2**32 seeds apart, more than any run's steps: whatever
+    step a resumed run offsets seeds by (`samplers.training_seed`), no rank takes another's seeds or the eval envs'."""
     return seed + (rank() << 32)
 
 
@@ -170,10 +142,8 @@ def _die_with_parent() -> None:
 
 
 def spawn_local(n_processes: int, argv: Sequence[str] | None = None, poll_s: float = 0.2) -> int:
-    """Run this script as `n_processes` local ranks with torchrun's environment; return the exit code.
-
-    The first rank to fail ends the others (SIGTERM, then SIGKILL after 5 s); Ctrl-C is passed on.
-    """
+    """Run this script as `n_processes` local ranks with torchrun's environment; return the exit code. The first rank
+    to fail ends the others (SIGTERM, then SIGKILL after 5 s); Ctrl-C is passed on."""
     argv = list(sys.argv if argv is None else argv)
     port = free_port()
     procs = []
@@ -183,14 +153,12 @@ def spawn_local(n_processes: int, argv: Sequence[str] | None = None, poll_s: flo
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, preexec_fn=_die_with_parent))
     code = 0
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:
-                code = failed[0]
+        while True:
+            running = any(p.poll() is None for p in procs)
+            code = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
+            if code or not running:
                 break
             time.sleep(poll_s)
-        else:
-            code = next((p.returncode for p in procs if p.returncode != 0), 0)
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:

@@ -1,11 +1,8 @@
-"""Environment construction: classic control, MuJoCo and Atari (ALE) behind one `make_env`.
+"""Envs (classic control, MuJoCo, Atari) behind one `make_env`, space checks, and storage of Dict / Tuple observations.
 
-Every env returned by `make_env` is a single (non-vectorized) gymnasium env that puts
-`info["episode"] = {"r": raw return, "l": length}` on the step where an episode really ends
-(terminated or truncated), and only then. For Atari the statistic sees the raw game score and the
-true game over: it sits inside episodic life and reward clipping.
-
-Atari stack, innermost first (DeepMind preprocessing):
+Every env from `make_env` is a single (non-vectorized) gymnasium env that puts `info["episode"] = {"r": raw
+return, "l": length}` on the step where an episode really ends (terminated or truncated), and only then; for Atari
+it sees the raw game score and the true game over. Atari stack, innermost first (DeepMind preprocessing):
     ALE (frameskip=1, grayscale) -> no-op reset -> max-and-skip 4 -> [time limit] -> episode statistics
     -> episodic life (training) -> fire reset -> 84x84 -> sign reward clip (training) -> frame stack
 """
@@ -37,15 +34,11 @@ gym.register_envs(ale_py)
 _NOOP, _FIRE, _FIRE_RESET_SECOND_ACTION = 0, 1, 2
 _ALE_FRAMES_PER_S = 60  # the emulator's rate (its metadata says 30); a video shows every frame_skip-th frame
 _NO_FRAMESKIP_V4 = re.compile(r"^(?P<game>[A-Za-z0-9]+)NoFrameskip-v4$")
+ARRAY_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 class UsageError(Exception):
     """Bad user input (env id, flags); scripts print its one-line message and exit without a traceback."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Wrappers
-# --------------------------------------------------------------------------------------------------
 
 
 class EpisodeStatistics(gym.Wrapper):
@@ -53,12 +46,10 @@ class EpisodeStatistics(gym.Wrapper):
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
-        self.episode_return = 0.0
-        self.episode_length = 0
+        self.episode_return, self.episode_length = 0.0, 0
 
     def reset(self, **kwargs):
-        self.episode_return = 0.0
-        self.episode_length = 0
+        self.episode_return, self.episode_length = 0.0, 0
         return self.env.reset(**kwargs)
 
     def step(self, action):
@@ -101,8 +92,7 @@ class MaxAndSkip(gym.Wrapper):
             total_reward += float(reward)
             if i >= self.skip - 2:
                 self.frames[i - (self.skip - 2)] = obs
-            if terminated or truncated:
-                # Ended early: the last frame is the one that counts (the buffer may hold a stale frame).
+            if terminated or truncated:  # ended early: the last frame counts (the buffer may hold a stale one)
                 return obs, total_reward, terminated, truncated, info
         return self.frames.max(axis=0), total_reward, terminated, truncated, info
 
@@ -113,8 +103,7 @@ class EpisodicLife(gym.Wrapper):
     def __init__(self, env: gym.Env):
         super().__init__(env)
         self.ale = env.unwrapped.ale
-        self.lives = 0
-        self.game_over = True
+        self.lives, self.game_over = 0, True
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -134,17 +123,13 @@ class EpisodicLife(gym.Wrapper):
                 episode = info.get("episode")
                 obs, info = self.env.reset(**kwargs)
                 info = info if episode is None else {**info, "episode": episode}
-        self.game_over = False
-        self.lives = self.ale.lives()
+        self.game_over, self.lives = False, self.ale.lives()
         return obs, info
 
 
 class FireReset(gym.Wrapper):
-    """Press FIRE after reset, for games that wait for it before play starts.
-
-    A game that ends inside the reset (its time limit reached on one of these steps, or on EpisodicLife's)
-    reports its `info["episode"]` in the info that reset returns.
-    """
+    """Press FIRE after reset, for games that wait for it before play starts. A game that ends inside the reset
+    (its time limit reached on these steps or on EpisodicLife's) reports its `info["episode"]` in reset's info."""
 
     def reset(self, **kwargs):
         _, info = self.env.reset(**kwargs)
@@ -163,7 +148,6 @@ class WarpFrame(gym.ObservationWrapper):
 
     def __init__(self, env: gym.Env, size: int = 84):
         import cv2  # here, not at the top: only Atari runs pay its import (0.1 s of CPU)
-
         super().__init__(env)
         self.size, self.resize, self.interpolation = size, cv2.resize, cv2.INTER_AREA
         self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
@@ -186,9 +170,8 @@ class FrameStack(gym.Wrapper):
         super().__init__(env)
         space = env.observation_space
         self.frames = np.zeros((k, *space.shape), dtype=space.dtype)
-        self.observation_space = gym.spaces.Box(
-            np.repeat(space.low[None], k, axis=0), np.repeat(space.high[None], k, axis=0), dtype=space.dtype
-        )
+        self.observation_space = gym.spaces.Box(np.repeat(space.low[None], k, axis=0),
+                                                np.repeat(space.high[None], k, axis=0), dtype=space.dtype)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -203,24 +186,19 @@ class FrameStack(gym.Wrapper):
 
 
 class RecordEpisodes(gym.Wrapper):
-    """Write each of the first `max_episodes` episodes to `<video_dir>/<name>-episode<k>.mp4` (H.264).
-
-    Frames come from `render()` (the env must be made with render_mode="rgb_array") after reset and after
-    every step. An episode cut short by reset() or close() is not kept.
-    """
+    """Write each of the first `max_episodes` episodes to `<video_dir>/<name>-episode<k>.mp4` (H.264), rendering
+    (render_mode="rgb_array") after reset and every step. An episode cut short by reset() or close() is not kept."""
 
     def __init__(self, env: gym.Env, video_dir: str | Path, name: str, max_episodes: int = 1, fps: float = 30):
         super().__init__(env)
         self.video_dir, self.name, self.max_episodes, self.fps = Path(video_dir), name, max_episodes, fps
-        self.episode = 0
-        self.writer, self.path = None, None
+        self.episode, self.writer, self.path = 0, None, None
 
     def reset(self, **kwargs):
         self._discard()
         obs, info = self.env.reset(**kwargs)
         if self.episode < self.max_episodes:
             import imageio.v2 as imageio
-
             self.video_dir.mkdir(parents=True, exist_ok=True)
             self.path = self.video_dir / f"{self.name}-episode{self.episode}.mp4"
             self.writer = imageio.get_writer(self.path, fps=self.fps, codec="libx264", macro_block_size=2)
@@ -257,8 +235,7 @@ class VideoEnvFn:
         except TypeError:
             raise UsageError("cannot record a video: the env_fn takes no video_dir / video_episodes keywords; "
                              "build the env with common.envs.make_env and pass them on to it") from None
-        self.env_fn, self.video_dir, self.episodes = env_fn, Path(video_dir), list(episodes)
-        self.built = 0
+        self.env_fn, self.video_dir, self.episodes, self.built = env_fn, Path(video_dir), list(episodes), 0
 
     def __call__(self, seed: int) -> gym.Env:
         self.built += 1
@@ -269,32 +246,16 @@ class VideoEnvFn:
 
 def record_video(env_fn: Callable[[int], gym.Env], video_dir: str | Path | None,
                  episodes: int | Sequence[int] = 1) -> Callable[[int], gym.Env]:
-    """`env_fn`, with its first env recording its first `episodes` episodes to mp4 files in `video_dir`.
-
-    A sequence `episodes` gives a count to each env in the order they are built (under `evaluate`, evaluation
-    env 0, 1, ...). `env_fn(seed, video_dir=..., video_episodes=...)` must pass both keywords on to `make_env`;
-    with `video_dir=None` it is returned unchanged.
-    """
+    """`env_fn`, with its first env recording its first `episodes` episodes to mp4 files in `video_dir` (None:
+    `env_fn` unchanged). A sequence gives a count to each env in build order (under `evaluate`, evaluation env 0,
+    1, ...). `env_fn(seed, video_dir=..., video_episodes=...)` must pass both keywords on to `make_env`."""
     if video_dir is None:
         return env_fn
     return VideoEnvFn(env_fn, video_dir, [episodes] if isinstance(episodes, int) else episodes)
 
 
-def _headless_rendering_defaults() -> None:
-    """Without a display: MuJoCo renders through EGL and pygame (classic control) through SDL's dummy driver."""
-    if not os.environ.get("DISPLAY"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-
-
-# --------------------------------------------------------------------------------------------------
-# Construction
-# --------------------------------------------------------------------------------------------------
-
-
 def _is_atari_spec(spec: EnvSpec) -> bool:
-    entry_point = spec.entry_point
-    return entry_point is ale_py.env.AtariEnv or entry_point == "ale_py.env:AtariEnv"
+    return spec.entry_point is ale_py.env.AtariEnv or spec.entry_point == "ale_py.env:AtariEnv"
 
 
 def _import_from_cwd(module: str) -> None:
@@ -317,35 +278,29 @@ def _resolve(env_id: str) -> tuple[EnvSpec, dict]:
         try:
             _import_from_cwd(module)
         except ModuleNotFoundError as e:
-            raise UsageError(
-                f"environment id {env_id!r}: cannot import module {module!r} ({e}) from the installed packages "
-                f"or the current directory {os.getcwd()}: run from the directory that contains it (or install it), "
-                f"and check that it registers {name!r}"
-            ) from None
+            raise UsageError(f"environment id {env_id!r}: cannot import module {module!r} ({e}) from the installed "
+                             f"packages or the current directory {os.getcwd()}: run from the directory that contains "
+                             f"it (or install it), and check that it registers {name!r}") from None
     match = _NO_FRAMESKIP_V4.match(name)
     if match and name not in gym.registry and f"ALE/{match['game']}-v5" in gym.registry:
         # What NoFrameskip-v4 meant, for ale-py versions that no longer register it.
-        name = f"ALE/{match['game']}-v5"
-        return gym.spec(name), {"repeat_action_probability": 0.0, "full_action_space": False}
+        return gym.spec(f"ALE/{match['game']}-v5"), {"repeat_action_probability": 0.0, "full_action_space": False}
     try:
         return gym.spec(name), {}
     except gym_error.Error as e:
         reason = " ".join(str(e).split())
-        raise UsageError(
-            f"unknown environment id {env_id!r} ({reason}): check the spelling (gymnasium ids look like "
-            f"'CartPole-v1', Atari ids like 'ALE/Pong-v5'), or pass a custom env as 'module:EnvId-v0'"
-        ) from None
+        raise UsageError(f"unknown environment id {env_id!r} ({reason}): check the spelling (gymnasium ids look "
+                         "like 'CartPole-v1', Atari ids like 'ALE/Pong-v5'), or pass a custom env as "
+                         "'module:EnvId-v0'") from None
 
 
 def is_atari(env_id: str) -> bool:
     """Whether `env_id` names an ALE game (either id style). Raises UsageError for unknown ids."""
-    spec, _ = _resolve(env_id)
-    return _is_atari_spec(spec)
+    return _is_atari_spec(_resolve(env_id)[0])
 
 
 def require_rgb_array(env_id: str) -> None:
-    """UsageError unless the env of `env_id` renders rgb_array frames (what a video records): by the render modes
-    its class declares, or where it declares none, by those of an instance."""
+    """UsageError unless the env of `env_id` renders rgb_array frames, by its class's render modes or an instance's."""
     spec, kwargs = _resolve(env_id)
     creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
     metadata = getattr(creator, "metadata", None)  # what gym.make reads; a property (of a wrapper class) says nothing
@@ -364,61 +319,25 @@ def require_rgb_array(env_id: str) -> None:
                          "drop --capture-video, or give the env an 'rgb_array' render mode")
 
 
-def _wrap_atari(env: gym.Env, training: bool, frame_stack: int, max_episode_steps: int | None, frame_skip: int,
-                noop_max: int, episodic_life: bool, clip_rewards: bool) -> gym.Env:
-    if noop_max > 0:
-        env = NoopReset(env, noop_max=noop_max)
-    if frame_skip > 1:
-        env = MaxAndSkip(env, skip=frame_skip)
-    if max_episode_steps is not None:
-        env = TimeLimit(env, max_episode_steps)
-    env = EpisodeStatistics(env)
-    if training and episodic_life:
-        env = EpisodicLife(env)
-    meanings = env.unwrapped.get_action_meanings()
-    if len(meanings) >= 3 and meanings[_FIRE] == "FIRE":
-        env = FireReset(env)
-    env = WarpFrame(env, size=84)
-    if training and clip_rewards:
-        env = SignReward(env)
-    return FrameStack(env, frame_stack)
+def make_env(env_id: str, seed: int = 0, *, training: bool = True, frame_stack: int = 4,
+             max_episode_steps: int | None = None, render_mode: str | None = None, video_dir: str | Path | None = None,
+             video_episodes: int = 1, frame_skip: int = 4, noop_max: int = 30, episodic_life: bool = True,
+             clip_rewards: bool = True, sticky_actions: float | None = None, full_action_space: bool = False,
+             clip_actions: bool = False) -> gym.Env:
+    """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics; it is not reset
+    and `seed` seeds only its action space.
 
-
-def make_env(
-    env_id: str,
-    seed: int = 0,
-    *,
-    training: bool = True,
-    frame_stack: int = 4,
-    max_episode_steps: int | None = None,
-    render_mode: str | None = None,
-    video_dir: str | Path | None = None,
-    video_episodes: int = 1,
-    frame_skip: int = 4,
-    noop_max: int = 30,
-    episodic_life: bool = True,
-    clip_rewards: bool = True,
-    sticky_actions: float | None = None,
-    full_action_space: bool = False,
-    clip_actions: bool = False,
-) -> gym.Env:
-    """Build one env by gymnasium id (`module:EnvId-v0` for custom envs), with episode statistics.
-
-    Atari ids (`ALE/<Game>-v5`, `<Game>NoFrameskip-v4`) get DeepMind preprocessing: up to `noop_max`
-    no-op actions after a reset, `frame_skip` frames per action (max over the last two), observations
-    uint8 [frame_stack, 84, 84]; `training=True` adds episodic life and sign reward clipping (each unless
-    turned off). `sticky_actions` is the probability of repeating the previous action (default: the id's
-    own, 0.25 for v5 and 0 for NoFrameskip-v4); `full_action_space` gives all 18 actions.
-    `max_episode_steps` overrides the registered time limit (Atari: in agent steps, i.e. `frame_skip` frames).
-    The env is not reset here: the caller resets it with its own seed; `seed` seeds the action space.
-    With `video_dir` (`record_video` passes it to the first env), its first `video_episodes` episodes are
-    written to `<video_dir>/seed<seed>-episode<k>.mp4`. `clip_actions` clips Box actions to their bounds (for
-    policies that sample unbounded, like a Gaussian).
-    """
+    Atari ids (`ALE/<Game>-v5`, `<Game>NoFrameskip-v4`) get DeepMind preprocessing (uint8 observations [frame_stack,
+    84, 84]); the options named like the fields of `common.config.AtariArgs` mean what those say (`max_episode_steps`
+    also overrides other envs' time limit), and `training` enables episodic life and reward clipping (each unless
+    turned off). `video_dir` records the first `video_episodes` episodes to `<video_dir>/seed<seed>-episode<k>.mp4`;
+    `clip_actions` clips Box actions to their bounds."""
     if video_dir is not None:
         require_rgb_array(env_id)
         render_mode = "rgb_array"
-        _headless_rendering_defaults()
+        if not os.environ.get("DISPLAY"):  # headless: MuJoCo renders through EGL, pygame through SDL's dummy driver
+            os.environ.setdefault("MUJOCO_GL", "egl")
+            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     bad = [f"{name} {value}" for name, value, ok in (
         ("frame_stack", frame_stack, frame_stack >= 1), ("frame_skip", frame_skip, frame_skip >= 1),
         ("noop_max", noop_max, noop_max >= 0), ("sticky_actions", sticky_actions, 0 <= (sticky_actions or 0) <= 1),
@@ -435,10 +354,23 @@ def make_env(
                 kwargs["repeat_action_probability"] = sticky_actions
             if full_action_space:
                 kwargs["full_action_space"] = True
-            # frameskip=1: MaxAndSkip skips.
             env = gym.make(spec, frameskip=1, obs_type="grayscale", render_mode=render_mode, **kwargs)
-            env = _wrap_atari(env, training, frame_stack, max_episode_steps, frame_skip, noop_max, episodic_life,
-                              clip_rewards)
+            if noop_max > 0:
+                env = NoopReset(env, noop_max=noop_max)
+            if frame_skip > 1:
+                env = MaxAndSkip(env, skip=frame_skip)
+            if max_episode_steps is not None:
+                env = TimeLimit(env, max_episode_steps)
+            env = EpisodeStatistics(env)
+            if training and episodic_life:
+                env = EpisodicLife(env)
+            meanings = env.unwrapped.get_action_meanings()
+            if len(meanings) >= 3 and meanings[_FIRE] == "FIRE":
+                env = FireReset(env)
+            env = WarpFrame(env, size=84)
+            if training and clip_rewards:
+                env = SignReward(env)
+            env = FrameStack(env, frame_stack)
         else:
             env = gym.make(spec, max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
             env = EpisodeStatistics(env)
@@ -454,11 +386,6 @@ def make_env(
     return env
 
 
-# --------------------------------------------------------------------------------------------------
-# Space checks
-# --------------------------------------------------------------------------------------------------
-
-
 def _env_name(env: gym.Env) -> str:
     spec = env.unwrapped.spec
     return spec.id if spec is not None else type(env.unwrapped).__name__
@@ -468,10 +395,8 @@ def require_discrete_actions(env: gym.Env, script: str) -> int:
     """The number of actions of a Discrete action space; UsageError naming the fix otherwise."""
     space = env.action_space
     if not isinstance(space, gym.spaces.Discrete):
-        raise UsageError(
-            f"{script} needs a discrete action space, but {_env_name(env)} has {space}: "
-            f"use a continuous-action script (ppo.py, sac.py, td3.py, ddpg.py)"
-        )
+        raise UsageError(f"{script} needs a discrete action space, but {_env_name(env)} has {space}: "
+                         "use a continuous-action script (ppo.py, sac.py, td3.py, ddpg.py)")
     return int(space.n)
 
 
@@ -479,15 +404,11 @@ def require_continuous_actions(env: gym.Env, script: str) -> tuple[int, ...]:
     """The action shape of a bounded, finite Box action space; UsageError naming the fix otherwise."""
     space = env.action_space
     if not isinstance(space, gym.spaces.Box):
-        raise UsageError(
-            f"{script} needs a continuous (Box) action space, but {_env_name(env)} has {space}: "
-            f"use a discrete-action script (ppo.py, a2c.py, dqn.py, c51.py)"
-        )
+        raise UsageError(f"{script} needs a continuous (Box) action space, but {_env_name(env)} has {space}: "
+                         "use a discrete-action script (ppo.py, a2c.py, dqn.py, c51.py)")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-        raise UsageError(
-            f"{script} needs finite action bounds, but {_env_name(env)} has {space}: "
-            f"wrap the env to give its action space finite low and high bounds"
-        )
+        raise UsageError(f"{script} needs finite action bounds, but {_env_name(env)} has {space}: "
+                         "wrap the env to give its action space finite low and high bounds")
     return tuple(space.shape)
 
 
@@ -496,29 +417,17 @@ def observation_shape(env: gym.Env) -> tuple[int, ...]:
     space = env.observation_space
     observation_example(space)  # UsageError for spaces that nothing can store
     if space.shape is None:
-        raise UsageError(
-            f"{_env_name(env)} has observation space {space}, but this script needs array observations: "
-            f"flatten it with gymnasium.wrappers.FlattenObservation in a custom env"
-        )
+        raise UsageError(f"{_env_name(env)} has observation space {space}, but this script needs array observations: "
+                         "flatten it with gymnasium.wrappers.FlattenObservation in a custom env")
     return tuple(space.shape)
 
 
-# --------------------------------------------------------------------------------------------------
-# Observations: arrays, or namedarraytuples of arrays for Dict / Tuple spaces
-# --------------------------------------------------------------------------------------------------
-
-ARRAY_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-
-
 def observation_example(space: gym.Space, observation: Any = None, where: str = "observation") -> Any:
-    """One zero-filled observation as samplers and replay buffers store it (no leading dims).
-
-    An array for array spaces (Box, Discrete, MultiDiscrete, MultiBinary); for a Dict space a namedarraytuple
-    whose fields are its keys in the space's order, for a Tuple space one with fields f0, f1, ... (nested
-    spaces nest). Given a raw `observation` of the env, each leaf takes its shape and dtype from it (what
-    the env really returns) rather than from the space. UsageError for spaces without a fixed array shape
-    (Text, Graph, Sequence...) and for Dict keys that cannot be field names; `where` names the space there.
-    """
+    """One zero-filled observation as samplers and replay buffers store it (no leading dims): an array for
+    ARRAY_SPACES, a namedarraytuple for a Dict space (fields: its keys, in order) or a Tuple space (fields f0, f1,
+    ...), nested like the space; leaves take shape and dtype from a raw `observation` of the env if given, else from
+    the space. UsageError (naming the space `where`) for spaces without a fixed array shape and for Dict keys that
+    cannot be field names."""
     if isinstance(space, gym.spaces.Dict | gym.spaces.Tuple):
         if isinstance(space, gym.spaces.Dict):
             keys = names = list(space.spaces)
@@ -530,31 +439,24 @@ def observation_example(space: gym.Space, observation: Any = None, where: str = 
                                       f"{where}[{key!r}]") for key in keys]
         return runtime_namedarraytuple("Observation", names)(*fields)
     if not isinstance(space, ARRAY_SPACES):
-        raise UsageError(
-            f"{where} has space {space}, which has no fixed array shape: rlsolo stores Box, Discrete, "
-            f"MultiDiscrete and MultiBinary observations and Dict / Tuple spaces of them; wrap the env to "
-            f"observe one of those"
-        )
+        raise UsageError(f"{where} has space {space}, which has no fixed array shape: rlsolo stores Box, Discrete, "
+                         "MultiDiscrete and MultiBinary observations and Dict / Tuple spaces of them; wrap the env to "
+                         "observe one of those")
     if observation is not None:
         return np.zeros_like(np.asarray(observation))
     return np.zeros(space.shape, space.dtype)
 
 
 def _check_field_name(name: Any, where: str) -> None:
-    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
-            and not name.startswith("_")):
-        raise UsageError(
-            f"the Dict space at {where} has key {name!r}, which cannot name a namedarraytuple field (a Python "
-            f"identifier, not a keyword, not starting with '_'): rename the key in the env or a wrapper"
-        )
+    if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_")):
+        raise UsageError(f"the Dict space at {where} has key {name!r}, which cannot name a namedarraytuple field "
+                         "(a Python identifier, not a keyword, not starting with '_'): rename the key in the env or "
+                         "a wrapper")
 
 
 def write_observation(destination: Any, index: Any, observation: Any) -> None:
-    """`destination[index] = observation` for a raw env observation (a dict / tuple for Dict / Tuple spaces).
-
-    Structured observations are written leaf by leaf into the namedarraytuple `destination` (see
-    `observation_example`), without building one per step.
-    """
+    """`destination[index] = observation` for a raw env observation (a dict / tuple for Dict / Tuple spaces), which
+    goes leaf by leaf into the namedarraytuple `destination` (see `observation_example`), building none per step."""
     if not isinstance(destination, tuple):
         destination[index] = observation
         return

@@ -1,22 +1,13 @@
 """Evaluate a saved run: rebuild its script's networks from checkpoint.pt and run deterministic episodes.
 
-    python -m common.evaluate runs/ppo__CartPole-v1__1__20250101-120000-42
-    python -m common.evaluate runs/<run>/checkpoint.pt --episodes 20 --seed 7 --capture-video --track
+    python -m common.evaluate runs/ppo__CartPole-v1__1__20250101-120000-42[/checkpoint.pt] [--episodes 20 --track]
 
-The run's config.json names the script that wrote it (`"script": "ppo"`: algos/ppo.py, or `--script PATH`).
-The script is imported by path under a module name other than `__main__` (its `if __name__ == "__main__"`
-block does not run) and must expose, next to its `Args` and `policy_step`:
-
-    def load_policy(args: Args, checkpoint: dict, device: torch.device) -> tuple[nn.Module, env_fn]:
-        # the model exactly as main() builds it (normalisation statistics included), with the checkpoint's
-        # weights loaded, on `device`; env_fn(seed) builds one evaluation env (training=False)
-
-With the run's seed and episode count (the defaults), the mean return is the run's `final_eval_return`:
-the same `common.samplers.evaluate` over the same env seeds with the same weights. The last line printed is
-`eval return: MEAN ± STD over N episodes`. `--capture-video` records the first `--video-episodes` episodes
-of the evaluation to <run dir>/videos/ (replacing earlier videos there; see `common.envs.record_video`).
-`--track` adds the mean return (as the summary `evaluate/episodic_return`) and the videos to the W&B run that
-the training logged to.
+The script that wrote the run (config.json's `"script": "ppo"`: algos/ppo.py, or `--script PATH`) is imported
+under a module name other than `__main__` and must define `Args`, `policy_step` and `load_policy(args, checkpoint,
+device) -> (model, env_fn)`: the model exactly as main() builds it (normalisation statistics included) with the
+checkpoint's weights, on `device`, and `env_fn(seed)` that builds one evaluation env (training=False). With the
+defaults (the run's seed and episode count), the mean return is the run's `final_eval_return` (the same
+`common.samplers.evaluate`, env seeds and weights). The last line printed is `eval return: MEAN ± STD over N episodes`.
 """
 
 from __future__ import annotations
@@ -28,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -53,7 +44,7 @@ class EvaluateArgs:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the networks run: 'auto' picks CUDA when present"""
     capture_video: bool = False
-    """record evaluation episodes to <run dir>/videos/"""
+    """record evaluation episodes to <run dir>/videos/, replacing the videos there (see common.envs.record_video)"""
     video_episodes: int = 1
     """how many episodes to record (the first ones of the evaluation, at most --episodes)"""
     track: bool = False
@@ -86,9 +77,11 @@ def import_script(path: str | Path) -> ModuleType:
     return module
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu",
-             script: str | Path | None = None) -> tuple[ModuleType, Any, Any, Any, dict]:
-    """(script module, args, model, env_fn, checkpoint) of a saved run, through the script's `load_policy`."""
+def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None = None,
+                 device: torch.device | str = "cpu", video_dir: str | Path | None = None, video_episodes: int = 1,
+                 script: str | Path | None = None) -> list[Episode]:
+    """Deterministic episodes of a saved run (defaults: its seed and --eval-episodes) under the model that its
+    script's `load_policy` rebuilds; optionally recorded."""
     run_dir, checkpoint_path = resolve_run(path)
     config = json.loads((run_dir / "config.json").read_text())
     if script is None:
@@ -103,16 +96,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu",
     known = {f.name for f in dataclasses.fields(module.Args)}
     args = module.Args(**{k: v for k, v in config.items() if k in known})
     device = torch.device(device)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=device)
-    model, env_fn = module.load_policy(args, checkpoint, device)
-    return module, args, model, env_fn, checkpoint
-
-
-def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None = None,
-                 device: torch.device | str = "cpu", video_dir: str | Path | None = None, video_episodes: int = 1,
-                 script: str | Path | None = None) -> list[Episode]:
-    """Deterministic episodes of a saved run (defaults: its seed and --eval-episodes); optionally recorded."""
-    module, args, model, env_fn, _ = load_run(path, device, script)
+    model, env_fn = module.load_policy(args, load_checkpoint(checkpoint_path, map_location=device), device)
     episodes = args.eval_episodes if episodes is None else episodes
     seed = args.seed if seed is None else seed
     if video_dir is not None and episodes > 0:
@@ -123,7 +107,7 @@ def evaluate_run(path: str | Path, episodes: int | None = None, seed: int | None
         env_fn = record_video(env_fn, video_dir, evaluation_plan(min(video_episodes, episodes), seed)[1])
     torch.manual_seed(seed)
     policy_kwargs = module.eval_policy_kwargs(args) if hasattr(module, "eval_policy_kwargs") else {}
-    return evaluate(env_fn, module.policy_step, model, episodes, seed, torch.device(device), **policy_kwargs)
+    return evaluate(env_fn, module.policy_step, model, episodes, seed, device, **policy_kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
 def upload_evaluation(run_dir: Path, video_dir: Path | None, mean_return: float) -> None:
     """Add the return (and the videos) to the run's W&B run, resumed by the id its training logged to."""
     import wandb
-
     config = json.loads((run_dir / "config.json").read_text())
     summary_path = run_dir / "summary.json"
     step = json.loads(summary_path.read_text())["global_step"] if summary_path.is_file() else 0

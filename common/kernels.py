@@ -1,8 +1,7 @@
 """Pure tensor functions for RL targets and updates: tensors in, tensors out, on any device.
 
-Time-major layout: `[T, B]` is (time, environment). `terminated` and `truncated` stay separate: a terminated
-step does not bootstrap, a truncated step bootstraps from `next_value`, the value of the episode's true
-final observation (not the observation after the reset).
+Time-major layout: `[T, B]` is (time, environment). `terminated` and `truncated` stay separate: a terminated step
+does not bootstrap, a truncated step bootstraps from the value of the episode's true final observation.
 """
 
 from collections.abc import Callable, Iterable
@@ -15,40 +14,27 @@ from torch import Tensor
 from common.namedarraytuple import buffer_leaves
 
 
-def gae_advantages(
-    reward: Tensor,
-    value: Tensor,
-    next_value: Tensor,
-    terminated: Tensor,
-    truncated: Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[Tensor, Tensor]:
+def gae_advantages(reward: Tensor, value: Tensor, next_value: Tensor, terminated: Tensor, truncated: Tensor,
+                   gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016), truncation-aware; returns (advantage, returns).
-
-    All inputs and outputs are `[T, B]`; `next_value[t]` is the value of step t's true next observation.
-    """
+    All inputs and outputs are `[T, B]`; `next_value[t]` is the value of step t's true next observation."""
     not_terminated = 1.0 - terminated.to(value.dtype)
     # The advantage recursion stops at any episode end; only termination also drops the bootstrap value.
     continues = not_terminated * (1.0 - truncated.to(value.dtype))
     delta = reward + gamma * not_terminated * next_value - value
-    advantage = torch.empty_like(value)
-    next_advantage = torch.zeros_like(value[0])
+    advantage, next_advantage = torch.empty_like(value), torch.zeros_like(value[0])
     for t in range(value.shape[0] - 1, -1, -1):
         next_advantage = delta[t] + gamma * gae_lambda * continues[t] * next_advantage
         advantage[t] = next_advantage
     return advantage, advantage + value
 
 
-def n_step_returns(
-    reward: Tensor, terminated: Tensor, truncated: Tensor, n_step: int, gamma: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """n-step discounted reward sums, cut at episode ends and at the end of the batch.
-
-    Inputs `[T, B]`; returns `(returns [T, B], discount [T, B], last_index [T, B] long)`: the target of
-    step t is `returns + discount * Q(next observation of step last_index)`, where `discount` is
-    `gamma ** m * (1 - terminated[last_index])` for a window of m steps.
-    """
+def n_step_returns(reward: Tensor, terminated: Tensor, truncated: Tensor, n_step: int,
+                   gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """n-step discounted reward sums, cut at episode ends and at the end of the batch; n_step < 1 is a ValueError.
+    Inputs `[T, B]`; returns `(returns [T, B], discount [T, B], last_index [T, B] long)`: the target of step t is
+    `returns + discount * Q(next observation of step last_index)`, where `discount` is
+    `gamma ** m * (1 - terminated[last_index])` for a window of m steps."""
     if n_step < 1:
         raise ValueError(f"n_step must be >= 1, got {n_step}")
     T = reward.shape[0]
@@ -79,9 +65,8 @@ def value_rescale(x: Tensor, eps: float = 1e-3) -> Tensor:
 
 def inverse_value_rescale(x: Tensor, eps: float = 1e-3) -> Tensor:
     """Closed-form inverse of `value_rescale`; any shape."""
-    # With s = sqrt(|h^-1(x)| + 1), h = x solves eps s^2 + s - (1 + eps + |x|) = 0. The root is written
-    # as 2c / (1 + sqrt(1 + 4 eps c)) rather than (sqrt(1 + 4 eps c) - 1) / (2 eps): no cancellation for
-    # small eps * c, and eps = 0 works.
+    # With s = sqrt(|h^-1(x)| + 1), h = x solves eps s^2 + s - (1 + eps + |x|) = 0. Its root is written as
+    # 2c / (1 + sqrt(1 + 4 eps c)), not (sqrt(1 + 4 eps c) - 1) / (2 eps): no cancellation, and eps = 0 works.
     c = x.abs() + 1.0 + eps
     s = 2.0 * c / (1.0 + torch.sqrt(1.0 + 4.0 * eps * c))
     return torch.sign(x) * (s - 1.0) * (s + 1.0)
@@ -89,16 +74,14 @@ def inverse_value_rescale(x: Tensor, eps: float = 1e-3) -> Tensor:
 
 def categorical_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, atoms: Tensor) -> Tensor:
     """C51 projection (Bellemare et al. 2017) of `next_probs` on `reward + discount * atoms` onto `atoms`.
-
-    `next_probs` `[N, A]`, `reward` `[N]`, `discount` `[N]` (gamma^n (1 - terminated) included),
-    `atoms` `[A]` evenly spaced; returns `[N, A]`.
-    """
+    `next_probs` `[N, A]`, `reward` `[N]`, `discount` `[N]` (gamma^n (1 - terminated) included), `atoms` `[A]`
+    evenly spaced; returns `[N, A]`."""
     n_atoms = atoms.shape[0]
     v_min, v_max = atoms[0], atoms[-1]
     target_atoms = (reward.unsqueeze(-1) + discount.unsqueeze(-1) * atoms).clamp(v_min, v_max)
     position = ((target_atoms - v_min) / ((v_max - v_min) / (n_atoms - 1))).clamp(0, n_atoms - 1)
-    # Each target's mass is split between the neighbours `lower` and `lower + 1`; capping `lower` at
-    # A - 2 lets a target exactly on an atom (v_max included) give all of it to that atom.
+    # Each target's mass is split between the neighbours `lower` and `lower + 1`; capping `lower` at A - 2 lets a
+    # target exactly on an atom (v_max included) give all of it to that atom.
     lower = position.floor().clamp(max=n_atoms - 2)
     upper_weight = position - lower
     lower = lower.long()
@@ -110,8 +93,7 @@ def categorical_projection(next_probs: Tensor, reward: Tensor, discount: Tensor,
 
 def polyak_update(target_params: Iterable[Tensor], source_params: Iterable[Tensor], tau: float) -> None:
     """In place, target <- (1 - tau) target + tau source, for each pair of tensors; tau = 1 copies."""
-    targets = list(target_params)
-    sources = list(source_params)
+    targets, sources = list(target_params), list(source_params)
     if len(targets) != len(sources):
         raise ValueError(f"polyak_update: {len(targets)} target tensors but {len(sources)} source tensors")
     with torch.no_grad():
@@ -128,13 +110,11 @@ def linear_schedule(start: float, end: float, duration: float, step: float) -> f
 
 
 def epsilon_greedy(greedy: Callable[[], Tensor], observation: Any, n_actions: int, epsilon: float) -> Tensor:
-    """Epsilon-greedy actions [B] for observations [B, ...] (a tensor or a namedarraytuple of them): each env's
-    action is uniform over n_actions with probability `epsilon`, else the one `greedy()` returns.
-
-    The coins, then the uniform actions, come from torch's CPU generator at every call whatever they turn out
-    to be, so the random streams neither depend on the network nor on the device, and `greedy()` (the forward
-    pass) runs only when some env exploits. With `epsilon` <= 0 it is `greedy()`, drawing nothing.
-    """
+    """Epsilon-greedy actions [B] for observations [B, ...] (a tensor or a namedarraytuple of them): each env's action
+    is uniform over n_actions with probability `epsilon`, else the one `greedy()` returns. The coins, then the uniform
+    actions, come from torch's CPU generator at every call whatever the coins show, so the random streams depend on
+    neither the network nor the device; `greedy()` (the forward pass) runs only when some env exploits. With `epsilon`
+    <= 0 it is `greedy()`, drawing nothing."""
     if epsilon <= 0:
         return greedy()
     leaf = buffer_leaves(observation)[0]
@@ -151,8 +131,7 @@ def epsilon_greedy(greedy: Callable[[], Tensor], observation: Any, n_actions: in
 
 def explained_variance(y_pred: Tensor, y_true: Tensor) -> float:
     """1 - Var[y_true - y_pred] / Var[y_true] over all elements; nan when y_true is constant."""
-    y_pred = y_pred.flatten()
-    y_true = y_true.flatten()
+    y_pred, y_true = y_pred.flatten(), y_true.flatten()
     var_true = torch.var(y_true, correction=0)
     ratio = torch.var(y_true - y_pred, correction=0) / var_true
     result, var_true = torch.stack([1.0 - ratio, var_true]).tolist()

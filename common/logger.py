@@ -1,10 +1,9 @@
 """Run directory, console progress, CSV and Weights & Biases logging, checkpoints.
 
-Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `episodes.csv` (one row
-per finished training episode), `checkpoint.pt` (written atomically: a run killed at any moment leaves the
-previous checkpoint intact) and, at the end, `summary.json`. Metric names follow the usual convention:
-`charts/episodic_return` (with `_std`, `_min`, `_max`), `charts/SPS`, `losses/<name>`, `eval/<name>`, and
-`charts/info/<key>` for the env info values that `--info-keys` names.
+Every run writes `<output-dir>/<run-name>/` with `config.json`, `progress.csv`, `episodes.csv` (global_step, raw
+return and length of every finished training episode), `checkpoint.pt` (written atomically: a run killed at any
+moment leaves the previous checkpoint intact) and, at the end, `summary.json`. Metric names: `charts/episodic_return`
+(with `_std`, `_min`, `_max`), `charts/SPS`, `losses/<name>`, `eval/<name>`, `charts/info/<key>` (`--info-keys`).
 """
 
 from __future__ import annotations
@@ -27,40 +26,13 @@ import numpy as np
 import torch
 
 from common import distributed
-from common.envs import UsageError
+from common.envs import UsageError, record_video
+from common.samplers import evaluate
 
 CHECKPOINT = "checkpoint.pt"
-EPISODES = "episodes.csv"  # every finished training episode: global_step, raw return, length
 
 
-def capture_rng_state() -> dict:
-    """The state of Python's, numpy's and torch's global generators, loadable with weights_only=True."""
-    state = {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "numpy_gauss": list(np.random.get_state()[3:]),  # whether a normal draw is cached, and its value
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `capture_rng_state`."""
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    has_gauss, cached_gaussian = state.get("numpy_gauss", (0, 0.0))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss,
-                         cached_gaussian))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
+def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> None:
     """Write `state` to <run_dir>/checkpoint.pt atomically (temporary file, fsync, rename)."""
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
@@ -69,28 +41,21 @@ def save_checkpoint(run_dir: str | Path, state: Mapping[str, Any]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return path
 
 
 @dataclass
 class Counters:
     """The step counters of a run; a checkpoint saves them with the objects the script declares."""
 
-    global_step: int = 0
-    """environment steps, summed over environments"""
-    n_updates: int = 0
-    """gradient updates"""
-    updates_owed: float = 0.0
-    """updates that the replay ratio owes and that have not run yet"""
-    owed_through: int = 0
-    """the step up to which `updates_owed` counts the steps taken"""
-    wall_time_s: float = 0.0
-    """seconds the run has trained, over all the processes that ran it (up to the checkpoint it was saved in)"""
+    global_step: int = 0  # environment steps, summed over environments
+    n_updates: int = 0  # gradient updates
+    updates_owed: float = 0.0  # updates that the replay ratio owes and that have not run yet
+    owed_through: int = 0  # the step up to which `updates_owed` counts the steps taken
+    wall_time_s: float = 0.0  # seconds trained, over every process that ran the run (up to the checkpoint)
 
     def updates_due(self, replay_ratio: float, learning_starts: int = 0) -> range:
-        """The updates that the steps taken since the last call pay for: `replay_ratio` an environment step
-        once `global_step` has reached `learning_starts` (the warm-up only fills the replay buffer), none
-        before. The fraction of an update left over is owed to the next call."""
+        """The updates that the steps taken since the last call pay for: `replay_ratio` an environment step once
+        `global_step` has reached `learning_starts`, none before. A fraction left over is owed to the next call."""
         new_steps, self.owed_through = self.global_step - self.owed_through, self.global_step
         if self.global_step < learning_starts:
             return range(0)
@@ -101,25 +66,26 @@ class Counters:
 
 
 def checkpoint_state(trained: Mapping[str, Any], counters: Counters) -> dict:
-    """What a checkpoint holds: the state of every declared object, the counters and the RNG states.
-
-    `trained` maps names to what the run trains: modules, optimizers, LR schedulers, replay buffers
-    (anything with `state_dict` / `load_state_dict`) and tensors (a learned temperature, say).
-    """
+    """What a checkpoint holds: the counters, the state of each object in `trained` (by name: modules, optimizers, LR
+    schedulers, replay buffers, anything with `state_dict`; tensors, a learned temperature) and, under "rng", the
+    states of Python's, numpy's, torch's and CUDA's global generators, loadable with weights_only=True."""
     state = {name: obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
              for name, obj in trained.items()}
-    return {**state, **dataclasses.asdict(counters), "rng": capture_rng_state()}
+    python_version, python_state, python_gauss = random.getstate()
+    _, numpy_state, numpy_pos, *numpy_gauss = np.random.get_state()  # numpy_gauss: is a normal draw cached, its value
+    rng = {"python": list(python_state), "python_version": python_version, "python_gauss": python_gauss,
+           "numpy": numpy_state.tolist(), "numpy_pos": int(numpy_pos), "numpy_gauss": numpy_gauss,
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {**state, **dataclasses.asdict(counters), "rng": rng}
 
 
 def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], device: torch.device | str = "cpu",
                        init_from: str | Path | None = None) -> tuple[Counters, dict | None]:
-    """Load <run_dir>/checkpoint.pt into every declared object and the RNG states; returns (counters, checkpoint).
-
-    A new run (`run_dir` None) gets fresh counters and no checkpoint. Saved entries that `trained` does not
-    declare stay in the returned dict for the caller (a replay buffer that a sampling process loads).
-    A new run with `init_from` (--init-from) starts from that run's networks and normalisation statistics
-    (every declared module and tensor), with fresh optimizers, counters and RNG streams.
-    """
+    """Load <run_dir>/checkpoint.pt into every declared object and the RNG states; returns (counters, checkpoint), whose
+    undeclared entries are the caller's (a replay buffer that a sampling process loads). A new run (`run_dir` None) gets
+    fresh counters, no checkpoint and, with `init_from` (--init-from), that run's modules and tensors (`warm_start`)."""
     counters = Counters()
     if run_dir is None:
         if init_from is not None:
@@ -146,18 +112,24 @@ def restore_checkpoint(run_dir: str | Path | None, trained: Mapping[str, Any], d
     for counter in dataclasses.fields(counters):
         setattr(counters, counter.name, checkpoint.get(counter.name, counter.default))
     counters.owed_through = checkpoint.get("owed_through", counters.global_step)  # equal at every checkpoint
-    restore_rng_state(checkpoint["rng"])
+    rng = checkpoint["rng"]
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"],
+                         *rng.get("numpy_gauss", (0, 0.0))))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return counters, checkpoint
 
 
 def warm_start(run_dir: str | Path, trained: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
-    """Load the modules (networks, normalisation statistics) and tensors that `trained` declares from a run."""
+    """Load the modules and tensors that `trained` declares from a run (the rest, counters and RNG start afresh)."""
     checkpoint = load_checkpoint(run_dir, device)
     if checkpoint is None:
         raise UsageError(f"--init-from {run_dir}: no {CHECKPOINT} there; pass the directory of a saved run")
     for name, obj in trained.items():
         if not isinstance(obj, (torch.nn.Module, torch.Tensor)):
-            continue  # optimizers and replay start afresh
+            continue
         if name not in checkpoint:
             raise UsageError(f"--init-from {run_dir}: the checkpoint has no {name}; it was written by another script")
         try:
@@ -177,18 +149,14 @@ def warm_start(run_dir: str | Path, trained: Mapping[str, Any], device: torch.de
 def load_checkpoint(run_dir_or_file: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
     """Load a checkpoint saved by `save_checkpoint` (weights_only=True); None if there is none yet."""
     path = Path(run_dir_or_file)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location=map_location, weights_only=True)
+    path = path / CHECKPOINT if path.is_dir() else path
+    return torch.load(path, map_location=map_location, weights_only=True) if path.is_file() else None
 
 
-def keep_rows_until(path: Path, step: int) -> list[dict]:
-    """Drop the rows of a log (progress.csv, episodes.csv) written after `step`, which a run resumed from the
-    checkpoint of `step` writes again; returns the rows kept."""
+def keep_rows_until(path: Path, step: int) -> tuple[list[str], list[dict]]:
+    """Drop a csv log's rows after `step` (a resumed run writes them again); returns (header, rows kept) or ([], [])."""
     if not path.is_file():
-        return []
+        return [], []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -198,19 +166,14 @@ def keep_rows_until(path: Path, step: int) -> list[dict]:
             writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
             writer.writeheader()
             writer.writerows(kept)
-    return kept
+    return reader.fieldnames or [], kept
 
 
 def git_commit() -> str | None:
     """The repository's current commit, if the code runs from a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -225,8 +188,7 @@ class RunLogger:
     """Console progress, progress.csv and (with --track) W&B for one run; only the main process logs."""
 
     def __init__(self, args: Any, script: str, counters: Counters | None = None):
-        """The run of `script` (its name, for config.json) with `args`, over --total-timesteps; `counters`:
-        the run's counters as restored on --resume (where this process starts)."""
+        """`script`: the name config.json records; `counters`: as restored on --resume (where this process starts)."""
         counters = counters or Counters()
         self.args = args
         self.enabled = distributed.is_main()  # under data-parallel training, other ranks write nothing
@@ -236,16 +198,13 @@ class RunLogger:
         self.start_time = time.time()
         self.earlier_wall_time_s = counters.wall_time_s  # the run's time in the processes before this one
         self.update_clock = (self.start_time, counters.n_updates)  # for charts/updates_per_second
-        self.last_print = 0.0
-        self.last_checkpoint = self.start_time
+        self.last_print, self.last_checkpoint = 0.0, self.start_time
         self.last_sps_time, self.last_sps_step = self.start_time, start_step
         self.recent_returns: list[float] = []
-        self.latest: dict[str, float] = {}
         self.interactive = sys.stdout.isatty()
         self.wandb_run = None
         self.columns: list[str] = []
-        self.csv_path = self.run_dir / "progress.csv"
-        self.episodes_path = self.run_dir / EPISODES
+        self.csv_path, self.episodes_path = self.run_dir / "progress.csv", self.run_dir / "episodes.csv"
         self.files: dict[str, Any] = {}  # progress.csv and episodes.csv, open for appending, flushed per write
         if not self.enabled:
             return
@@ -257,55 +216,40 @@ class RunLogger:
         if made_by not in (None, script):  # a copy of a script keeps the name it writes here, and may resume
             raise UsageError(f"--resume {self.run_dir}: the run was made by algos/{made_by}.py; resume it with "
                              "that script")
-        if args.resume is None:
-            self.episodes_path.unlink(missing_ok=True)  # a run that never checkpointed, started again
         if args.resume is None or not config_path.exists():
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if self.csv_path.exists() and args.resume is not None:
-            with open(self.csv_path, newline="") as f:
-                header = next(csv.reader(f), None)
-            self.columns = header or []
-        if args.resume is not None:
-            keep_rows_until(self.csv_path, start_step)
-            self.recent_returns = [float(row["return"]) for row in keep_rows_until(self.episodes_path, start_step)]
-            self.recent_returns = self.recent_returns[-100:]
+        if args.resume is None:
+            self.episodes_path.unlink(missing_ok=True)  # a run that never checkpointed, started again
+        else:
+            self.columns, _ = keep_rows_until(self.csv_path, start_step)
+            _, episodes = keep_rows_until(self.episodes_path, start_step)
+            self.recent_returns = [float(row["return"]) for row in episodes][-100:]
             print(f"resumed from step {start_step} ({self.run_dir})", flush=True)
         if args.track:
             import wandb
-
+            commit = git_commit()
             self.wandb_run = wandb.init(
-                project=args.wandb_project,
-                entity=args.wandb_entity,
-                name=args.run_name,
-                id=wandb_run_id(args.run_name),
-                resume="allow",
-                config=config,
-                dir=str(self.run_dir),
-                tags=[script, args.env_id, args.sampler] + ([f"git-{git_commit()}"] if git_commit() else []),
-                group=getattr(args, "wandb_group", None) or f"{script}__{args.env_id.replace('/', '-')}",
-                save_code=True,
-            )
+                project=args.wandb_project, entity=args.wandb_entity, name=args.run_name,
+                id=wandb_run_id(args.run_name), resume="allow", config=config, dir=str(self.run_dir), save_code=True,
+                tags=[script, args.env_id, args.sampler] + ([f"git-{commit}"] if commit else []),
+                group=getattr(args, "wandb_group", None) or f"{script}__{args.env_id.replace('/', '-')}")
 
     @property
     def video_dir(self) -> Path | None:
         """<run dir>/videos with --capture-video on the main process, else None (see common.envs.record_video)."""
         return self.run_dir / "videos" if getattr(self.args, "capture_video", False) and self.enabled else None
 
-    # ---------------------------------------------------------------- metrics
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record scalar metrics (floats, ints or 0-dim tensors, converted with a single host sync)."""
         if not self.enabled:
             return
         values = to_floats(metrics)
-        self.latest.update(values)
-        row = {"global_step": step, "wall_time_s": round(self.wall_time_s(), 3), **values}
-        self._write_csv(row)
+        self._write_csv({"global_step": step, "wall_time_s": round(self.wall_time_s(), 3), **values})
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
     def log_updates(self, counters: Counters, metrics: Mapping[str, Any]) -> None:
-        """`log` the metrics of the latest gradient update with charts/updates_per_second, the rate of gradient
-        updates since the previous call (or the start of this process)."""
+        """`log` an update's metrics and charts/updates_per_second since the last call (or this process's start)."""
         now = time.time()
         last_time, last_updates = self.update_clock
         self.update_clock = (now, counters.n_updates)
@@ -313,15 +257,10 @@ class RunLogger:
         self.log(counters.global_step, {**metrics, "charts/updates_per_second": rate})
 
     def log_episodes(self, step: int, episodes: Iterable[tuple]) -> None:
-        """Log finished training episodes (raw return, length) as charts/episodic_return and _length (means).
-
-        The spread of this window's returns (the episodes of this call) goes with them:
-        charts/episodic_return_std (population std), _min and _max; and so do the means of the episodes'
-        `--info-keys` values (a third field, {key: value}, as in samplers.Episode) as charts/info/<key>.
-
-        Under data-parallel training every rank must call this once per iteration: episodes are
-        gathered from all ranks.
-        """
+        """Log finished training episodes (raw return, length[, {info key: value}] as in samplers.Episode) as the
+        means charts/episodic_return, _length and charts/info/<key>, with the population std, min and max of this
+        call's returns (charts/episodic_return_std, _min, _max). Under data-parallel training every rank must call
+        this once per iteration: episodes are gathered from all ranks."""
         episodes = distributed.gather_objects(list(episodes))
         if not episodes or not self.enabled:
             return
@@ -340,17 +279,17 @@ class RunLogger:
         self.files["episodes"].writelines(f"{step},{r!r},{n}\n" for r, n in zip(returns, lengths))
         self.files["episodes"].flush()
         mean = sum(returns) / len(returns)
-        self.log(step, {"charts/episodic_return": mean,
-                        "charts/episodic_return_std": math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns)),
-                        "charts/episodic_return_min": min(returns),
-                        "charts/episodic_return_max": max(returns),
+        std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+        self.log(step, {"charts/episodic_return": mean, "charts/episodic_return_std": std,
+                        "charts/episodic_return_min": min(returns), "charts/episodic_return_max": max(returns),
                         "charts/episodic_length": sum(lengths) / len(lengths),
                         **{name: sum(values) / len(values) for name, values in info.items()}})
 
     def _write_csv(self, row: dict) -> None:
         new = [k for k in row if k not in self.columns]
         if new:  # a new column: progress.csv is rewritten with the wider header
-            self._close_file("progress")
+            if "progress" in self.files:
+                self.files.pop("progress").close()
             old_rows = []
             if self.csv_path.exists() and self.columns:
                 with open(self.csv_path, newline="") as f:
@@ -366,42 +305,28 @@ class RunLogger:
         self.csv_writer.writerow(row)
         self.files["progress"].flush()
 
-    def _close_file(self, name: str) -> None:
-        file = self.files.pop(name, None)
-        if file is not None:
-            file.close()
-
-    # ---------------------------------------------------------------- console
     def wall_time_s(self) -> float:
         """Seconds the run has trained, in this process and the ones it resumed from."""
         return self.earlier_wall_time_s + time.time() - self.start_time
 
-    def sps(self, step: int) -> float:
-        """Environment steps per second since the start of this process."""
-        elapsed = time.time() - self.start_time
-        return (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-
-    def progress(self, step: int, force: bool = False) -> None:
+    def progress(self, step: int) -> None:
         """Print a progress line (at most every --log-every-s seconds) and log charts/SPS."""
         now = time.time()
-        if not self.enabled or (not force and now - self.last_print < self.args.log_every_s):
+        if not self.enabled or now - self.last_print < self.args.log_every_s:
             return
         sps = (step - self.last_sps_step) / max(now - self.last_sps_time, 1e-9)
-        self.last_sps_time, self.last_sps_step = now, step
-        self.last_print = now
+        self.last_print, self.last_sps_time, self.last_sps_step = now, now, step
         self.log(step, {"charts/SPS": sps})
         fraction = min(step / max(self.total_steps, 1), 1.0)
         bar = "#" * int(20 * fraction) + "." * (20 - int(20 * fraction))
-        overall_sps = self.sps(step)
+        elapsed = time.time() - self.start_time
+        overall_sps = (step - self.start_step) / elapsed if elapsed > 0 else 0.0  # since the start of this process
         eta = (self.total_steps - step) / overall_sps if overall_sps > 0 else float("inf")
         ret = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "-"
-        line = (
-            f"[{bar}] {100 * fraction:5.1f}% {step}/{self.total_steps} steps | {sps:.0f} SPS | "
-            f"return {ret} | eta {format_duration(eta) if math.isfinite(eta) else '-'}"
-        )
+        line = (f"[{bar}] {100 * fraction:5.1f}% {step}/{self.total_steps} steps | {sps:.0f} SPS | return {ret} | "
+                f"eta {format_duration(eta) if math.isfinite(eta) else '-'}")
         print(("\r" + line) if self.interactive else line, end="" if self.interactive else "\n", flush=True)
 
-    # ---------------------------------------------------------------- checkpoints
     def checkpoint(self, trained: Mapping[str, Any], counters: Counters) -> None:
         """Save the declared objects, counters and RNG states now (when --save-model; rank 0 only)."""
         counters.wall_time_s = self.wall_time_s()
@@ -414,26 +339,19 @@ class RunLogger:
         if self.enabled and self.args.save_model and time.time() - self.last_checkpoint >= self.args.checkpoint_every_s:
             self.checkpoint(trained, counters)
 
-    # ---------------------------------------------------------------- end
     def finish(self, step: int, summary: Mapping[str, Any]) -> dict:
-        """Write summary.json (global_step, wall_time_s and sps over every process of the run, + `summary`;
-        null for a number that does not exist, such as the training return of a run that ended no episode) and
-        close the loggers."""
+        """Write summary.json (global_step, wall_time_s and sps over every process of the run, + `summary`; null for
+        a number that does not exist, such as the training return of a run that ended no episode), close the loggers."""
         if self.interactive and self.enabled:
             print()
         wall_time_s = self.wall_time_s()
-        result = {
-            "global_step": int(step),
-            "wall_time_s": round(wall_time_s, 3),
-            "sps": round(step / wall_time_s if wall_time_s > 0 else 0.0, 2),
-            # the metric CleanRL reports: mean raw return of the last 100 training episodes
-            "train_return_last100": float(np.mean(self.recent_returns)) if self.recent_returns else float("nan"),
-            **to_floats(summary),
-        }
+        result = {"global_step": int(step), "wall_time_s": round(wall_time_s, 3),
+                  "sps": round(step / wall_time_s if wall_time_s > 0 else 0.0, 2),
+                  # the metric CleanRL reports: mean raw return of the last 100 training episodes
+                  "train_return_last100": float(np.mean(self.recent_returns)) if self.recent_returns else float("nan"),
+                  **to_floats(summary)}
         if not self.enabled:
             return result
-        for name in list(self.files):
-            self._close_file(name)
         written = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
         (self.run_dir / "summary.json").write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
         if self.wandb_run is not None:
@@ -441,14 +359,15 @@ class RunLogger:
             self.wandb_run.summary.update(result)
             self.wandb_run.finish()
             self.wandb_run = None
+        self.close()
         print(f"run directory: {self.run_dir}")
         print("summary: " + ", ".join(f"{k}={v}" for k, v in result.items()))
         return result
 
     def close(self) -> None:
         """Close the csv files, and W&B if the run ends early (error, Ctrl-C)."""
-        for name in list(self.files):
-            self._close_file(name)
+        while self.files:
+            self.files.popitem()[1].close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None
@@ -464,9 +383,7 @@ def upload_videos(wandb_run: Any, video_dir: str | Path | None, step: int) -> No
     if wandb_run is None or video_dir is None or not Path(video_dir).is_dir():
         return
     import wandb
-
-    paths = sorted(Path(video_dir).glob("*.mp4"))
-    videos = {f"videos/{path.stem}": wandb.Video(str(path), format="mp4") for path in paths}
+    videos = {f"videos/{p.stem}": wandb.Video(str(p), format="mp4") for p in sorted(Path(video_dir).glob("*.mp4"))}
     if videos:
         wandb_run.log(videos, step=step)
 
@@ -482,12 +399,10 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Evaluation:
-    """A run's deterministic evaluation: every --eval-every steps, and once at the end into summary.json.
-
-    Whole episodes of the evaluation env under `policy_step(model, ..., deterministic=True, **policy_kwargs)`
-    (a script's `eval_policy_kwargs(args)`, which common.evaluate uses too), seeded by --seed. Only rank 0
-    evaluates (other ranks report NaN).
-    """
+    """A run's deterministic evaluation, every --eval-every steps and at the end: whole episodes of the evaluation env
+    under `policy_step(model, ..., deterministic=True, **policy_kwargs)` (the script's `eval_policy_kwargs(args)`, as in
+    common.evaluate), seeded by --seed in a generator state of its own: a stochastic evaluation (evaluation epsilon)
+    matches common.evaluate's, and training draws as without evaluations. Only rank 0 evaluates (others report NaN)."""
 
     def __init__(self, args: Any, env_fn: Callable[[int], Any], policy_step: Callable, model: Any,
                  device: torch.device, start_step: int = 0, **policy_kwargs: Any):
@@ -498,14 +413,9 @@ class Evaluation:
 
     def returns(self, video_dir: Path | None = None) -> list[float]:
         """The returns of --eval-episodes episodes (the first recorded to `video_dir` when given)."""
-        from common.envs import record_video
-        from common.samplers import evaluate
-
         if not distributed.is_main():
             return []
         env_fn = record_video(self.env_fn, video_dir)
-        # Its own generator state, seeded by --seed: a stochastic evaluation (an evaluation epsilon) is the
-        # same as common.evaluate's, and training draws what it would draw without evaluations.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.args.seed)
             return [e.ret for e in evaluate(env_fn, self.policy_step, self.model, self.args.eval_episodes,
@@ -522,11 +432,8 @@ class Evaluation:
             logger.log(step, {"eval/episodic_return": float(np.mean(returns))})
 
     def finish(self, logger: RunLogger, step: int) -> dict:
-        """The final evaluation (recorded with --capture-video), logged and written into summary.json.
-
-        A periodic evaluation taken at this same step already evaluated this policy on the same seeds: its
-        returns are the final ones (unless a video is to be recorded), not evaluated and logged a second time.
-        """
+        """The final evaluation (recorded with --capture-video), logged and written into summary.json. Without a
+        video, a periodic evaluation of this same step (same policy, same seeds) gives the final returns."""
         if self.last is not None and self.last[0] == step and logger.video_dir is None:
             final = self.last[1]
         else:

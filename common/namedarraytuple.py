@@ -6,11 +6,9 @@
     batch[:, 0] = 1.0   # broadcast into every non-None field
     batch[t] = step     # field-by-field copy from a Samples (or any structure with the same fields)
 
-Fields may themselves be namedarraytuples (nested structures recurse) or None (skipped everywhere).
-The same class works for numpy arrays and torch tensors, and instances pickle (also to processes started
-with `spawn`) as long as the class is bound to a module-level name equal to its type name. Classes made
-at run time (from an observation space, say) come from `runtime_namedarraytuple` instead: their
-instances pickle with their field names, so a process that never made the class can load them.
+Fields may be numpy arrays, torch tensors, namedarraytuples (nested structures recurse) or None (skipped everywhere).
+Instances pickle (also under `spawn`) when the class is bound to a module-level name equal to its type name; those of
+classes made at run time by `runtime_namedarraytuple` pickle with their field names, so any process can load them.
 """
 
 from __future__ import annotations
@@ -48,20 +46,14 @@ def namedarraytuple(typename: str, field_names: Sequence[str] | str) -> type:
             except (ValueError, IndexError, TypeError, RuntimeError) as error:
                 raise type(error)(f"namedarraytuple {typename}: field {name!r}: {error}") from error
 
-    namespace = {
-        "__getitem__": __getitem__,
-        "__setitem__": __setitem__,
-        "__slots__": (),
-        "__doc__": f"namedarraytuple {typename}({', '.join(base._fields)})",
-    }
-    cls = type(typename, (base,), namespace)
+    cls = type(typename, (base,), {"__getitem__": __getitem__, "__setitem__": __setitem__, "__slots__": (),
+                                   "__doc__": f"namedarraytuple {typename}({', '.join(base._fields)})"})
     # Pickle looks the class up as module.typename: point it at the module that defined it.
     try:
         module = sys._getframe(1).f_globals.get("__name__", "__main__")
     except (AttributeError, ValueError):
         module = "__main__"
-    cls.__module__ = module
-    base.__module__ = module
+    cls.__module__ = base.__module__ = module
     base.__qualname__ = base.__name__ = f"{typename}_base"
     return cls
 
@@ -70,10 +62,8 @@ _RUNTIME_TYPES: dict[tuple[str, tuple[str, ...]], type] = {}
 
 
 def runtime_namedarraytuple(typename: str, field_names: Sequence[str]) -> type:
-    """The namedarraytuple class for (typename, field_names), made once per process and cached.
-
-    Its instances pickle by structure (type name, field names, values), not by a module-level name.
-    """
+    """The namedarraytuple class for (typename, field_names), made once per process and cached; its
+    instances pickle by structure (type name, field names, values), not by a module-level name."""
     key = (typename, tuple(field_names))
     if key not in _RUNTIME_TYPES:
         cls = namedarraytuple(typename, key[1])
@@ -90,20 +80,16 @@ def buffer_map(fn: Callable[[Any], Any], buffer: Any) -> Any:
     """Apply `fn` to every leaf (array / tensor / scalar) of a (nested) namedtuple; None stays None."""
     if buffer is None:
         return None
-    if isinstance(buffer, tuple):
-        if hasattr(buffer, "_fields"):
-            return type(buffer)(*[buffer_map(fn, field) for field in buffer])
-        return type(buffer)([buffer_map(fn, field) for field in buffer])
-    if isinstance(buffer, list):
+    if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
+        return type(buffer)(*[buffer_map(fn, field) for field in buffer])
+    if isinstance(buffer, tuple | list):
         return type(buffer)([buffer_map(fn, field) for field in buffer])
     return fn(buffer)
 
 
 def buffer_map_named(fn: Callable[[str, Any], Any], buffer: Any, name: str) -> Any:
-    """Like `buffer_map`, calling `fn(path, leaf)`: the path of a field is its parent's path + `/` + its name.
-
-    `name` is the path of `buffer` itself (of a plain leaf, its only path).
-    """
+    """Like `buffer_map`, calling `fn(path, leaf)`: `name` is the path of `buffer` itself (of a plain leaf, its
+    only path), and a field's path is its parent's path + `/` + its name."""
     if isinstance(buffer, tuple) and hasattr(buffer, "_fields"):
         return type(buffer)(*(None if field is None else buffer_map_named(fn, field, f"{name}/{field_name}")
                               for field_name, field in zip(buffer._fields, buffer)))
@@ -120,12 +106,9 @@ def buffer_leaves(buffer: Any) -> list[Any]:
 
 
 def buffer_from_example(example: Any, leading_dims: Sequence[int] | int, share_memory: bool = False) -> Any:
-    """Zero-filled buffer shaped `leading_dims + leaf.shape` for every leaf of `example`, same dtypes.
-
-    Leaves keep their kind (numpy in, numpy out; torch in, torch out). With `share_memory=True` every
-    leaf is a torch tensor in shared memory: those pickle by reference to child processes (also under
-    `spawn`); take numpy views in the child with `numpify_buffer`.
-    """
+    """Zero-filled buffer shaped `leading_dims + leaf.shape` for every leaf of `example`, same dtypes and kind
+    (numpy or torch). With `share_memory=True` every leaf is a torch tensor in shared memory, which pickles by
+    reference to child processes (also under `spawn`); take numpy views there with `numpify_buffer`."""
     leading_dims = (leading_dims,) if isinstance(leading_dims, int) else tuple(leading_dims)
 
     def allocate(leaf):

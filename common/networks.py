@@ -1,10 +1,8 @@
 """Network building blocks that several scripts share.
 
-The policy-gradient scripts' orthogonal initialisation and Nature CNN torso; `ObservationEncoder`, the
-input stage for array or Dict observations (a Nature CNN per frame-stack leaf, other leaves flattened);
-for the Q-function policy-gradient scripts (ddpg.py, td3.py, sac.py) a critic ensemble with stacked
-weights, evaluated in one batched matmul per layer, the action scaling between the actor's [-1, 1] and
-the env's bounds, and the optimizer and compile helpers.
+The policy-gradient scripts' orthogonal initialisation and Nature CNN torso; `ObservationEncoder`, the input stage for
+array or Dict observations; for ddpg.py, td3.py and sac.py a critic ensemble with stacked weights (one batched matmul
+per layer), the action scaling between the actor's [-1, 1] and the env's bounds, and optimizer and compile helpers.
 """
 
 from __future__ import annotations
@@ -37,35 +35,27 @@ class NatureCNN(nn.Module):
             layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
             layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
             layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-            nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
+            nn.Flatten(), layer_init(nn.Linear(64 * 7 * 7, out_features)), nn.ReLU(),
         )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs.float() / 255.0)
 
 
-IMAGE_SHAPE = (84, 84)  # a uint8 leaf [C, 84, 84] is a frame stack: it gets a Nature CNN
-
-
 class ObservationEncoder(nn.Module):
-    """Features [..., out_features] of observations shaped like `example` (an array or a namedarraytuple).
-
-    Each leaf has its encoder: a uint8 [C, 84, 84] leaf a NatureCNN (in `cnns`, keyed by its path, e.g.
-    `observation/pixels`); any other leaf is flattened to float32 (uint8 scaled to [0, 1]). Their features
-    are concatenated in field order, ready for the script's MLP. Leading dims of any number are kept.
-    """
+    """Features [..., out_features] of observations shaped like `example` (an array or a namedarraytuple): a NatureCNN
+    for each uint8 [C, 84, 84] leaf (in `cnns`, keyed by its path, e.g. `observation/pixels`), any other leaf flattened
+    to float32 (uint8 scaled to [0, 1]), concatenated in field order. Leading dims of any number are kept."""
 
     def __init__(self, example: Any, cnn_features: int = 512):
         super().__init__()
         self.cnns = nn.ModuleDict()
-        # (path, dims without leading dims, number of features) of each leaf, in field order
-        self.leaves: list[tuple[str, int, int]] = []
+        self.leaves: list[tuple[str, int, int]] = []  # (path, dims without leading dims, features), in field order
         self.out_features = 0
 
         def add(path: str, leaf: Any) -> None:
             leaf = torch.as_tensor(leaf)
-            if leaf.dtype == torch.uint8 and leaf.dim() == 3 and tuple(leaf.shape[1:]) == IMAGE_SHAPE:
+            if leaf.dtype == torch.uint8 and leaf.dim() == 3 and tuple(leaf.shape[1:]) == (84, 84):  # frame stack
                 self.cnns[path] = NatureCNN(leaf.shape[0], cnn_features)
                 size = cnn_features
             else:
@@ -77,8 +67,7 @@ class ObservationEncoder(nn.Module):
 
     def forward(self, observation: Any) -> torch.Tensor:
         if not self.cnns and len(self.leaves) == 1 and self.leaves[0][1] == 1 and isinstance(observation, torch.Tensor):
-            # A plain vector observation (the common case, on every acting step and update): nothing to
-            # flatten or concatenate. The same values as below, without the copy.
+            # A plain vector observation (the common case): the same values as below, without the copy.
             return observation.float() / 255.0 if observation.dtype == torch.uint8 else observation.float()
         features = []
         for (path, n_dims, size), leaf in zip(self.leaves, buffer_leaves(observation), strict=True):
@@ -116,10 +105,7 @@ class EnsembleLinear(nn.Module):
 
 class Critics(nn.Module):
     """`n` Q-functions Q(s, a), MLPs with stacked weights; `forward` returns [n, B] ([first, B] with `first`).
-
-    Observations are shaped like `example` (an array or a namedarraytuple: an `ObservationEncoder` shared by
-    the `n` MLPs concatenates its leaves).
-    """
+    Observations are shaped like `example` (an array or a namedarraytuple); one `ObservationEncoder` serves all `n`."""
 
     def __init__(self, example: Any, act_dim: int, hidden: int, n: int = 2):
         super().__init__()
@@ -158,9 +144,8 @@ class ScaledActions(nn.Module):
 
 
 def qpg_defaults(args: Any, env) -> bool:
-    """Fill the ddpg / td3 / sac flags left at None by the env's kind; returns whether it is a MuJoCo env.
-    MuJoCo: the usual 256 units and 10000 uniformly random steps before the first update (Tianshou's SAC; the
-    TD3 paper on HalfCheetah and Ant); classic control learns as well, and faster, with 64 units and 1000."""
+    """Fill the ddpg / td3 / sac flags left at None by the env's kind; returns whether it is a MuJoCo env. MuJoCo:
+    256 hidden units and 10000 uniformly random steps before the first update; otherwise 64 units and 1000."""
     mujoco = "mujoco" in type(env.unwrapped).__module__
     if args.hidden_size is None:
         args.hidden_size = 256 if mujoco else 64

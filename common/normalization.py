@@ -1,13 +1,8 @@
 """Running normalisation statistics as `nn.Module`s: observation normalisation and reward scaling.
 
-`ObservationNormalizer` standardises every floating-point leaf of an observation (an array, or a
-namedarraytuple of them for Dict / Tuple spaces) with its own `RunningMeanStd`; integer leaves (uint8
-images, discrete values) pass through unchanged.
-
-The statistics are buffers: `state_dict` saves them in checkpoints, `sampler.sync(model)` ships them to the
-sampler workers (for a `RunningMeanStd` inside the model), and evaluation uses them frozen. Scripts update
-them in the main process from each collected [T, B] batch, never per step in the workers, so every copy of
-the model sees the same statistics.
+The statistics are buffers: checkpoints save them, `sampler.sync(model)` ships them to the sampler workers, and
+evaluation uses them frozen. Scripts update them in the main process from each collected [T, B] batch, never per
+step in the workers, so every copy of the model sees the same statistics.
 """
 
 from __future__ import annotations
@@ -20,14 +15,10 @@ import torch.nn as nn
 from common import distributed
 from common.namedarraytuple import buffer_map_named
 
-__all__ = ["ObservationNormalizer", "RewardScaler", "RunningMeanStd"]
-
 
 class RunningMeanStd(nn.Module):
-    """Running mean and variance of a stream of batches of `shape`; forward standardises and clips.
-
-    Before the first `update` the statistics are (mean 0, variance 1): forward only clips.
-    """
+    """Running mean and variance of a stream of batches of `shape`; forward standardises and clips. Before the first
+    `update` the statistics are (mean 0, variance 1): forward only clips."""
 
     def __init__(self, shape: tuple[int, ...] = (), clip: float = 10.0, epsilon: float = 1e-8):
         super().__init__()
@@ -58,12 +49,9 @@ class RunningMeanStd(nn.Module):
 
 
 class ObservationNormalizer(nn.Module):
-    """Per-leaf running standardisation of observations shaped like `example` (no leading dims).
-
-    Each floating-point leaf has its own `RunningMeanStd` in `stats`, keyed by its path (`observation` for an
-    array observation, `observation/state/position` for a Dict leaf); integer leaves have none and pass
-    through unchanged.
-    """
+    """Per-leaf running standardisation of observations shaped like `example` (an array, or a namedarraytuple for Dict /
+    Tuple spaces; no leading dims): each float leaf has a `RunningMeanStd` in `stats`, keyed by its path (`observation`,
+    `observation/state/position`); integer leaves (uint8 images, discrete values) pass through unchanged."""
 
     def __init__(self, example: Any, clip: float = 10.0):
         super().__init__()
@@ -93,12 +81,8 @@ class ObservationNormalizer(nn.Module):
 
 
 class RewardScaler(nn.Module):
-    """Divides rewards by the std of each env's running discounted return (not centred, so signs stay).
-
-    The running return of each of the `n_envs` environments carries over from batch to batch and restarts at
-    episode ends. Checkpoints keep the statistics but not the running returns: a resumed run's environments
-    start new episodes.
-    """
+    """Divides rewards by the std of the running discounted returns (not centred, so signs stay). Each env's return
+    carries over between batches, restarts at episode ends and is not checkpointed (resumed envs restart)."""
 
     def __init__(self, n_envs: int, gamma: float, clip: float = 10.0):
         super().__init__()

@@ -1,28 +1,20 @@
 """Replay buffers: uniform and prioritized n-step, frame-deduplicated (Atari), sequence (R2D1); shared memory.
 
-Every buffer is a ring `[size // n_envs, n_envs]` in time, written one whole `[T, B]` sampler batch per
-`append` (no per-env loop). What is stored per step:
+Every buffer is a ring `[size // n_envs, n_envs]` in time, written one whole `[T, B]` sampler batch per `append`. Per
+step it stores the observation the policy saw (frame buffers: its newest frame only), action, reward, terminated,
+truncated, prev_action and prev_reward (not agent_info); each episode end's true final observation (frame buffers: its
+newest frame) goes to a small FIFO pool, so truncated episodes bootstrap correctly, and per env the newest step's next
+observation is kept for `truncate_open_episodes`.
 
-    observation[t]   the observation the policy saw (frame buffers: its newest frame only)
-    action, reward, terminated, truncated, prev_action, prev_reward  (agent_info is not stored)
-    final observation  only where an episode ends, in a small FIFO pool: the true last observation
-                       (frame buffers: its newest frame), so truncated episodes bootstrap correctly.
-    newest next observation  per env, of the newest step: a resumed run's buffer ends its open
-                       episodes there (`truncate_open_episodes`), since its sampler starts new ones.
+The next observation of step t is `observation[t + 1]`, or the pool entry if step t ended an episode. Items (n-step
+transitions, or sequences) are sampled by their first step, valid when every step the item reads is stored and
+current: not older than the ring (plus a stack's frame history), not younger than the write cursor allows, and no pool
+entry it needs evicted. Prioritized buffers hold invalid items at zero priority.
 
-The next observation of step t is `observation[t + 1]` unless step t ended an episode, then it is the
-pool entry. Items (n-step transitions, or sequences) are sampled by their first step; a first step is
-valid when every step the item reads is stored and current: not older than the ring (plus the frame
-history of a stack), not younger than the write cursor allows, and no pool entry it needs was evicted.
-Prioritized buffers keep invalid items at zero priority in the sum tree, so they are never drawn.
-
-With `share_memory=True` every array, the sum tree and the cursors live in shared memory and a
-cross-process read-write lock guards append / sample / update_priorities; the buffer object pickles
-to `spawn` children (pass it as a Process argument) and they keep writing the same memory.
-Sampling draws from torch's global RNG (`torch.manual_seed` makes it reproducible).
-
-Observations may be namedarraytuples (Dict / Tuple observation spaces): every leaf is stored, sampled and
-checkpointed as an array observation is. Frame deduplication is for single image stacks only.
+With `share_memory=True` all arrays, the sum tree and the cursors live in shared memory, a cross-process read-write lock
+guards append / sample / update_priorities, and the buffer pickles to `spawn` children (as a Process argument), which
+keep writing the same memory. Sampling draws from torch's global RNG (`torch.manual_seed` makes it reproducible).
+Observations may be namedarraytuples (Dict / Tuple spaces; each leaf is handled like an array), except in frame buffers.
 """
 
 from __future__ import annotations
@@ -38,50 +30,33 @@ import torch
 from common.envs import UsageError
 from common.namedarraytuple import buffer_from_example, buffer_map, namedarraytuple, numpify_buffer, torchify_buffer
 
-ReplaySamples = namedarraytuple(
-    "ReplaySamples",
-    [
-        "observation",  # [N, ...] observation at the window's first step t
-        "action",  # [N, ...] action taken at t
-        "n_step_return",  # [N] sum_{j<m} gamma^j r_{t+j}, the window cut at the first episode end
-        "bootstrap_observation",  # [N, ...] true next observation of the window's last step
-        "discount",  # [N] gamma^m * (1 - terminated at the window's last step)
-        "weight",  # [N] importance weight (ones for uniform sampling)
-        "index",  # [N] long: the item's id (global unit * n_envs + env), to pass back to update_priorities
-    ],
-)
+ReplaySamples = namedarraytuple("ReplaySamples", [
+    "observation",  # [N, ...] observation at the window's first step t
+    "action",  # [N, ...] action taken at t
+    "n_step_return",  # [N] sum_{j<m} gamma^j r_{t+j}, the window cut at the first episode end
+    "bootstrap_observation",  # [N, ...] true next observation of the window's last step
+    "discount",  # [N] gamma^m * (1 - terminated at the window's last step)
+    "weight",  # [N] importance weight (ones for uniform sampling)
+    "index",  # [N] long: the item's id (global unit * n_envs + env), to pass back to update_priorities
+])
 
-SequenceSamples = namedarraytuple(
-    "SequenceSamples",
-    [
-        "observation",  # [L, N, ...]
-        "action",  # [L, N, ...]
-        "reward",  # [L, N]
-        "terminated",  # [L, N] bool
-        "truncated",  # [L, N] bool
-        "prev_action",  # [L, N, ...]
-        "prev_reward",  # [L, N]
-        "next_observation",  # [L, N, ...] true next observation where the step ended an episode, else zeros
-        "rnn_state",  # [N, ...] (nested) recurrent state before the sequence's first step
-        "weight",  # [N]
-        "index",  # [N] long
-    ],
-)
+SequenceSamples = namedarraytuple("SequenceSamples", [
+    "observation", "action",  # [L, N, ...]
+    "reward", "terminated", "truncated",  # [L, N] (terminated, truncated: bool)
+    "prev_action", "prev_reward",  # [L, N, ...], [L, N]
+    "next_observation",  # [L, N, ...] true next observation where the step ended an episode, else zeros
+    "rnn_state",  # [N, ...] (nested) recurrent state before the sequence's first step
+    "weight", "index",  # [N] (index: long)
+])
 
 _STEP_FIELDS = ("action", "reward", "terminated", "truncated", "prev_action", "prev_reward")
 _STEPS, _FINALS, _EVICTED = 0, 1, 2  # counters: steps appended, pool entries written, last evicted step
-
-
-# --------------------------------------------------------------------------------------------------
-# Building blocks: sum tree, read-write lock
-# --------------------------------------------------------------------------------------------------
 
 
 class SumTree:
     """Binary sum tree over `capacity` non-negative float64 leaves, stored in one array (root at 1)."""
 
     def __init__(self, capacity: int, array: np.ndarray | None = None):
-        self.capacity = capacity
         self.n_leaves = 1 << max(0, (capacity - 1).bit_length())
         self.depth = self.n_leaves.bit_length() - 1
         self.array = np.zeros(2 * self.n_leaves) if array is None else array
@@ -95,7 +70,6 @@ class SumTree:
 
     @property
     def total(self) -> float:
-        """Sum of all leaves."""
         return float(self.array[1])
 
     def get(self, index: np.ndarray) -> np.ndarray:
@@ -118,8 +92,7 @@ class SumTree:
             node *= 2  # the left child
             left_sum = self.array[node]
             # Going right only into a positive subtree means rounding at a boundary cannot reach a zero leaf.
-            go_right = prefix >= left_sum
-            go_right &= self.array[node + 1] > 0
+            go_right = (prefix >= left_sum) & (self.array[node + 1] > 0)
             prefix -= left_sum * go_right
             node += go_right
         return node - self.n_leaves
@@ -131,7 +104,8 @@ class SumTree:
 
 
 class ReadWriteLock:
-    """Many readers or one writer, across processes; a waiting writer goes before new readers."""
+    """Many readers (`with lock.read():`) or one writer (`with lock.write():`) across processes; a waiting writer
+    goes before new readers."""
 
     def __init__(self):
         # Spawn-context primitives: they pickle to spawn children (and are inherited by fork children).
@@ -141,10 +115,8 @@ class ReadWriteLock:
 
     @contextmanager
     def read(self) -> Iterator[None]:
-        """Hold the lock shared for the body of a `with` block."""
         with self._condition:
-            while self._state[1] or self._state[2]:
-                self._condition.wait()
+            self._condition.wait_for(lambda: not (self._state[1] or self._state[2]))
             self._state[0] += 1
         try:
             yield
@@ -156,11 +128,9 @@ class ReadWriteLock:
 
     @contextmanager
     def write(self) -> Iterator[None]:
-        """Hold the lock exclusively for the body of a `with` block."""
         with self._condition:
             self._state[2] += 1
-            while self._state[0] or self._state[1]:
-                self._condition.wait()
+            self._condition.wait_for(lambda: not (self._state[0] or self._state[1]))
             self._state[2] -= 1
             self._state[1] = 1
         try:
@@ -173,19 +143,12 @@ class ReadWriteLock:
 
 def _named_leaves(prefix: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(dotted name, tensor) for every leaf of a (nested) tuple / namedtuple of tensors."""
-    if value is None:
-        return
     if isinstance(value, torch.Tensor):
         yield prefix, value
-        return
-    names = value._fields if hasattr(value, "_fields") else range(len(value))
-    for name, field in zip(names, value):
-        yield from _named_leaves(f"{prefix}.{name}", field)
-
-
-# --------------------------------------------------------------------------------------------------
-# Uniform n-step replay (the base every other buffer extends)
-# --------------------------------------------------------------------------------------------------
+    elif value is not None:
+        names = value._fields if hasattr(value, "_fields") else range(len(value))
+        for name, field in zip(names, value):
+            yield from _named_leaves(f"{prefix}.{name}", field)
 
 
 class ReplaySizeError(ValueError):
@@ -193,33 +156,24 @@ class ReplaySizeError(ValueError):
 
 
 class UniformReplayBuffer:
-    """n-step transitions sampled uniformly from a `[size // n_envs, n_envs]` ring.
-
-    `example` is one step of the sampler's batch (`batch[0, 0]`); `append(batch)` stores a `[T, B]` batch,
-    `sample(batch_size)` returns ReplaySamples, `len()` counts the transitions that can be sampled. The
-    final-observation pool holds one entry per stored step, so it never evicts (fine for vector
-    observations; FrameReplayBuffer is the one for images).
-    """
+    """n-step transitions sampled uniformly; `example` is one step of the sampler's batch (`batch[0, 0]`), and `len()`
+    counts the transitions that can be sampled. Its final-observation pool never evicts (one entry per stored step;
+    FrameReplayBuffer is the one for images)."""
 
     interval = 1  # items (transitions) may start at every step; sequence buffers override
 
-    def __init__(
-        self, example: Any, size: int, n_envs: int, n_step: int = 1, gamma: float = 0.99, share_memory: bool = False
-    ):
+    def __init__(self, example: Any, size: int, n_envs: int, n_step: int = 1, gamma: float = 0.99,
+                 share_memory: bool = False):
         if n_envs < 1 or n_step < 1:
             raise ValueError(f"n_envs and n_step must be >= 1, got n_envs={n_envs}, n_step={n_step}")
         self.n_envs = n_envs
         self.n_rows = size // n_envs // self.interval * self.interval  # ring length in time
         self.size = self.n_rows * n_envs
-        self.n_step = n_step
-        self.gamma = gamma
-        self.share_memory = share_memory
+        self.n_step, self.gamma, self.share_memory = n_step, gamma, share_memory
         min_rows = self._tail + self._history + 1
         if self.n_rows < min_rows:
-            raise ReplaySizeError(
-                f"replay size {size} holds {self.n_rows} steps per env, fewer than one item needs ({min_rows}); "
-                f"raise the size to at least {min_rows * n_envs}"
-            )
+            raise ReplaySizeError(f"replay size {size} holds {self.n_rows} steps per env, fewer than one item needs "
+                                  f"({min_rows}); raise the size to at least {min_rows * n_envs}")
         example = torchify_buffer(example)
         if example.next_observation is None:
             raise ValueError("replay needs samples with next_observation (the true final observation at episode ends)")
@@ -240,8 +194,6 @@ class UniformReplayBuffer:
         self._views_of = self._views = None  # the last appended batch and its numpy views
         self._bind()
 
-    # ---- layout hooks (frame and sequence buffers override these) ----
-
     @property
     def _tail(self) -> int:
         """Newest steps that cannot start an item: the n-step window and the next observation after it."""
@@ -253,7 +205,7 @@ class UniformReplayBuffer:
         return 0
 
     def _final_capacity(self) -> int:
-        """Pool entries for final observations; one per stored step can never be evicted early."""
+        """Pool entries for final observations."""
         return self.size
 
     def _compress(self, observation: Any) -> Any:
@@ -279,8 +231,6 @@ class UniformReplayBuffer:
         ended = self._ended(row, env)
         target[ended] = self.final_observation[self.final_index[row[ended], env[ended]]]
 
-    # ---- storage plumbing ----
-
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return buffer_from_example(torch.zeros((), dtype=dtype), shape, self.share_memory)
 
@@ -292,8 +242,7 @@ class UniformReplayBuffer:
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self._tensors}
         state["_views_of"] = state["_views"] = None  # a batch of the appending process, not part of the buffer
-        # Shared tensors pickle by reference; private ones are cloned so pickling never moves the
-        # originals into shared memory behind this object's numpy views.
+        # Shared tensors pickle by reference; private ones are cloned so pickling never moves them to shared memory.
         clone = (lambda x: x) if self.share_memory else torch.clone
         state["_tensors"] = {name: buffer_map(clone, value) for name, value in self._tensors.items()}
         state.pop("tree", None)  # prioritized buffers rebuild it around the shared array in _bind
@@ -313,8 +262,6 @@ class UniformReplayBuffer:
     def _writing(self):
         return self._lock.write() if self._lock is not None else nullcontext()
 
-    # ---- validity ----
-
     def _unit_range(self) -> tuple[int, int]:
         """Valid items as (first global unit, count); unit u starts at global step u * interval."""
         steps = int(self.counters[_STEPS])
@@ -331,8 +278,6 @@ class UniformReplayBuffer:
     def __len__(self) -> int:
         with self._reading():
             return self._unit_range()[1] * self.n_envs
-
-    # ---- append ----
 
     def append(self, samples: Any) -> None:
         """Store a sampler batch: a namedarraytuple with leading dims [T, B] (B = n_envs)."""
@@ -365,8 +310,7 @@ class UniformReplayBuffer:
         return first_step, n_stored
 
     def _numpy_views(self, samples: Any) -> Any:
-        """numpy views of a batch's leaves. A sampler hands over the same buffer at every collect, so its views
-        are made once (they share its memory) instead of walking the batch at every append."""
+        """numpy views of a batch's leaves, cached per batch object (a sampler hands over the same one each collect)."""
         if samples is not self._views_of:
             self._views_of, self._views = samples, numpify_buffer(samples)
         return self._views
@@ -379,9 +323,7 @@ class UniformReplayBuffer:
 
     def _pool(self, steps: np.ndarray, env: np.ndarray, final_observation: Any) -> None:
         """Pool the stored form [M, ...] of the final observations of episodes that ended at (steps, env) [M]."""
-        n_new = len(steps)
-        capacity = len(self.final_step)
-        written = int(self.counters[_FINALS])
+        n_new, capacity, written = len(steps), len(self.final_step), int(self.counters[_FINALS])
         if written + n_new > capacity:
             # Items reading an evicted entry end at or before its step: they all become invalid.
             evicted = written + n_new - capacity - 1
@@ -398,13 +340,9 @@ class UniformReplayBuffer:
         """Hook run inside the write lock after the cursors moved (prioritized buffers update the tree)."""
 
     def truncate_open_episodes(self) -> None:
-        """End every episode still open at the newest stored step there, as a time-limit truncation that
-        bootstraps from that step's true next observation.
-
-        A run resumed with its replay buffer calls this after `load_state_dict`: its sampler starts new
-        episodes, whose first steps must not read as the continuation of the episodes the checkpoint cut
-        (n-step windows, frame stacks and sequences stop at the cut).
-        """
+        """End every episode still open at the newest stored step as a time-limit truncation that bootstraps from
+        that step's true next observation. A resumed run calls this after `load_state_dict`, so its sampler's new
+        episodes do not read as continuations of the cut ones (n-step windows, frame stacks and sequences stop)."""
         with self._writing():
             steps = int(self.counters[_STEPS])
             if steps == 0:
@@ -418,10 +356,8 @@ class UniformReplayBuffer:
             self._pool(np.full(len(env), steps - 1), env, self.newest_next_observation[env])
             self._after_append(units_before, steps)
 
-    # ---- sample ----
-
     def sample(self, batch_size: int) -> Any:
-        """`batch_size` items drawn uniformly from the valid ones (torch CPU tensors)."""
+        """ReplaySamples (sequence buffers: SequenceSamples) of `batch_size` items drawn uniformly (torch CPU)."""
         return self._sample(batch_size)
 
     def _sample(self, batch_size: int, beta: float = 0.0) -> Any:
@@ -461,19 +397,14 @@ class UniformReplayBuffer:
             length = in_window.sum(axis=1)
             discount = self.gamma**length * ~terminated[np.arange(len(index)), length - 1]
             last = window[np.arange(len(index)), length - 1]
-        observation = self._observation(row, env)
-        bootstrap = self._next_observation(last, env)
         return ReplaySamples(
-            observation=torchify_buffer(observation),
-            action=torch.from_numpy(self.action[row, env]),
+            observation=torchify_buffer(self._observation(row, env)), action=torch.from_numpy(self.action[row, env]),
             n_step_return=torch.from_numpy(n_step_return.astype(np.float32)),
-            bootstrap_observation=torchify_buffer(bootstrap),
+            bootstrap_observation=torchify_buffer(self._next_observation(last, env)),
             discount=torch.from_numpy(discount.astype(np.float32)),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
             index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
         )
-
-    # ---- checkpoint ----
 
     def state_dict(self) -> dict[str, Any]:
         """Every stored tensor (cloned) and the layout, as plain tensors and ints (`weights_only` loadable)."""
@@ -483,11 +414,10 @@ class UniformReplayBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy a `state_dict()` into this buffer's (possibly shared) memory; the layout must match."""
-        if (state.get("n_rows"), state.get("n_envs")) != (self.n_rows, self.n_envs):
-            raise ValueError(
-                f"replay checkpoint holds {state.get('n_rows')} x {state.get('n_envs')} steps, this buffer "
-                f"{self.n_rows} x {self.n_envs}: build the buffer with the checkpoint's size and n_envs"
-            )
+        rows, envs = state.get("n_rows"), state.get("n_envs")
+        if (rows, envs) != (self.n_rows, self.n_envs):
+            raise ValueError(f"replay checkpoint holds {rows} x {envs} steps, this buffer {self.n_rows} x {self.n_envs}"
+                             ": build the buffer with the checkpoint's size and n_envs")
         with self._writing():
             for name, tensor in self._flat_tensors():
                 if name not in state or state[name].shape != tensor.shape:
@@ -495,31 +425,20 @@ class UniformReplayBuffer:
                 tensor.copy_(state[name])
 
 
-# --------------------------------------------------------------------------------------------------
-# Prioritized replay (Schaul et al. 2016)
-# --------------------------------------------------------------------------------------------------
-
-
 class PrioritizedReplayBuffer(UniformReplayBuffer):
-    """n-step transitions drawn with probability ∝ (priority + eps)^alpha, with importance weights.
-
-    Takes UniformReplayBuffer's arguments, plus `alpha`, `beta` (the importance-weight exponent when `sample`
-    is not given one) and `default_priority`. New items enter at the largest priority seen so far
-    (`default_priority` before any update); items not yet valid (the newest steps behind the write cursor)
-    are held at zero in the sum tree until they are.
-    """
+    """n-step transitions drawn with probability ∝ (priority + eps)^alpha, with importance weights (Schaul et al. 2016).
+    Takes UniformReplayBuffer's arguments plus `alpha`, `beta` (the importance-weight exponent when `sample` is not
+    given one) and `default_priority`; new items enter at the largest priority seen, at least `default_priority`."""
 
     eps = 1e-6
 
     def __init__(self, *args: Any, alpha: float = 0.6, beta: float = 0.4, default_priority: float = 1.0, **kwargs: Any):
-        self.alpha = alpha
-        self.beta = beta
+        self.alpha, self.beta = alpha, beta
         super().__init__(*args, **kwargs)
         n_items = self.size // self.interval
         self._tensors["priority"] = self._zeros((n_items,), torch.float64)  # (p + eps)^alpha, valid or not
         self._tensors["sum_tree"] = self._zeros((SumTree.array_size(n_items),), torch.float64)
-        self._tensors["max_priority"] = self._zeros((1,), torch.float64)
-        self._tensors["max_priority"][0] = default_priority**alpha
+        self._tensors["max_priority"] = self._zeros((1,), torch.float64).fill_(default_priority**alpha)
         self._bind()
 
     def _bind(self) -> None:
@@ -541,11 +460,9 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         return index, (weight / weight.max()).astype(np.float32)
 
     def update_priorities(self, index: torch.Tensor | np.ndarray, priority: torch.Tensor | np.ndarray) -> None:
-        """Set the priority of sampled items `index` [N] (their ids) to `priority` [N] >= 0 (e.g. |TD error|).
-
-        An item that left the buffer since it was sampled (its slot rewritten, or its episode's final
-        observation evicted) is skipped: the item now in its slot keeps the priority it entered with.
-        """
+        """Set the priority of sampled items `index` [N] (their ids) to `priority` [N] >= 0 (e.g. |TD error|). An
+        item that left the buffer since it was sampled (its slot rewritten, or its episode's final observation
+        evicted) is skipped: the item now in its slot keeps the priority it entered with."""
         index = torch.as_tensor(index).detach().cpu().long().numpy()
         value = (torch.as_tensor(priority).detach().cpu().double().numpy() + self.eps) ** self.alpha
         with self._writing():
@@ -567,13 +484,9 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         written = np.arange(max(-(-steps_before // self.interval), oldest_unit), end_unit)
         priority = self.priority.reshape(ring_units, self.n_envs)
         priority[written % ring_units] = self.max_priority[0]
-        changed = np.concatenate(
-            [
-                np.arange(first_before, first_unit),  # left the valid range at the old end
-                np.arange(first_before + count_before, first_unit + n_valid_units),  # became valid at the new end
-                written,
-            ]
-        )
+        changed = np.concatenate([np.arange(first_before, first_unit),  # left the valid range at the old end
+                                  np.arange(first_before + count_before, first_unit + n_valid_units),  # became valid
+                                  written])
         changed = np.unique(changed[changed >= oldest_unit])
         valid = (changed >= first_unit) & (changed < first_unit + n_valid_units)
         rows = changed % ring_units
@@ -581,26 +494,14 @@ class PrioritizedReplayBuffer(UniformReplayBuffer):
         self.tree.update(index, (priority[rows] * valid[:, None]).ravel())
 
 
-# --------------------------------------------------------------------------------------------------
-# Frame-deduplicated replay (Atari frame stacks)
-# --------------------------------------------------------------------------------------------------
-
-
 class FrameReplayBuffer(UniformReplayBuffer):
-    """Uniform n-step replay of frame stacks `[K, H, W]` that stores each frame once.
+    """Uniform n-step replay of frame stacks `[K, H, W]` that stores each frame once; other arguments go to the class
+    it is combined with. Stacks are rebuilt from the frames of the same episode, slots before its first frame repeating
+    that frame (as envs.FrameStack pads after a reset; `frame_padding="repeat"` is the only padding). The final-frame
+    pool holds `final_capacity` (default size // 16): items whose final frame was evicted stop being sampled."""
 
-    Only the newest frame of every observation is kept (plus the newest frame of each episode's final
-    observation, in a pool of `final_capacity` frames, default size // 16); stacks are rebuilt when sampled
-    from the frames of the same episode, slots before its first frame repeating that frame (what
-    envs.FrameStack does after a reset; `frame_padding="repeat"`, the only padding). If episodes end more
-    often than the pool can hold, the oldest items whose final frame was evicted stop being sampled.
-    Other arguments go to the buffer class it is combined with (UniformReplayBuffer: n_step, gamma,
-    share_memory; PrioritizedReplayBuffer adds alpha, beta, default_priority; SequenceReplayBuffer...).
-    """
-
-    def __init__(
-        self, example: Any, *args: Any, frame_padding: str = "repeat", final_capacity: int | None = None, **kwargs: Any
-    ):
+    def __init__(self, example: Any, *args: Any, frame_padding: str = "repeat", final_capacity: int | None = None,
+                 **kwargs: Any):
         if frame_padding != "repeat":
             raise ValueError(f"frame_padding must be 'repeat' (as envs.FrameStack pads), got {frame_padding!r}")
         if isinstance(example.observation, tuple):
@@ -626,11 +527,9 @@ class FrameReplayBuffer(UniformReplayBuffer):
         return observation[self._newest_frame]
 
     def _stack(self, newest: np.ndarray, env: np.ndarray, ended_before: np.ndarray) -> np.ndarray:
-        """Stacks [M, K, ...] with newest frame at row `newest` [M], cut at the first True of `ended_before` [M, K-1].
-
-        `ended_before[:, k - 1]` says whether an episode ended at the k-th older frame: that frame and all
-        older ones belong to an earlier episode, and the episode's first frame fills their slots.
-        """
+        """Stacks [M, K, ...] with newest frame at row `newest` [M], cut at the first True of `ended_before` [M, K-1]:
+        `ended_before[:, k - 1]` says whether an episode ended at the k-th older frame, so that frame and all older
+        ones belong to an earlier episode, and the episode's first frame fills their slots."""
         n_older = (~np.logical_or.accumulate(ended_before, axis=1)).sum(axis=1)
         offset = np.minimum(np.arange(self.frame_stack - 1, -1, -1), n_older[:, None])  # oldest slot first
         return self.observation[(newest[:, None] - offset) % self.n_rows, env[:, None]]
@@ -640,9 +539,8 @@ class FrameReplayBuffer(UniformReplayBuffer):
         return self._stack(row, env, self._ended(older, env[:, None]))
 
     def _next_observation(self, row: np.ndarray, env: np.ndarray) -> np.ndarray:
-        # The next stack is this step's stack shifted by one frame. Its newest frame is the next step's
-        # within an episode and the pooled final frame at an episode end; in both cases this step's own
-        # frame belongs to it, so only ends before this step cut the stack.
+        # The next stack is this step's shifted by one frame: its newest frame is the next step's (or, at an
+        # episode end, the pooled final frame), and this step's own frame belongs to it, so only earlier ends cut it.
         older = (row[:, None] - np.arange(self.frame_stack - 1)) % self.n_rows
         ended_before = self._ended(older, env[:, None])
         ended_before[:, :1] = False
@@ -653,11 +551,6 @@ class FrameReplayBuffer(UniformReplayBuffer):
 
 class PrioritizedFrameReplayBuffer(FrameReplayBuffer, PrioritizedReplayBuffer):
     """FrameReplayBuffer sampled by priority: arguments of both (alpha, beta, default_priority, frame_padding...)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Sequence replay (R2D1)
-# --------------------------------------------------------------------------------------------------
 
 
 def _write_leaves(destination: Any, index: Any, source: Any) -> None:
@@ -671,35 +564,20 @@ def _write_leaves(destination: Any, index: Any, source: Any) -> None:
 
 
 class SequenceReplayBuffer(UniformReplayBuffer):
-    """Sequences of `burn_in + train_length + n_step` steps for recurrent Q-learning (R2D1).
+    """Sequences of `burn_in + train_length + n_step` steps for recurrent Q-learning (R2D1), starting every
+    `rnn_state_interval` steps, where the recurrent state the agent had before that step is stored (`size //
+    n_envs` is rounded down to a multiple of it). They may cross episode boundaries (the learner resets on
+    terminated / truncated) but never the write cursor."""
 
-    Sequences start every `rnn_state_interval` steps, where the recurrent state the agent had before that
-    step is stored; they may cross episode boundaries (the learner resets on terminated / truncated) but
-    never the write cursor. `size // n_envs` is rounded down to a multiple of `rnn_state_interval`.
-    """
-
-    def __init__(
-        self,
-        example: Any,
-        size: int,
-        n_envs: int,
-        rnn_state_example: Any,
-        burn_in: int = 40,
-        train_length: int = 40,
-        n_step: int = 5,
-        rnn_state_interval: int = 40,
-        **kwargs: Any,
-    ):
+    def __init__(self, example: Any, size: int, n_envs: int, rnn_state_example: Any, burn_in: int = 40,
+                 train_length: int = 40, n_step: int = 5, rnn_state_interval: int = 40, **kwargs: Any):
         if rnn_state_interval < 1 or burn_in < 0 or train_length < 1:
             raise ValueError("need rnn_state_interval >= 1, burn_in >= 0 and train_length >= 1")
-        self.interval = rnn_state_interval
-        self.burn_in = burn_in
-        self.train_length = train_length
+        self.interval, self.burn_in, self.train_length = rnn_state_interval, burn_in, train_length
         self.sequence_length = burn_in + train_length + n_step
         super().__init__(example, size, n_envs, n_step=n_step, **kwargs)
-        self._tensors["rnn_state"] = buffer_from_example(
-            torchify_buffer(rnn_state_example), (self.n_rows // self.interval, n_envs), self.share_memory
-        )
+        self._tensors["rnn_state"] = buffer_from_example(torchify_buffer(rnn_state_example),
+                                                         (self.n_rows // self.interval, n_envs), self.share_memory)
         self._bind()
 
     @property
@@ -728,18 +606,13 @@ class SequenceReplayBuffer(UniformReplayBuffer):
         ended = self._ended(flat_row, flat_env)
         next_observation = buffer_map(np.zeros_like, observation)
         next_observation[ended] = self._next_observation(flat_row[ended], flat_env[ended])
-
-        def time_major(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array.reshape(length, batch, *array.shape[1:]))
-
+        time_major = lambda array: torch.from_numpy(array.reshape(length, batch, *array.shape[1:]))  # [L, N, ...]
         steps = {name: torch.from_numpy(getattr(self, name)[row, env_of_row]) for name in _STEP_FIELDS}
         return SequenceSamples(
-            observation=buffer_map(time_major, observation),
-            next_observation=buffer_map(time_major, next_observation),
+            observation=buffer_map(time_major, observation), next_observation=buffer_map(time_major, next_observation),
             rnn_state=buffer_map(lambda leaf: torch.from_numpy(leaf[unit, env]), self.rnn_state),
             weight=torch.from_numpy(np.asarray(weight, dtype=np.float32)),
-            index=torch.from_numpy(np.asarray(index, dtype=np.int64)),
-            **steps,
+            index=torch.from_numpy(np.asarray(index, dtype=np.int64)), **steps,
         )
 
 

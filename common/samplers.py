@@ -2,66 +2,41 @@
 
     sampler = make_sampler(args, env_fn, policy_step, model, horizon=T)
     batch, episodes = sampler.collect()   # batch: Samples of [T, B] torch CPU tensors; episodes: [Episode]
-    ... optimize ...
-    sampler.sync(model)                   # new parameters reach the workers / the inference copy
+    sampler.sync(model)                   # after optimizing: new parameters reach the workers / inference copy
     sampler.evaluate(n_episodes)          # deterministic evaluation episodes (or module-level `evaluate`)
     sampler.close()
 
-`env_fn(seed)` builds one environment (see `common.envs.make_env`); `policy_step` is a module-level
-function of the script:
-
-    def policy_step(model, observation, prev_action, prev_reward, rnn_state, deterministic=False, **kw):
-        return action, agent_info, next_rnn_state      # torch tensors with leading dim [B]
-
-`observation` is a [B, ...] tensor or, for Dict / Tuple observation spaces, a namedarraytuple of them
-(nested; see `common.envs.observation_example`), and the batch stores it the same way, next_observation
-included. `agent_info` is None or a namedarraytuple of [B, ...] tensors (log-prob, value, rnn state ...),
-stored in the batch as [T, B, ...]; `rnn_state` is None for feed-forward policies, else a structure of
-[B, ...] tensors that the sampler zeroes for environments whose episode ended (it also zeroes their
-previous action and reward). Keyword arguments of `collect(**kw)` (an exploration epsilon, say) reach
-`policy_step`, in every kind. `sampler.example` is one step of the batch (no leading dims): replay buffers
-are allocated from it.
+`env_fn(seed)` builds one environment (see `common.envs.make_env`). The script's module-level
+`policy_step(model, observation, prev_action, prev_reward, rnn_state, deterministic=False, **kw)` returns
+`(action, agent_info, next_rnn_state)`, torch tensors with leading dim [B]: `observation` is a tensor or, for Dict /
+Tuple spaces, a nested namedarraytuple of them (`common.envs.observation_example`); `agent_info` None or a
+namedarraytuple of tensors (log-prob, value, rnn state ...); `rnn_state` None (feed-forward) or a structure of tensors
+that the sampler zeroes, with the previous action and reward, for envs whose episode ended. The batch stores
+observations (next_observation too) the same way and agent_info as [T, B, ...]; it is a view of a buffer that the next
+`collect` overwrites, so copy what must outlive one iteration. `collect(**kw)` passes `kw` (an exploration epsilon, say)
+to `policy_step` in every kind. `sampler.example`, one step of the batch (no leading dims), sizes replay buffers.
 
 Kinds (`--sampler`):
-
 - `serial`: one process steps every env and runs the policy, batched over all envs, on `device`.
-- `parallel-cpu`: `--n-workers` processes each step a contiguous slice of the envs and run the policy on
-  it, with their own CPU copy of the model and one torch thread each. The copy's parameters and buffers
-  live in shared memory; `sync(model)` copies the training model's state_dict into them (between collects,
-  when the workers are idle). Each worker keeps the rnn state of its envs.
-- `parallel-gpu`: the workers only step envs; at every step the main process runs the policy once for all
-  envs on `device` (the training model itself, as in serial: `sync` has nothing to copy).
-- `alternating-gpu`: the envs form two halves, [0, B/2) and [B/2, B), and every worker holds a slice of
-  each. While the workers step their envs of one half, the main process runs the policy for the other
-  half, so env stepping and inference overlap (rlpyt's alternating sampler). B must split into 2 x workers.
+- `parallel-cpu`: `--n-workers` processes each step a contiguous slice of the envs and run the policy on it, with
+  one torch thread and a shared CPU copy of the model that `sync` updates.
+- `parallel-gpu`: the workers only step envs; at every step the main process runs the policy for all envs on `device`.
+- `alternating-gpu`: the envs form two halves, each split over all workers (B must split into 2 x workers); while
+  the workers step one half, the main process runs the policy for the other.
 
-Env i (column i of the batch) is built by `env_fn(seed + i)` and reset with seed `seed + i` whatever the
-kind and the worker split, so a policy that is a fixed function of its inputs yields the same batch from
-every kind, bit for bit. Episodes are listed in the order they ended: by step, then by env index (the
-serial order). Stochastic policies draw from the main process's generators, except in parallel-cpu where
-each worker has its own, seeded from (seed, worker index).
+Env i (column i of the batch) is built by `env_fn(seed + i)` and reset with seed `seed + i` whatever the kind and
+worker split, so a policy that is a fixed function of its inputs yields the same batch from every kind, bit for bit.
+Episodes are listed in the order they ended: by step, then by env index. Stochastic policies draw from the main
+process's generators, except in parallel-cpu where each worker has its own, seeded from (seed, worker index). With
+`--info-keys KEY[:sum|last] ...` the envs' numeric `info[KEY]` values are aggregated over each training episode
+(summed, or the last value reported) into `Episode.info`; evaluation episodes carry none.
 
-With `--info-keys KEY[:sum|last] ...` the envs' numeric `info[KEY]` values are also aggregated over each
-training episode (summed, or the last value reported) and returned in `Episode.info`; evaluation
-episodes carry none.
-
-The parallel kinds move observations, actions, rewards, flags, agent info and episode statistics through
-preallocated shared memory: the [T, B] batch itself, each worker writing its columns. Per step, semaphores
-hand each half of the batch between the workers and the main process (env-only kinds); one small pipe
-message per worker starts and ends each collect. A worker that raises sends its traceback and exits; one
-that dies is noticed by its exit code; either way the main process raises `SamplerError` within a fraction
-of a second, and `close()` ends every worker. Main waits poll the workers' liveness; worker waits poll the
-main process's, so workers exit by themselves when it is gone. Workers ignore SIGINT: Ctrl-C reaches the
-main process, whose `finally: sampler.close()` stops them. `close()` is idempotent and also runs at exit.
-Start methods: forkserver (the default), spawn and fork; CUDA needs one of the first two. Under forkserver a
-fresh server process imports the script and this module once and every worker forks from it; under spawn
-each worker is a fresh interpreter that imports them itself (seconds each, for torch). Under both the
-script's `policy_step`, model classes and `env_fn` are pickled by reference (`__main__` is re-imported in
-the workers as `__mp_main__`): they must be module-level, and the script must guard `main()` with
-`if __name__ == "__main__"`.
-
-The batch returned by `collect` is a view of the sampler's preallocated buffer: the next `collect`
-overwrites it, so copy what must outlive one iteration (replay buffers do).
+Parallel kinds: a worker that raises or dies makes the main process raise `SamplerError` (with its traceback or exit
+status) within a fraction of a second. Workers exit by themselves when the main process is gone, and ignore SIGINT:
+the main process's `finally: sampler.close()` stops them. `close()` ends every worker, is idempotent and also runs
+at exit. Start methods: forkserver (the default), spawn and fork; CUDA needs one of the first two, under which
+`policy_step`, model classes and `env_fn` are pickled by reference (`__main__` is re-imported as `__mp_main__`):
+they must be module-level, and the script must guard `main()` with `if __name__ == "__main__"`.
 """
 
 from __future__ import annotations
@@ -88,19 +63,10 @@ import torch.multiprocessing as torch_mp
 
 from common import distributed
 from common.envs import UsageError, observation_example, write_observation
-from common.namedarraytuple import (
-    buffer_from_example,
-    buffer_map,
-    namedarraytuple,
-    numpify_buffer,
-    torchify_buffer,
-)
+from common.namedarraytuple import buffer_from_example, buffer_map, namedarraytuple, numpify_buffer, torchify_buffer
 
-Samples = namedarraytuple(
-    "Samples",
-    ["observation", "next_observation", "action", "reward", "terminated", "truncated",
-     "prev_action", "prev_reward", "agent_info"],
-)
+Samples = namedarraytuple("Samples", ["observation", "next_observation", "action", "reward", "terminated", "truncated",
+                                      "prev_action", "prev_reward", "agent_info"])
 # Where episodes ended inside a batch ([T, B] each): the parallel kinds report them through shared memory.
 EpisodeStats = namedarraytuple("EpisodeStats", ["ended", "ret", "length", "info"])
 
@@ -110,19 +76,21 @@ PARALLEL_KINDS = ("parallel-cpu", "parallel-gpu", "alternating-gpu")
 MAIN_POLL_S = 0.05  # a main-process wait checks that the workers live this often
 WORKER_POLL_S = 0.5  # a worker wait checks that the main process lives this often
 CLOSE_TIMEOUT_S = 2.0  # workers get this long to exit on request before they are terminated
+# Streams of `seed_worker` besides the workers' own (their index): a data-parallel rank's main process
+# (rank > 0) and an asynchronous sampling process.
+REPLICA_STREAM, SAMPLING_PROCESS_STREAM = 1 << 30, (1 << 30) + 1
+INFO_AGGREGATIONS = ("sum", "last")
+InfoKey = tuple[str, str]  # (info key, aggregation)
+PolicyStep = Callable[..., tuple[torch.Tensor, Any, Any]]
+_LIVE_SAMPLERS: weakref.WeakSet = weakref.WeakSet()  # ParallelSamplers not closed yet, closed at exit
 
 
 class Episode(NamedTuple):
-    """Statistics of one finished episode: raw (unclipped) return, length in environment steps and the
-    aggregated `--info-keys` values by key."""
+    """One finished episode: raw (unclipped) return, length in env steps, aggregated `--info-keys` values by key."""
 
     ret: float
     length: int
     info: dict[str, float] = {}
-
-
-INFO_AGGREGATIONS = ("sum", "last")
-InfoKey = tuple[str, str]  # (info key, aggregation)
 
 
 def parse_info_keys(specs: Sequence[str]) -> list[InfoKey]:
@@ -150,20 +118,11 @@ class SamplerError(RuntimeError):
     """A sampler worker raised or died; the message carries its traceback or exit status."""
 
 
-PolicyStep = Callable[..., tuple[torch.Tensor, Any, Any]]
-
-
 class EnvGroup:
-    """Environments stepped in lockstep; a finished episode is reset in the same step.
-
-    Holds each environment's current observation, previous action and previous reward. `write_inputs` and
-    `step` fill a one-step Samples of [B, ...] arrays (a local buffer or a slice of shared memory): the policy
-    inputs, then the true next observation (the final one for an ended episode), reward and flags. After
-    `step`, `finished_envs[i]` is the index of the env that produced the i-th returned episode.
-
-    `info_keys` (see `parse_info_keys`) are aggregated per env from each step's info until the episode's
-    end; a key that no env has reported by the end of the group's first episode raises UsageError.
-    """
+    """Environments stepped in lockstep, with each one's current observation, previous action and previous reward;
+    a finished episode is reset in the same step. `write_inputs` and `step` fill a one-step Samples of [B, ...]
+    arrays. `info_keys` (see `parse_info_keys`) are aggregated per env until the episode's end; a key that no env
+    has reported by the end of the group's first episode raises UsageError."""
 
     def __init__(self, env_fn: Callable[[int], Any], seeds: list[int], info_keys: Sequence[InfoKey] = ()):
         self.envs = [env_fn(seed) for seed in seeds]
@@ -182,16 +141,15 @@ class EnvGroup:
         self.finished_envs: list[int] = []
 
     def write_inputs(self, step: Samples) -> None:
-        """Copy the policy inputs of the current step into step.observation, prev_action, prev_reward."""
         step.observation[:] = self.observation
         step.prev_action[:] = self.prev_action
         step.prev_reward[:] = self.prev_reward
 
     def step(self, action: np.ndarray, step: Samples) -> tuple[list[Episode], np.ndarray]:
-        """Step every env with its action [B, ...], writing the results into step.next_observation, reward,
-        terminated and truncated; returns finished episodes and the [B] bool mask of ended ones."""
-        episodes = []
-        self.finished_envs = []
+        """Step every env with its action [B, ...], writing into step.next_observation (the true one, final for an
+        ended episode), reward, terminated and truncated; returns finished episodes and the [B] bool done mask.
+        Then `finished_envs[i]` is the index of the env that produced the i-th returned episode."""
+        episodes, self.finished_envs = [], []
         terminated, truncated = step.terminated, step.truncated
         for b, env in enumerate(self.envs):
             obs, r, term, trunc, info = env.step(action[b])
@@ -217,7 +175,6 @@ class EnvGroup:
         return episodes, done
 
     def _aggregate_info(self, b: int, info: dict) -> None:
-        """Add one step's info of env b to its episode's aggregates."""
         if self.reported_keys is not None:
             self.reported_keys.update(info)
         for k, (key, how) in enumerate(self.info_keys):
@@ -251,8 +208,7 @@ def zero_rnn_state(rnn_state: Any, done: torch.Tensor | np.ndarray) -> Any:
     """Zero the recurrent state of environments whose episode ended (done: [B] bool)."""
     if rnn_state is None or not bool(done.any()):
         return rnn_state
-    done = torch.as_tensor(done)
-    keep = (~done).to(torch.float32)
+    keep = (~torch.as_tensor(done)).to(torch.float32)
     return buffer_map(lambda x: x * keep.to(x.device, x.dtype).view((-1,) + (1,) * (x.dim() - 1)), rnn_state)
 
 
@@ -265,9 +221,8 @@ def to_device(buffer: Any, device: torch.device) -> Any:
 
 def call_policy(policy_step: PolicyStep, model: Any, observation: Any, prev_action: np.ndarray | torch.Tensor,
                 prev_reward: np.ndarray | torch.Tensor, rnn_state: Any, device: torch.device, **kwargs: Any):
-    """Run the policy without autograd on inputs [B, ...]: numpy arrays, or tensors already on `device`;
-    returns (action numpy, agent_info numpy, rnn_state). Collect loops hold `torch.no_grad` across all their
-    steps, so that no step pays for entering it."""
+    """Run the policy without autograd on inputs [B, ...], numpy arrays or tensors already on `device`; returns
+    (action numpy, agent_info numpy, rnn_state). Collect loops hold `torch.no_grad` over all their steps."""
     if torch.is_grad_enabled():
         with torch.no_grad():
             return call_policy(policy_step, model, observation, prev_action, prev_reward, rnn_state, device, **kwargs)
@@ -281,10 +236,8 @@ def call_policy(policy_step: PolicyStep, model: Any, observation: Any, prev_acti
 
 def act(step: Samples, policy_step: PolicyStep, model: Any, rnn_state: Any, device: torch.device,
         inputs: Samples | None = None, **kwargs: Any) -> Any:
-    """Run the policy on a step's inputs [B, ...] and write its action and agent_info into it; returns the rnn state.
-
-    `inputs`: the same step as CPU tensors viewing its arrays, to run a CPU policy on without a conversion.
-    """
+    """Run the policy on a step's inputs [B, ...], write its action and agent_info into the step; returns the rnn
+    state. `inputs`: the same step as CPU tensors viewing its arrays, for a CPU policy to run on unconverted."""
     source = step if inputs is None else inputs
     action, agent_info, rnn_state = call_policy(policy_step, model, source.observation, source.prev_action,
                                                 source.prev_reward, rnn_state, device, **kwargs)
@@ -298,27 +251,15 @@ def samples_example(group: EnvGroup, policy_step: PolicyStep, model: Any, device
     """A one-step Samples (no leading dims) with the dtypes and shapes the batch buffer needs."""
     n = len(group.envs)
     obs = buffer_map(np.copy, group.observation)
-    action, agent_info, _ = call_policy(
-        policy_step, model, obs, group.prev_action.copy(), group.prev_reward.copy(), None, device
-    )
+    action, agent_info, _ = call_policy(policy_step, model, obs, group.prev_action.copy(), group.prev_reward.copy(),
+                                        None, device)
     if action.shape[0] != n:
         raise ValueError(f"policy_step returned {action.shape[0]} actions for {n} observations")
     return Samples(
-        observation=obs[0],
-        next_observation=obs[0],
-        action=action[0].astype(group.action_dtype, copy=False),
-        reward=np.float32(0),
-        terminated=np.bool_(False),
-        truncated=np.bool_(False),
-        prev_action=group.prev_action[0],
-        prev_reward=np.float32(0),
-        agent_info=None if agent_info is None else agent_info[0],
+        observation=obs[0], next_observation=obs[0], action=action[0].astype(group.action_dtype, copy=False),
+        reward=np.float32(0), terminated=np.bool_(False), truncated=np.bool_(False), prev_action=group.prev_action[0],
+        prev_reward=np.float32(0), agent_info=None if agent_info is None else agent_info[0],
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------
 
 
 def training_seed(seed: int, start_step: int) -> int:
@@ -352,10 +293,8 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
             model.eval()
         while any(len(per_env[i]) < quotas[i] for i in range(n_envs)):
             group.write_inputs(step)
-            action, _, rnn_state = call_policy(
-                policy_step, model, step.observation, step.prev_action, step.prev_reward, rnn_state, device,
-                deterministic=True, **policy_kwargs,
-            )
+            action, _, rnn_state = call_policy(policy_step, model, step.observation, step.prev_action,
+                                               step.prev_reward, rnn_state, device, deterministic=True, **policy_kwargs)
             episodes, done = group.step(action, step)
             for b, episode in zip(group.finished_envs, episodes):
                 if len(per_env[b]) < quotas[b]:
@@ -370,21 +309,14 @@ def run_episodes(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: A
 
 def evaluate(env_fn: Callable[[int], Any], policy_step: PolicyStep, model: Any, n_episodes: int, seed: int,
              device: torch.device | None = None, **policy_kwargs: Any) -> list[Episode]:
-    """Run `n_episodes` deterministic episodes (batched over up to EVAL_MAX_ENVS envs); returns their stats.
-
-    Episode k is the k-th of env k % E, so the set of episodes does not depend on their lengths.
-    """
+    """Run `n_episodes` deterministic episodes on `device` (default: the model's), batched over up to EVAL_MAX_ENVS
+    envs; returns their stats. Episode k is one of env k % E, so the set does not depend on episode lengths."""
     if n_episodes <= 0:
         return []
     device = device if device is not None else next(model.parameters()).device
     seeds, quotas = evaluation_plan(n_episodes, seed)
     per_env = run_episodes(env_fn, policy_step, model, seeds, quotas, device, **policy_kwargs)
     return [episode for episodes in per_env for episode in episodes]
-
-
-# --------------------------------------------------------------------------------------------------
-# Serial
-# --------------------------------------------------------------------------------------------------
 
 
 class SerialSampler:
@@ -422,17 +354,12 @@ class SerialSampler:
         self.model = model
 
     def evaluate(self, n_episodes: int, seed: int | None = None, **policy_kwargs: Any) -> list[Episode]:
-        """Deterministic episodes of the eval envs (the module-level `evaluate`, with this sampler's model)."""
+        """The module-level `evaluate` with the eval envs, model and device of this sampler (seed: its own)."""
         seed = self.seed if seed is None else seed
         return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device, **policy_kwargs)
 
     def close(self) -> None:
         self.group.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# Parallel: the worker side
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -508,9 +435,6 @@ class EnvSlice:
         self.obs_ready, self.act_ready = obs_ready, act_ready
         self.rnn_state = None
 
-    def write_inputs(self, t: int) -> None:
-        self.group.write_inputs(self.samples[t])
-
     def step(self, t: int) -> np.ndarray:
         """Step with the actions of step t; record results and finished episodes; returns the done mask."""
         step, stats = self.samples[t], self.stats[t]
@@ -533,29 +457,23 @@ def collect_with_policy(spec: WorkerSpec, slices: list[EnvSlice], watch: MainWat
         if watch.stop_flag[0]:
             raise WorkerStopped
         for envs in slices:
-            envs.write_inputs(t)
+            envs.group.write_inputs(envs.samples[t])
             envs.rnn_state = act(envs.samples[t], spec.policy_step, spec.model, envs.rnn_state, cpu, **policy_kwargs)
-            done = envs.step(t)
-            envs.rnn_state = zero_rnn_state(envs.rnn_state, done)
+            envs.rnn_state = zero_rnn_state(envs.rnn_state, envs.step(t))
 
 
 def step_envs_only(slices: list[EnvSlice], horizon: int, watch: MainWatch) -> None:
     """Env-only kinds: per step and half, publish the inputs, wait for the actions, step."""
     for envs in slices:
-        envs.write_inputs(0)
+        envs.group.write_inputs(envs.samples[0])
         envs.obs_ready.release()
     for t in range(horizon):
         for envs in slices:
             watch.acquire(envs.act_ready)
             envs.step(t)
             if t + 1 < horizon:  # the last step's results are announced by the end-of-collect reply
-                envs.write_inputs(t + 1)
+                envs.group.write_inputs(envs.samples[t + 1])
                 envs.obs_ready.release()
-
-
-# Streams of `seed_worker` besides the workers' own (their index): a data-parallel rank's main process
-# (rank > 0) and an asynchronous sampling process.
-REPLICA_STREAM, SAMPLING_PROCESS_STREAM = 1 << 30, (1 << 30) + 1
 
 
 def seed_worker(seed: int, index: int) -> None:
@@ -578,9 +496,8 @@ def worker_main(spec: WorkerSpec) -> None:
         watch = MainWatch(spec.main_pid, spec.stop_flag.numpy())
         samples, stats = numpify_buffer(spec.samples), numpify_buffer(spec.episode_stats)
         for half, (start, stop) in enumerate(spec.columns):
-            obs_ready = spec.obs_ready[half] if spec.env_only else None
-            act_ready = spec.act_ready[half] if spec.env_only else None
-            slices.append(EnvSlice(spec, start, stop, samples, stats, obs_ready, act_ready))
+            ready = (spec.obs_ready[half], spec.act_ready[half]) if spec.env_only else (None, None)
+            slices.append(EnvSlice(spec, start, stop, samples, stats, *ready))
         conn.send(("ready", None))
         while True:
             command, payload = watch.receive(conn)
@@ -600,13 +517,10 @@ def worker_main(spec: WorkerSpec) -> None:
             conn.send(("done", result))
     except WorkerStopped:
         pass
-    except UsageError as error:  # bad input that only the envs reveal: one line, no traceback
+    except BaseException as error:
+        usage = isinstance(error, UsageError)  # bad input that only the envs reveal: one line, no traceback
         with suppress(OSError, ValueError):
-            conn.send(("usage-error", str(error)))
-        exit_code = 1
-    except BaseException:
-        with suppress(OSError, ValueError):
-            conn.send(("error", traceback.format_exc()))
+            conn.send(("usage-error", str(error)) if usage else ("error", traceback.format_exc()))
         exit_code = 1
     for envs in slices:
         with suppress(Exception):
@@ -617,23 +531,13 @@ def worker_main(spec: WorkerSpec) -> None:
     os._exit(exit_code)
 
 
-# --------------------------------------------------------------------------------------------------
-# Parallel: the main side
-# --------------------------------------------------------------------------------------------------
-
-
-_LIVE_SAMPLERS: weakref.WeakSet = weakref.WeakSet()
-
-
 def check_split(kind: str, n_envs: int, n_workers: int) -> None:
     """UsageError unless --n-envs splits evenly over --n-workers (in two halves for alternating-gpu)."""
     n_halves = 2 if kind == "alternating-gpu" else 1
     if n_workers < 1 or n_envs % (n_halves * n_workers) != 0:
-        raise UsageError(
-            f"--sampler {kind}: --n-envs {n_envs} does not split evenly over --n-workers {n_workers}"
-            + (" in two alternating halves" if n_halves == 2 else "")
-            + f": use a multiple of {n_halves * max(n_workers, 1)}"
-        )
+        raise UsageError(f"--sampler {kind}: --n-envs {n_envs} does not split evenly over --n-workers {n_workers}"
+                         + (" in two alternating halves" if n_halves == 2 else "")
+                         + f": use a multiple of {n_halves * max(n_workers, 1)}")
 
 
 @atexit.register
@@ -656,18 +560,13 @@ class ParallelSampler:
         n_halves = 2 if kind == "alternating-gpu" else 1
         self.kind, self.policy_step, self.model, self.device = kind, policy_step, model, device
         self.n_envs, self.horizon, self.seed, self.n_workers = n_envs, horizon, seed, n_workers
-        self.eval_env_fn = eval_env_fn or env_fn
-        self.info_keys = list(info_keys)
-        self.training = getattr(model, "training", False)
-        self.shared_model = None
-        self.processes: list = []
-        self.conns: list = []
-        self.obs_ready: list[list] = []  # [worker][half]
-        self.act_ready: list[list] = []
+        self.eval_env_fn, self.info_keys = eval_env_fn or env_fn, list(info_keys)
+        self.training, self.shared_model = getattr(model, "training", False), None
+        # Per worker: its process, pipe end and (env-only kinds) semaphores per half, obs_ready[w][h] and act_ready.
+        self.processes, self.conns, self.obs_ready, self.act_ready = [], [], [], []
         self.stop_flag = torch.zeros(1, dtype=torch.int32).share_memory_()
         self.broken: str | None = None
-        self.closed = False
-        self.owner_pid = os.getpid()
+        self.closed, self.owner_pid = False, os.getpid()
         half = n_envs // n_halves
         self.halves = [slice(h * half, (h + 1) * half) for h in range(n_halves)]
         self.rnn_state: list[Any] = [None] * n_halves  # env-only kinds: the main process runs the policy
@@ -696,7 +595,6 @@ class ParallelSampler:
         env_only = self.kind != "parallel-cpu"
         if not env_only:
             self.shared_model = copy.deepcopy(self.model).cpu().share_memory()
-
         context = torch_mp.get_context(start_method)
         if start_method == "forkserver":
             context.set_forkserver_preload(["__main__", "common.samplers"])
@@ -722,8 +620,6 @@ class ParallelSampler:
             self.processes.append(process)
             worker_conn.close()
         self._wait_replies(range(self.n_workers))
-
-    # ---- collecting ----
 
     def collect(self, **policy_kwargs: Any) -> tuple[Samples, list[Episode]]:
         """Step every environment `horizon` times; returns the [T, B] batch and finished episodes."""
@@ -769,17 +665,13 @@ class ParallelSampler:
 
     def sync(self, model: Any) -> None:
         """parallel-cpu: copy the model's parameters and buffers into the workers' shared copy."""
-        self.model = model
-        self.training = getattr(model, "training", False)
+        self.model, self.training = model, getattr(model, "training", False)
         if self.shared_model is not None:
             self.shared_model.load_state_dict(model.state_dict())
 
     def evaluate(self, n_episodes: int, seed: int | None = None, **policy_kwargs: Any) -> list[Episode]:
-        """Deterministic episodes of the eval envs; the same episodes as the module-level `evaluate`.
-
-        parallel-cpu runs them in the workers (env i of the evaluation in worker i * W // E, with the
-        parameters of the last `sync`); the env-only kinds run them in the main process.
-        """
+        """The episodes of the module-level `evaluate`. parallel-cpu runs them in the workers (each a contiguous
+        chunk of the evaluation envs, with the parameters of the last `sync`), the env-only kinds in this process."""
         seed = self.seed if seed is None else seed
         if self.shared_model is None:
             return evaluate(self.eval_env_fn, self.policy_step, self.model, n_episodes, seed, self.device,
@@ -797,8 +689,6 @@ class ParallelSampler:
             self.broken = self.broken or f"an evaluation was interrupted ({type(error).__name__})"
             raise
         return [episode for per_env in replies for episodes in per_env for episode in episodes]
-
-    # ---- talking to the workers ----
 
     def _check_usable(self) -> None:
         if self.closed:
@@ -913,12 +803,11 @@ def make_sampler(args: Any, env_fn: Callable[[int], Any], policy_step: PolicySte
                  eval_env_fn: Callable[[int], Any] | None = None, start_step: int = 0):
     """Build the sampler selected by `--sampler` for `--n-envs` environments and `horizon` steps.
 
-    Its envs are seeded by `seed` (default: `training_seed(args.seed, start_step)`, where a run resumed at
-    `start_step` picks up). `device` (default: the model's) is where the main process runs the policy
-    (serial, parallel-gpu, alternating-gpu); `eval_env_fn` (default: `env_fn`) builds the envs of `sampler.evaluate`;
-    `args.info_keys` (`--info-keys`, when the script has it) name the info values its episodes carry. Under
-    data-parallel training, every rank but rank 0 reseeds its generators here by (seed, rank): the
-    networks were built identically from one seed, and from now on each rank explores on its own.
+    `seed` (default: `training_seed(args.seed, start_step)`, where a run resumed at `start_step` picks up) seeds
+    its envs; `device` (default: the model's) is where the main process runs the policy; `eval_env_fn` (default:
+    `env_fn`) builds the envs of `sampler.evaluate`; `args.info_keys` (`--info-keys`, if the script has it) name
+    the info values its episodes carry. Under data-parallel training every rank but rank 0 reseeds its generators
+    here by (seed, rank), so that each explores on its own.
     """
     device = device if device is not None else next(model.parameters()).device
     seed = distributed.replica_seed(training_seed(args.seed, start_step) if seed is None else seed)
