@@ -1,12 +1,17 @@
 """Where a process's time goes, by kind of work: py-spy sampling profiles folded into a few categories.
 
     pip install py-spy
-    export OMP_NUM_THREADS=1 WANDB_MODE=offline
-    py-spy record -r 500 -f raw -o dqn.raw -- python algos/dqn.py --env-id CartPole-v1 --n-envs 1 \\
-        --learning-starts 10000 --replay-ratio 0.1 --batch-size 128 --no-double --n-step 1 --eval-episodes 0
-    py-spy record -r 500 -f raw -o dqn-plain.raw -- python benchmark/loop_overhead.py --plain dqn
+    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline
+    run="--seed 1 --eval-episodes 0 --torch-threads 1 --checkpoint-every-s 1e9 --output-dir runs/profile"
+    py-spy record -r 500 -f raw -o dqn.raw -- python algos/dqn.py --env-id CartPole-v1 --total-timesteps 50000 \
+        $run --n-envs 1 --learning-starts 10000 --replay-ratio 0.1 --batch-size 128 --no-double --n-step 1
+    py-spy record -r 500 -f raw -o dqn-plain.raw -- python benchmark/loop_overhead.py --plain dqn --seed 1
+    py-spy record -r 500 -f raw -o ppo.raw -- python algos/ppo.py --env-id CartPole-v1 --total-timesteps 100000 \
+        $run --n-envs 4 --num-steps 128
+    py-spy record -r 500 -f raw -o ppo-plain.raw -- python benchmark/loop_overhead.py --plain ppo --seed 1
     python benchmark/profile_split.py dqn.raw dqn-plain.raw --rate 500
 
+These are the loop-overhead cases (benchmark/loop_overhead.py) with the flags it gives each side.
 py-spy samples the running Python stacks at a fixed rate with little overhead (cProfile, by contrast, adds
 a cost to every Python call and so inflates small calls). Each sample of a profile goes to the first
 category, in the order of `CATEGORIES`, that some frame of its stack belongs to: everything under an
@@ -44,19 +49,26 @@ def under(*prefixes: str) -> Callable[[Frame], bool]:
     return lambda frame: frame.path.startswith(prefixes)
 
 
-ENV_WRAPPER_FUNCTIONS = ("EpisodeStatistics.", "RecordEpisodeStatistics.")  # episode bookkeeping of each env
+VECTOR_PATHS = ("gymnasium/vector/", "gymnasium/wrappers/vector/")
+
+
+def in_env(frame: Frame) -> bool:
+    """A frame of one environment: the env, its wrappers (not a vector env's) or rlsolo's episode statistics."""
+    return (frame.path.startswith(("gymnasium/envs/", "gymnasium/wrappers/", "mujoco/"))
+            and not frame.path.startswith(VECTOR_PATHS)) or frame.function.startswith("EpisodeStatistics.")
+
+
 CATEGORIES: list[tuple[str, Callable[[Frame], bool]]] = [
     ("start-up: optimizer construction (and the imports it triggers)",
      lambda f: f.path.startswith("torch/optim/") and f.function.endswith(".__init__")),
     ("start-up: imports", lambda f: f.function == "_find_and_load"),
-    ("environments (env, wrappers, episode statistics)", lambda f: f.path.startswith(
-        ("gymnasium/envs/", "gymnasium/wrappers/", "mujoco/")) or f.function.startswith(ENV_WRAPPER_FUNCTIONS)),
+    ("environments (env, wrappers, episode statistics)", in_env),
     ("backward", lambda f: f.function == "Tensor.backward" or f.path.startswith("torch/autograd/")),
     ("optimizer step and zero_grad", under("torch/optim/")),
     ("gradient clipping", under("torch/nn/utils/clip_grad")),
     ("network forward (nn.Module calls)", under("torch/nn/modules/", "torch/nn/functional")),
     ("distributions", under("torch/distributions/")),
-    ("vector env (SyncVectorEnv's own lines)", under("gymnasium/vector/")),
+    ("vector env (SyncVectorEnv and its wrappers' own lines)", under(*VECTOR_PATHS)),
 ]
 OWN = "the loop's own Python lines and the tensor / array ops they call"
 NO_FRAME = "no Python frame (interpreter start-up and exit)"

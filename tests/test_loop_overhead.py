@@ -49,9 +49,10 @@ def test_profile_split_puts_each_sample_in_the_first_category_its_stack_reaches(
         "_find_and_load (<frozen importlib._bootstrap>:1176) 30",
         "<module> (dqn.py:1);_find_and_load (<frozen importlib._bootstrap>:1176) 20",
         # an env step under the vector env: the environment, not the vector env's lines
-        "plain (loop.py:5);SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:10);"
-        "TimeLimit.step (gymnasium/wrappers/common.py:3) 7",
-        "plain (loop.py:5);SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:11) 2",
+        "plain (loop.py:5);RecordEpisodeStatistics.step (gymnasium/wrappers/vector/common.py:9);"
+        "SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:10);TimeLimit.step (gymnasium/wrappers/common.py:3) 7",
+        "plain (loop.py:5);RecordEpisodeStatistics.step (gymnasium/wrappers/vector/common.py:9);"
+        "SyncVectorEnv.step (gymnasium/vector/sync_vector_env.py:11) 2",
         "main (dqn.py:9);collect (common/samplers.py:4);EpisodeStatistics.step (common/envs.py:8) 3",
         # the loop's own lines: listed by the innermost own frame, below any library frame
         "main (dqn.py:9);collect (common/samplers.py:4);epsilon_greedy (common/kernels.py:140);"
@@ -65,7 +66,8 @@ def test_profile_split_puts_each_sample_in_the_first_category_its_stack_reaches(
     assert total == 78
     assert categories == {
         "start-up: optimizer construction (and the imports it triggers)": 30, "start-up: imports": 20,
-        "environments (env, wrappers, episode statistics)": 10, "vector env (SyncVectorEnv's own lines)": 2,
+        "environments (env, wrappers, episode statistics)": 10,
+        "vector env (SyncVectorEnv and its wrappers' own lines)": 2,
         split.OWN: 9, "network forward (nn.Module calls)": 6, split.NO_FRAME: 1,
     }
     assert own == {"epsilon_greedy (kernels.py)": 5, "collect (samplers.py)": 4}
