@@ -276,7 +276,7 @@ def sampling_main(args: Any, env_fn: Callable, policy_step: Callable, shared_mod
                 episodes_out.put(list(episodes))
             step += steps_per_batch
             k ^= 1
-    except BaseException as error:  # noqa: BLE001 - the main process re-raises it (a UsageError as its one-line message)
+    except BaseException as error:  # noqa: BLE001 - the main process re-raises it (UsageError: its one-line message)
         errors.put(error if isinstance(error, UsageError) else traceback.format_exc())
         raise SystemExit(1) from None
     finally:

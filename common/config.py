@@ -220,7 +220,7 @@ class PPOArgs:
 
 @dataclass
 class AtariArgs:
-    """Environment options of the scripts that take Atari games (ignored for other envs)."""
+    """Environment options of the scripts that take Atari games (those marked Atari are ignored for other envs)."""
 
     max_episode_steps: int | None = None
     """time limit of an episode in agent steps (default: the env's own)"""

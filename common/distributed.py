@@ -91,7 +91,7 @@ def all_reduce_gradients(parameters: Iterable[torch.Tensor]) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over all ranks (a new tensor)."""
+    """The sum of `tensor` over all ranks (a new tensor; on one rank, `tensor` itself)."""
     if world_size() == 1:
         return tensor
     out = tensor.clone()
@@ -100,7 +100,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all ranks (a new tensor; the input is left unchanged)."""
+    """The mean of `tensor` over all ranks (a new tensor, the input left unchanged; on one rank, `tensor` itself)."""
     return tensor if world_size() == 1 else all_reduce_sum(tensor) / world_size()
 
 
@@ -111,7 +111,7 @@ def replica_seed(seed: int) -> int:
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    """The elementwise minimum of `tensor` over all ranks (a new tensor, on the input's device)."""
+    """The elementwise minimum of `tensor` over all ranks (a new tensor on its device; on one rank, `tensor` itself)."""
     if world_size() == 1:
         return tensor
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device

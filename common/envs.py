@@ -300,7 +300,8 @@ def is_atari(env_id: str) -> bool:
 
 
 def require_rgb_array(env_id: str) -> None:
-    """UsageError unless the env of `env_id` renders rgb_array frames, by its class's render modes or an instance's."""
+    """UsageError unless the env of `env_id` renders rgb_array frames, by its class's render modes (if it declares
+    none, by an instance's)."""
     spec, kwargs = _resolve(env_id)
     creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
     metadata = getattr(creator, "metadata", None)  # what gym.make reads; a property (of a wrapper class) says nothing

@@ -498,7 +498,8 @@ class FrameReplayBuffer(UniformReplayBuffer):
     """Uniform n-step replay of frame stacks `[K, H, W]` that stores each frame once; other arguments go to the class
     it is combined with. Stacks are rebuilt from the frames of the same episode, slots before its first frame repeating
     that frame (as envs.FrameStack pads after a reset; `frame_padding="repeat"` is the only padding). The final-frame
-    pool holds `final_capacity` (default size // 16): items whose final frame was evicted stop being sampled."""
+    pool holds `final_capacity` (default max(size // 16, n_envs)): items whose final frame was evicted stop being
+    sampled."""
 
     def __init__(self, example: Any, *args: Any, frame_padding: str = "repeat", final_capacity: int | None = None,
                  **kwargs: Any):

@@ -8,10 +8,10 @@
 
 `env_fn(seed)` builds one environment (see `common.envs.make_env`). The script's module-level
 `policy_step(model, observation, prev_action, prev_reward, rnn_state, deterministic=False, **kw)` returns
-`(action, agent_info, next_rnn_state)`, torch tensors with leading dim [B]: `observation` is a tensor or, for Dict /
-Tuple spaces, a nested namedarraytuple of them (`common.envs.observation_example`); `agent_info` None or a
-namedarraytuple of tensors (log-prob, value, rnn state ...); `rnn_state` None (feed-forward) or a structure of tensors
-that the sampler zeroes, with the previous action and reward, for envs whose episode ended. The batch stores
+`(action, agent_info, next_rnn_state)`, torch tensors with leading dim [B] as are its inputs: `observation` is a tensor
+or, for Dict / Tuple spaces, a nested namedarraytuple of them (`common.envs.observation_example`); `agent_info` None or
+a namedarraytuple of tensors (log-prob, value, rnn state ...); `rnn_state` None (feed-forward) or a structure of
+tensors that the sampler zeroes, with the previous action and reward, for envs whose episode ended. The batch stores
 observations (next_observation too) the same way and agent_info as [T, B, ...]; it is a view of a buffer that the next
 `collect` overwrites, so copy what must outlive one iteration. `collect(**kw)` passes `kw` (an exploration epsilon, say)
 to `policy_step` in every kind. `sampler.example`, one step of the batch (no leading dims), sizes replay buffers.
@@ -32,11 +32,12 @@ process's generators, except in parallel-cpu where each worker has its own, seed
 (summed, or the last value reported) into `Episode.info`; evaluation episodes carry none.
 
 Parallel kinds: a worker that raises or dies makes the main process raise `SamplerError` (with its traceback or exit
-status) within a fraction of a second. Workers exit by themselves when the main process is gone, and ignore SIGINT:
-the main process's `finally: sampler.close()` stops them. `close()` ends every worker, is idempotent and also runs
-at exit. Start methods: forkserver (the default), spawn and fork; CUDA needs one of the first two, under which
-`policy_step`, model classes and `env_fn` are pickled by reference (`__main__` is re-imported as `__mp_main__`):
-they must be module-level, and the script must guard `main()` with `if __name__ == "__main__"`.
+status; a `UsageError`, one line, for bad input that only the envs reveal) within a fraction of a second. Workers exit
+by themselves when the main process is gone, and ignore SIGINT: the main process's `finally: sampler.close()` stops
+them. `close()` ends every worker, is idempotent and also runs at exit. Start methods: forkserver (the default), spawn
+and fork; CUDA needs one of the first two, under which `policy_step`, model classes and `env_fn` are pickled by
+reference (`__main__` is re-imported as `__mp_main__`): they must be module-level, and the script must guard `main()`
+with `if __name__ == "__main__"`.
 """
 
 from __future__ import annotations
